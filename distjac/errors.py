@@ -1,0 +1,91 @@
+"""The exception tree of distjac.
+
+Every error subclasses the built-in it refines, so ``except ValueError`` keeps working::
+
+    DistjacError                      base of every distjac error
+    ├── ShapeError(ValueError)        ranks < 2, batch sizes that differ, bad output shapes
+    ├── DtypeError(TypeError)         integer, bool or complex sources and targets
+    ├── OptionError(ValueError)       an unknown mode / unconnected_gradients value, bad counts
+    ├── TapeError(RuntimeError)       a non-persistent tape used twice, watch outside a tape
+    ├── VectorizationError(RuntimeError)
+    │                                 the vectorized (vmap) pass failed; the loop path may work
+    ├── CoupledExamplesError(ValueError)
+    │                                 check_independence found examples that depend on each other
+    ├── MemoryBudgetError(MemoryError)
+    │                                 even the smallest pass does not fit the memory budget
+    └── ShardError(RuntimeError)      a shard failed on a worker (raised by the engine)
+
+Messages start with the public call, give what was expected and what was received, and
+end with the way out.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CoupledExamplesError",
+    "DistjacError",
+    "DtypeError",
+    "MemoryBudgetError",
+    "OptionError",
+    "ShapeError",
+    "ShardError",
+    "TapeError",
+    "VectorizationError",
+]
+
+
+class DistjacError(Exception):
+    """Base class of every error raised by distjac."""
+
+
+class ShapeError(DistjacError, ValueError):
+    """A target or source whose shape batch_jacobian cannot use."""
+
+
+class DtypeError(DistjacError, TypeError):
+    """A tensor whose dtype cannot be differentiated (integer, bool, complex)."""
+
+
+class OptionError(DistjacError, ValueError):
+    """An option with a value outside its valid set."""
+
+
+class TapeError(DistjacError, RuntimeError):
+    """A GradientTape used in a way TensorFlow's tape forbids."""
+
+
+class VectorizationError(DistjacError, RuntimeError):
+    """The vectorized pass failed; ``experimental_use_pfor=False`` takes the loop path."""
+
+
+class CoupledExamplesError(DistjacError, ValueError):
+    """``check_independence=True`` found that examples of the batch depend on each other."""
+
+
+class MemoryBudgetError(DistjacError, MemoryError):
+    """The result, or the smallest pass that computes it, does not fit the memory budget."""
+
+
+class ShardError(DistjacError, RuntimeError):
+    """A shard failed on a worker.
+
+    Attributes:
+        shard: the shard's index in the plan.
+        start: first row of the shard (inclusive).
+        stop: end of the shard's row range (exclusive).
+        node: the Ray node the shard ran on, when known.
+    """
+
+    def __init__(self, message: str, *, shard: int, start: int, stop: int, node: str | None = None):
+        super().__init__(message)
+        self.shard = shard
+        self.start = start
+        self.stop = stop
+        self.node = node
+
+    def __reduce__(self):  # keep the attributes across pickling (Ray ships errors by pickle)
+        return (_rebuild_shard_error, (self.args[0], self.shard, self.start, self.stop, self.node))
+
+
+def _rebuild_shard_error(message, shard, start, stop, node):
+    return ShardError(message, shard=shard, start=start, stop=stop, node=node)

@@ -1,0 +1,818 @@
+"""Per-example ("batch") Jacobians of a batch: the one kernel module behind every path.
+
+The tape (:mod:`distjac.tape`), the functional API (:func:`batch_jacobian`) and every Ray
+worker call into this module; nothing else in distjac differentiates.
+
+NOTE [rows, columns and the batch]
+Because row i of the output depends only on row i of the input, one reverse pass with the
+cotangent "output element j of every example" yields row j of *every* example's Jacobian
+at once; one forward pass with the tangent "input element k of every example" yields
+column k of every example's Jacobian. A batch of B examples with per-example input size N
+and output size M therefore costs M reverse passes or N forward passes, whatever B is:
+the batch rides along inside each pass. ``parallel_iterations`` (TF's name) is how many
+of those rows/columns are stacked into one vectorized (vmap) pass; ``experimental_use_pfor
+=False`` runs one plain autograd pass per row instead.
+
+NOTE [blocks]
+For the functional API the batch may also be cut into blocks of examples, each a separate
+call of ``fn``. On a CPU a block that fits the cache often runs faster than the whole
+batch; on any device it bounds memory. ``mode="auto"`` chooses the mode, the vectorization
+and the block size, measuring once per (function, shape) where sizes alone do not decide.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch.func import jvp, vmap
+
+from .errors import CoupledExamplesError, MemoryBudgetError, VectorizationError
+from .options import (
+    UnconnectedGradients,
+    check_batched,
+    check_floating,
+    check_positive_int,
+    check_same_batch,
+    check_tensor,
+    env_int,
+    parse_mode,
+    parse_unconnected,
+)
+
+__all__ = ["Strategy", "batch_jacobian", "choose_strategy", "graph_batch_jacobian", "graph_jacobian"]
+
+# Fraction of the device's free memory used when no max_memory is given: leaves room for
+# the allocator's fragmentation and for whatever else the process holds.
+DEFAULT_MEMORY_FRACTION = 0.5
+# Auto mode only measures when the Jacobian has at least this many elements (16 MiB of
+# float32): below it a measurement costs more than any choice could save.
+AUTO_MEASURE_MIN_ELEMENTS = 1 << 22
+# Rows of the batch that auto mode measures on, per device type. On a CPU, blocks of a
+# few thousand examples keep the working set in cache; a GPU wants large blocks.
+AUTO_SAMPLE_ROWS = {"cpu": 2048, "cuda": 16384}
+# Per-example sizes decide the mode outright when one side is this many times the other.
+AUTO_MODE_RATIO = 4.0
+# Examples per probe call (the probe learns output shape, connectivity and activation bytes).
+PROBE_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a batch Jacobian is computed; a pure value, printable and cacheable.
+
+    Attributes:
+        mode: "rev" (one pass per output element) or "fwd" (one per input element).
+        vectorize: True stacks ``chunk`` passes into one vmap pass; False runs one
+            plain autograd pass per row (TF's ``experimental_use_pfor=False``).
+        chunk: passes per vectorized pass (TF's ``parallel_iterations``); None for all.
+        block: examples per call of ``fn``; None for the whole batch.
+    """
+
+    mode: str = "rev"
+    vectorize: bool = True
+    chunk: int | None = None
+    block: int | None = None
+
+    def __str__(self) -> str:
+        how = f"vmap x{self.chunk or 'all'}" if self.vectorize else "loop"
+        return f"{self.mode}/{how}/block={self.block or 'all'}"
+
+
+# --------------------------------------------------------------------------------------
+# Reverse mode on a recorded graph (the tape, and the functional "rev" path)
+# --------------------------------------------------------------------------------------
+
+
+def _one_hot_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows start..stop-1 of the n x n identity, shape (stop - start, n)."""
+    rows = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
+    idx = torch.arange(stop - start, device=like.device)
+    rows[idx, idx + start] = 1
+    return rows
+
+
+def _vectorize_failed(err: Exception, call: str) -> VectorizationError:
+    return VectorizationError(
+        f"{call}: the vectorized pass failed ({type(err).__name__}: {err}). An operation in "
+        "the function has no vmap rule. Vectorization can be disabled by setting "
+        "experimental_use_pfor=False, which computes one row per autograd pass."
+    )
+
+
+def _pull_rows(
+    y: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    rows: int,
+    cotangents: Callable[[int, int], torch.Tensor],
+    emit: Callable[[int, int, tuple], None],
+    *,
+    chunk: int | None,
+    vectorize: bool,
+    create_graph: bool,
+    call: str,
+) -> list[bool]:
+    """Pull cotangent rows back through the graph ``y <- xs``, ``chunk`` rows at a time.
+
+    ``cotangents(j0, j1)`` gives the cotangents of rows j0..j1-1, shape (j1 - j0, *y.shape);
+    ``emit(j0, j1, grads)`` receives one gradient per x, shape (j1 - j0, *x.shape), or None
+    for an x that y does not reach. Returns, per x, whether y reaches it.
+    """
+    connected = [True] * len(xs)
+    step = (chunk or rows) if vectorize else 1
+    j0 = 0
+    while j0 < rows:
+        j1 = min(rows, j0 + max(1, step))
+        v = cotangents(j0, j1)
+        if vectorize:
+            try:
+                grads = torch.autograd.grad(
+                    y, xs, v, retain_graph=True, create_graph=create_graph,
+                    allow_unused=True, is_grads_batched=True,
+                )
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:
+                raise _vectorize_failed(err, call) from err
+        else:
+            grads = torch.autograd.grad(
+                y, xs, v[0], retain_graph=True, create_graph=create_graph, allow_unused=True
+            )
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        connected = [c and g is not None for c, g in zip(connected, grads)]
+        emit(j0, j1, grads)
+        j0 = j1
+    return connected
+
+
+def graph_batch_jacobian(
+    target: torch.Tensor,
+    source: torch.Tensor,
+    *,
+    chunk: int | None,
+    vectorize: bool,
+    create_graph: bool,
+    call: str = "batch_jacobian(target, source)",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Batch Jacobian of a recorded ``target`` w.r.t. ``source`` by reverse mode.
+
+    Returns (B, *target.shape[1:], *source.shape[1:]), or None when target does not
+    depend on source. ``out``, if given, is a (B, M, N) tensor to write into.
+    """
+    b = target.shape[0]
+    out_shape, in_shape = tuple(target.shape[1:]), tuple(source.shape[1:])
+    m, n = math.prod(out_shape), math.prod(in_shape)
+    full_shape = (b, *out_shape, *in_shape)
+    if not target.requires_grad:
+        return None
+    if m == 0 or n == 0 or b == 0:
+        # Nothing to differentiate; zeros have the full (empty) shape.
+        return torch.zeros(full_shape, dtype=source.dtype, device=source.device)
+
+    def cotangents(j0: int, j1: int) -> torch.Tensor:
+        basis = _one_hot_rows(m, j0, j1, target)  # (C, M)
+        return basis[:, None, :].expand(j1 - j0, b, m).view(j1 - j0, b, *out_shape)
+
+    whole = chunk is None or chunk >= m
+    pieces: list[torch.Tensor] = []
+    if out is None and not create_graph and not (vectorize and whole):
+        out = torch.empty((b, m, n), dtype=source.dtype, device=source.device)
+
+    def emit(j0: int, j1: int, grads: tuple) -> None:
+        g = grads[0]
+        if g is None:
+            return
+        g = g.reshape(j1 - j0, b, n).transpose(0, 1)  # (B, C, N), a view
+        if out is not None:
+            out[:, j0:j1].copy_(g)
+        else:
+            pieces.append(g)
+
+    connected = _pull_rows(
+        target, (source,), m, cotangents, emit,
+        chunk=chunk, vectorize=vectorize, create_graph=create_graph, call=call,
+    )
+    if not connected[0]:
+        return None
+    if out is not None:
+        return out.view(full_shape)
+    # One vectorized pass: its (M, B, N) result is returned as a (B, M, N) view rather
+    # than copied (the copy costs a third of the time when the Jacobian is large).
+    jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    return jac.unflatten(2, in_shape).unflatten(1, out_shape) if jac.dim() == 3 else jac
+
+
+def graph_jacobian(
+    target: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    *,
+    chunk: int | None,
+    vectorize: bool,
+    create_graph: bool,
+    call: str = "jacobian(target, sources)",
+) -> list[torch.Tensor | None]:
+    """Full Jacobians (target.shape + source.shape) of a recorded target, one per source."""
+    rows = target.numel()
+    results: list[list[torch.Tensor]] = [[] for _ in sources]
+    if not target.requires_grad:
+        return [None for _ in sources]
+    if rows == 0:
+        return [torch.zeros((*target.shape, *s.shape), dtype=s.dtype, device=s.device) for s in sources]
+
+    def cotangents(j0: int, j1: int) -> torch.Tensor:
+        return _one_hot_rows(rows, j0, j1, target).view(j1 - j0, *target.shape)
+
+    def emit(j0: int, j1: int, grads: tuple) -> None:
+        for acc, g in zip(results, grads):
+            if g is not None:
+                acc.append(g)
+
+    connected = _pull_rows(
+        target, tuple(sources), rows, cotangents, emit,
+        chunk=chunk, vectorize=vectorize, create_graph=create_graph, call=call,
+    )
+    return [
+        torch.cat(acc, dim=0).reshape(*target.shape, *s.shape) if ok else None
+        for acc, ok, s in zip(results, connected, sources)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Forward mode (functional API only: it re-runs fn with tangents)
+# --------------------------------------------------------------------------------------
+
+
+def _forward_block(
+    fn: Callable, xb: torch.Tensor, m: int, out_shape: tuple, *, chunk: int | None,
+    vectorize: bool, call: str,
+) -> torch.Tensor:
+    """(Bb, M, N) Jacobian of one block by forward mode, chunk columns per vmap pass."""
+    b = xb.shape[0]
+    in_shape = tuple(xb.shape[1:])
+    n = math.prod(in_shape)
+    cols: list[torch.Tensor] = []
+
+    def push(t: torch.Tensor) -> torch.Tensor:
+        y_dot = jvp(fn, (xb,), (t,))[1]
+        return y_dot
+
+    step = (chunk or n) if vectorize else 1
+    k0 = 0
+    while k0 < n:
+        k1 = min(n, k0 + step)
+        basis = _one_hot_rows(n, k0, k1, xb)  # (C, N)
+        tangents = basis[:, None, :].expand(k1 - k0, b, n).view(k1 - k0, b, *in_shape)
+        if vectorize:
+            try:
+                col = vmap(push)(tangents)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:
+                raise _forward_failed(err, call, vectorized=True) from err
+        else:
+            try:
+                col = push(tangents[0]).unsqueeze(0)
+            except RuntimeError as err:
+                raise _forward_failed(err, call, vectorized=False) from err
+        cols.append(col.reshape(k1 - k0, b, m))
+        k0 = k1
+    jac = cols[0] if len(cols) == 1 else torch.cat(cols, dim=0)  # (N, Bb, M)
+    return jac.permute(1, 2, 0)  # (Bb, M, N), a view
+
+
+def _in_transform() -> bool:
+    """Whether we run inside a torch.func transform (jvp, vmap, grad...) of an outer call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _reverse_block_func(
+    fn: Callable, xb: torch.Tensor, *, chunk: int | None, vectorize: bool, call: str
+) -> tuple[torch.Tensor, tuple]:
+    """(Bb, M, N) Jacobian of one block by torch.func.vjp, for use inside a transform.
+
+    Inside an outer torch.func transform (an outer forward-mode batch_jacobian, say)
+    autograd.grad and requires_grad_ are not allowed; torch.func.vjp composes instead.
+    """
+    y, pull = torch.func.vjp(fn, xb)
+    y = _check_output(y, xb, call)
+    b, out_shape = y.shape[0], tuple(y.shape[1:])
+    m, n = math.prod(out_shape), math.prod(xb.shape[1:])
+    rows: list[torch.Tensor] = []
+    step = (chunk or m) if vectorize else 1
+    for j0 in range(0, m, max(1, step)):
+        j1 = min(m, j0 + step)
+        basis = _one_hot_rows(m, j0, j1, y)
+        cot = basis[:, None, :].expand(j1 - j0, b, m).view(j1 - j0, b, *out_shape)
+        if vectorize:
+            g = vmap(pull)(cot)[0]
+        else:
+            g = pull(cot[0])[0].unsqueeze(0)
+        rows.append(g.reshape(j1 - j0, b, n))
+    if not rows:
+        return torch.zeros((b, m, n), dtype=xb.dtype, device=xb.device), out_shape
+    jac = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return jac.transpose(0, 1), out_shape
+
+
+def _forward_failed(err: Exception, call: str, *, vectorized: bool) -> Exception:
+    if vectorized and "vmap" in str(err).lower():
+        return _vectorize_failed(err, call)
+    return RuntimeError(
+        f"{call}: forward mode failed ({type(err).__name__}: {err}). Some operations have no "
+        "forward-mode derivative; use mode='rev'."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Probing fn, memory budgets and the auto choice
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Probe:
+    out_shape: tuple
+    out_dtype: torch.dtype
+    connected: bool
+    act_bytes: int  # bytes autograd saves per example in the forward pass
+
+
+class _FnCache:
+    """Per-(function, input shape) facts, keyed weakly on the function object."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: dict = {}
+
+    @staticmethod
+    def _fn_ref(fn: Callable):
+        owner = getattr(fn, "__self__", None)
+        func = getattr(fn, "__func__", None)
+        target = owner if (owner is not None and func is not None) else fn
+        try:
+            ref = weakref.ref(target)
+        except TypeError:
+            return None, None
+        return (id(target), id(func) if func is not None else None), ref
+
+    def get(self, fn: Callable, key: tuple):
+        ident, ref = self._fn_ref(fn)
+        if ref is None:
+            return None
+        with self._lock:
+            hit = self._data.get((ident, key))
+        if hit is None or hit[0]() is None or hit[0]() is not ref():
+            return None
+        return hit[1]
+
+    def put(self, fn: Callable, key: tuple, value) -> None:
+        ident, ref = self._fn_ref(fn)
+        if ref is None:
+            return
+        with self._lock:
+            if len(self._data) > 4096:  # functions made per call (lambdas) never hit; bound it
+                self._data.clear()
+            self._data[(ident, key)] = (ref, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_PROBES = _FnCache()
+_CHOICES = _FnCache()
+
+
+def clear_caches() -> None:
+    """Forget every probed shape and measured auto choice."""
+    _PROBES.clear()
+    _CHOICES.clear()
+
+
+def _shape_key(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape[1:]), x.dtype, x.device.type)
+
+
+def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{call}: fn must return a torch.Tensor, got {type(y).__name__}.")
+    check_batched(y, "fn(x) (the target)", call)
+    check_same_batch(y, x, call)
+    check_floating(y, "fn(x) (the target)", call)
+    return y
+
+
+def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
+    key = _shape_key(x)
+    cached = _PROBES.get(fn, key)
+    if cached is not None:
+        return cached
+    k = min(x.shape[0], PROBE_ROWS)
+    if _in_transform():
+        # Inside an outer transform autograd cannot be used; torch.func.vjp cannot tell an
+        # unconnected output from a zero one, so the output counts as connected.
+        y = _check_output(fn(x[:k]), x[:k], call)
+        return _Probe(tuple(y.shape[1:]), y.dtype, True, 0)
+    xd = x[:k].detach().requires_grad_(True)
+    saved = [0]
+
+    def pack(t: torch.Tensor):
+        if t.dim() >= 1 and t.shape[0] == k:
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(xd)
+    y = _check_output(y, xd, call)
+    connected = False
+    if y.requires_grad and y.numel() > 0:
+        (g,) = torch.autograd.grad(y, xd, torch.ones_like(y), allow_unused=True)
+        connected = g is not None
+    elif y.requires_grad:
+        connected = True
+    probe = _Probe(tuple(y.shape[1:]), y.dtype, connected, saved[0] // max(k, 1))
+    _PROBES.put(fn, key, probe)
+    return probe
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes a batch Jacobian may use on ``device`` when no max_memory is given.
+
+    ``DISTJAC_MAX_MEMORY`` (bytes) overrides; otherwise a fraction of the free memory.
+    """
+    env = env_int("DISTJAC_MAX_MEMORY")
+    if env is not None:
+        return env
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * DEFAULT_MEMORY_FRACTION)
+    return int(_host_available_bytes() * DEFAULT_MEMORY_FRACTION)
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def fit_to_budget(
+    s: Strategy, *, b: int, m: int, n: int, act_bytes: int, itemsize: int, budget: int, call: str
+) -> Strategy:
+    """Shrink a strategy's chunk (then block) so its vectorized pass fits ``budget`` bytes.
+
+    Model: the output (B*M*N) is resident; a block's forward keeps ``act_bytes`` per
+    example; a vectorized pass of C rows over Bb examples holds about C*Bb*(act + (M+N)
+    * itemsize) bytes of cotangents, intermediate gradients and results.
+    """
+    out_bytes = b * m * n * itemsize
+    if out_bytes > budget:
+        raise MemoryBudgetError(
+            f"{call}: the Jacobian alone needs {_fmt_bytes(out_bytes)} ({b} x {m} x {n} "
+            f"elements) but the memory budget is {_fmt_bytes(budget)}. Pass a larger "
+            "max_memory, split the batch, or use distjac.Engine to stream results to disk."
+        )
+    rows = m if s.mode == "rev" else n
+    per_pass = act_bytes + (m + n) * itemsize  # per (row, example) of one vectorized pass
+    block = min(b, s.block or b)
+    room = budget - out_bytes - block * act_bytes
+    if not s.vectorize:
+        need = block * per_pass
+    else:
+        fit = room // max(1, block * per_pass)
+        chunk = min(rows, s.chunk or rows)
+        if fit >= 1:
+            return replace(s, chunk=min(chunk, int(fit)))
+        need = block * per_pass
+        s = replace(s, chunk=1)
+    if room >= need:
+        return s
+    # Even one row over the block does not fit: shrink the block.
+    new_block = (budget - out_bytes) // max(1, act_bytes + per_pass)
+    if new_block < 1:
+        raise MemoryBudgetError(
+            f"{call}: one pass over a single example needs about "
+            f"{_fmt_bytes(act_bytes + per_pass)} beyond the {_fmt_bytes(out_bytes)} result, "
+            f"which exceeds the memory budget of {_fmt_bytes(budget)}. Pass a larger max_memory."
+        )
+    return replace(s, block=int(new_block))
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _candidates(modes: Sequence[str], rows_of: dict, b: int, sample: int) -> list[Strategy]:
+    """The strategies auto mode measures: per mode, loop and vmap over a few block sizes."""
+    blocks = sorted({min(b, sample), min(b, 256)})
+    out = []
+    for mode in modes:
+        rows = rows_of[mode]
+        for block in blocks:
+            out.append(Strategy(mode, vectorize=False, block=block))
+            out.append(Strategy(mode, vectorize=True, chunk=None, block=block))
+            if rows >= 32:
+                out.append(Strategy(mode, vectorize=True, chunk=max(8, rows // 8), block=block))
+    return out
+
+
+def _time_strategy(fn: Callable, xs: torch.Tensor, s: Strategy, call: str) -> float:
+    """Seconds per example of strategy ``s`` on the sample ``xs`` (best of two runs)."""
+    best = math.inf
+    for _ in range(2):
+        _sync(xs.device)
+        t0 = time.perf_counter()
+        _run(fn, xs, s, create_graph=False, call=call)
+        _sync(xs.device)
+        best = min(best, time.perf_counter() - t0)
+    return best / xs.shape[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_strategy(
+    fn: Callable,
+    x: torch.Tensor,
+    *,
+    mode: str = "auto",
+    parallel_iterations: int | None = None,
+    experimental_use_pfor: bool = True,
+    max_memory: int | None = None,
+    call: str = "batch_jacobian(fn, x)",
+) -> Strategy:
+    """The strategy :func:`batch_jacobian` would use for ``fn`` on ``x`` (probes fn)."""
+    mode = parse_mode(mode, call)
+    probe = _probe(fn, x, call)
+    return _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
+
+
+def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call) -> Strategy:
+    b = x.shape[0]
+    n, m = math.prod(x.shape[1:]), math.prod(probe.out_shape)
+    user_fixed = parallel_iterations is not None or not use_pfor
+    if mode == "auto":
+        if n >= AUTO_MODE_RATIO * m:
+            modes = ["rev"]
+        elif m >= AUTO_MODE_RATIO * n:
+            modes = ["fwd"]
+        else:
+            modes = ["rev", "fwd"]
+        if user_fixed or b * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
+            s = Strategy("rev" if m <= n else "fwd")
+        else:
+            s = _measured_choice(fn, x, probe, modes, m, n, call)
+    else:
+        s = Strategy(mode)
+    if user_fixed:
+        s = replace(s, vectorize=use_pfor, chunk=parallel_iterations, block=None)
+    budget = max_memory if max_memory is not None else default_memory_budget(x.device)
+    if parallel_iterations is not None:
+        return s  # the user's chunk is the user's choice: TF runs exactly that many rows
+    return fit_to_budget(
+        s, b=b, m=m, n=n, act_bytes=probe.act_bytes, itemsize=x.element_size(),
+        budget=budget, call=call,
+    )
+
+
+def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
+    key = _shape_key(x) + (tuple(modes),)
+    cached = _CHOICES.get(fn, key)
+    if cached is not None:
+        return cached
+    sample = min(x.shape[0], AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
+    xs = x[:sample].detach()
+    best, best_t = None, math.inf
+    for s in _candidates(modes, {"rev": m, "fwd": n}, x.shape[0], sample):
+        try:
+            t = _time_strategy(fn, xs, s, call)
+        except (VectorizationError, RuntimeError):
+            continue  # a candidate this function cannot run is simply not chosen
+        if t < best_t:
+            best, best_t = s, t
+    if best is None:
+        best = Strategy(modes[0], vectorize=False)
+    _CHOICES.put(fn, key, best)
+    return best
+
+
+# --------------------------------------------------------------------------------------
+# The functional API
+# --------------------------------------------------------------------------------------
+
+
+def _run(
+    fn: Callable, x: torch.Tensor, s: Strategy, *, create_graph: bool, call: str,
+    out_shape: tuple | None = None,
+) -> torch.Tensor | None:
+    """Run strategy ``s`` over the batch; (B, *out, *in), or None when unconnected."""
+    b = x.shape[0]
+    in_shape = tuple(x.shape[1:])
+    n = math.prod(in_shape)
+    block = b if s.block is None else max(1, min(s.block, b))
+    out: torch.Tensor | None = None
+    pieces: list[torch.Tensor] = []
+    for b0 in range(0, b, block):
+        xb = x[b0:b0 + block]
+        if s.mode == "rev" and _in_transform():
+            jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call)
+            m = math.prod(y_shape)
+            if out is not None:
+                out[b0:b0 + block].copy_(jac)
+        elif s.mode == "rev":
+            xd = xb if create_graph else xb.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = _check_output(fn(xd), xd, call)
+            y_shape = tuple(y.shape[1:])
+            m = math.prod(y_shape)
+            if out is None and not create_graph and block < b:
+                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+            jac = graph_batch_jacobian(
+                y, xd, chunk=s.chunk, vectorize=s.vectorize, create_graph=create_graph,
+                call=call, out=None if out is None else out[b0:b0 + block],
+            )
+            if jac is None:
+                return None
+            jac = jac.reshape(xb.shape[0], m, n) if jac.is_contiguous() else jac.flatten(1 + len(y_shape)).flatten(1, len(y_shape))
+        else:
+            assert out_shape is not None, "forward mode needs the probed output shape"
+            y_shape = out_shape
+            m = math.prod(y_shape)
+            jac = _forward_block(fn, xb, m, y_shape, chunk=s.chunk, vectorize=s.vectorize, call=call)
+            if out is None and not create_graph and block < b:
+                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+            if out is not None:
+                out[b0:b0 + block].copy_(jac)
+        if out is None:
+            pieces.append(jac)
+    if out is not None:
+        return out.view(b, *y_shape, *in_shape)
+    jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    return jac.unflatten(2, in_shape).unflatten(1, y_shape)
+
+
+def batch_jacobian(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    mode: str = "auto",
+    parallel_iterations: int | None = None,
+    experimental_use_pfor: bool = True,
+    unconnected_gradients: str | UnconnectedGradients = "none",
+    *,
+    max_memory: int | None = None,
+    check_independence: bool = False,
+) -> torch.Tensor | None:
+    """Per-example Jacobians of ``fn`` over the batch ``x``.
+
+    ``fn`` maps a batch (B, x1..xm) to (B, y1..yn), and row i of its output must depend
+    only on row i of its input (as TensorFlow's batch_jacobian assumes). ``fn`` is always
+    called on batches (the whole batch or blocks of rows), never on one example, so
+    Python control flow on the batch's values works in every mode.
+
+    Args:
+        fn: the function; a torch.nn.Module works too.
+        x: the batch, a floating tensor of rank >= 2 on any device.
+        mode: "rev" (one pass per output element), "fwd" (one per input element) or
+            "auto" (chosen from the per-example sizes, measured once per function and
+            shape when they are close; equal to either explicit mode's result).
+        parallel_iterations: rows (rev) or columns (fwd) per vectorized pass; None picks
+            the most that fit the memory budget.
+        experimental_use_pfor: True vectorizes with vmap; False runs one autograd pass per
+            row (for functions vmap cannot handle).
+        unconnected_gradients: "none" returns None when fn(x) does not depend on x;
+            "zero" returns zeros of the full shape.
+        max_memory: bytes the computation may use (default: half the device's free
+            memory, or ``DISTJAC_MAX_MEMORY``); sets parallel_iterations and the block.
+        check_independence: compare a few examples' Jacobians computed alone against the
+            batched ones and check that no example's output depends on another example;
+            raises CoupledExamplesError if so (BatchNorm in train mode, batch means...).
+
+    Returns:
+        A tensor of shape (B, y1..yn, x1..xm) and x's dtype, or None (see
+        unconnected_gradients). It may be a non-contiguous view; differentiable when
+        ``x.requires_grad``, so batch_jacobian composes with itself for higher orders.
+
+    Raises:
+        ShapeError, DtypeError, OptionError: bad input, before any work is done.
+        VectorizationError: vmap cannot handle fn; pass experimental_use_pfor=False.
+        MemoryBudgetError: the result does not fit max_memory.
+        CoupledExamplesError: with check_independence=True, examples are coupled.
+
+    Example:
+        >>> x = torch.tensor([[4.0, 2.0], [1.0, 3.0]])
+        >>> batch_jacobian(lambda x: x * x * x, x)
+        tensor([[[48.,  0.],
+                 [ 0., 12.]],
+        <BLANKLINE>
+                [[ 3.,  0.],
+                 [ 0., 27.]]])
+
+    Note:
+        Memory grows with parallel_iterations: a vectorized pass holds that many copies
+        of the per-row intermediate values. Lower it (or max_memory) if a pass runs out
+        of memory; the result itself needs B*M*N elements.
+    """
+    call = "batch_jacobian(fn, x)"
+    if not callable(fn):
+        raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
+    x = check_tensor(x, "x", call)
+    check_batched(x, "x (the source)", call)
+    check_floating(x, "x (the source)", call)
+    mode = parse_mode(mode, call)
+    unconnected = parse_unconnected(unconnected_gradients, call)
+    check_positive_int(parallel_iterations, "parallel_iterations", call)
+    if max_memory is not None:
+        check_positive_int(max_memory, "max_memory", call, allow_none=False)
+    create_graph = torch.is_grad_enabled() and x.requires_grad
+
+    if x.shape[0] == 0:
+        with torch.enable_grad():
+            y = _check_output(fn(x), x, call)
+        return torch.zeros((0, *y.shape[1:], *x.shape[1:]), dtype=x.dtype, device=x.device)
+
+    explicit_rev = mode == "rev" and (parallel_iterations is not None or not experimental_use_pfor)
+    if explicit_rev and not check_independence and unconnected is UnconnectedGradients.NONE:
+        # Nothing to learn about fn beforehand: run straight on the graph.
+        s = Strategy("rev", vectorize=experimental_use_pfor, chunk=parallel_iterations)
+        return _run(fn, x, s, create_graph=create_graph, call=call)
+
+    probe = _probe(fn, x, call)
+    zeros = torch.zeros((x.shape[0], *probe.out_shape, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if not probe.connected:
+        return zeros if unconnected is UnconnectedGradients.ZERO else None
+    s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
+    jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+    if jac is None:
+        return zeros if unconnected is UnconnectedGradients.ZERO else None
+    if check_independence:
+        _check_independence(fn, x, jac, s, call)
+    return jac
+
+
+def _check_independence(fn: Callable, x: torch.Tensor, jac: torch.Tensor, s: Strategy, call: str) -> None:
+    """Raise CoupledExamplesError if examples of the batch influence each other.
+
+    Two checks on up to three examples (first, middle, last): (1) the example's Jacobian
+    computed alone (a batch of one) equals its row of the batched result; (2) a reverse
+    pass with a random cotangent on that example alone reaches no other example's input.
+    """
+    b = x.shape[0]
+    if b < 2:
+        return
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(x.dtype, 3e-2)
+    with torch.no_grad():
+        scale = jac.abs().max().item() if jac.numel() else 0.0
+    atol = tol * max(1.0, scale)
+    for i in sorted({0, b // 2, b - 1}):
+        xi = x[i:i + 1].detach()
+        alone = _run(fn, xi, replace(s, block=None, chunk=s.chunk), create_graph=False, call=call,
+                     out_shape=tuple(jac.shape[1:1 + jac.dim() - x.dim()]))
+        batched = jac[i:i + 1].detach()
+        alone = torch.zeros_like(batched) if alone is None else alone
+        diff = (alone - batched).abs().max().item() if batched.numel() else 0.0
+        if diff > atol:
+            raise CoupledExamplesError(
+                f"{call} with check_independence=True: example {i}'s Jacobian computed alone "
+                f"differs from its row of the batched result (max abs difference {diff:.3g}). "
+                "fn couples the examples of the batch (BatchNorm in train mode, a mean or "
+                "softmax over the batch axis, ...), so per-example Jacobians are not defined; "
+                "TensorFlow silently sums the cross-example terms (TF issue #38428). Put the "
+                "model in eval mode (model.eval()) or remove operations across the batch axis."
+            )
+        xd = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = fn(xd)
+        if not y.requires_grad:
+            continue
+        v = torch.zeros_like(y)
+        v[i] = torch.randn_like(y[i])
+        (g,) = torch.autograd.grad(y, xd, v, allow_unused=True)
+        if g is None:
+            continue
+        others = torch.cat([g[:i], g[i + 1:]]).abs().max().item()
+        if others > atol:
+            raise CoupledExamplesError(
+                f"{call} with check_independence=True: the output of example {i} depends on "
+                f"other examples' inputs (gradient magnitude {others:.3g} outside row {i}). "
+                "fn couples the examples of the batch, so per-example Jacobians are not "
+                "defined. Put the model in eval mode or remove operations across the batch axis."
+            )

@@ -1,0 +1,106 @@
+"""Option values shared by every entry point, and the checks that reject bad input.
+
+The tape, the functional API and the engine all validate through these functions, so
+the same mistake gets the same message wherever it is made.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any
+
+import torch
+
+from .errors import DtypeError, OptionError, ShapeError
+
+__all__ = ["MODES", "UnconnectedGradients"]
+
+MODES = ("rev", "fwd", "auto")
+
+
+class UnconnectedGradients(enum.Enum):
+    """What a gradient or Jacobian is when the target does not depend on the source.
+
+    ``NONE`` returns ``None``; ``ZERO`` returns zeros of the full shape. (TensorFlow's
+    batch_jacobian returns zeros in both cases, a compatibility quirk kept in its source;
+    distjac follows the documented meaning.)
+    """
+
+    NONE = "none"
+    ZERO = "zero"
+
+
+def parse_unconnected(value: Any, call: str) -> UnconnectedGradients:
+    if isinstance(value, UnconnectedGradients):
+        return value
+    # Accept TF's own enum too (its .value is "none" / "zero") without importing TF.
+    raw = getattr(value, "value", value)
+    if isinstance(raw, str):
+        try:
+            return UnconnectedGradients(raw.lower())
+        except ValueError:
+            pass
+    raise OptionError(
+        f"{call}: unconnected_gradients={value!r} is not valid; use one of "
+        f"'none', 'zero', distjac.UnconnectedGradients.NONE or distjac.UnconnectedGradients.ZERO."
+    )
+
+
+def parse_mode(mode: Any, call: str) -> str:
+    if isinstance(mode, str) and mode in MODES:
+        return mode
+    raise OptionError(f"{call}: mode={mode!r} is not valid; use one of 'rev', 'fwd' or 'auto'.")
+
+
+def check_positive_int(value: Any, name: str, call: str, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        hint = "None (all at once) or " if allow_none else ""
+        raise OptionError(f"{call}: {name}={value!r} is not valid; use {hint}an integer >= 1.")
+    return value
+
+
+def check_tensor(t: Any, what: str, call: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{call}: {what} must be a torch.Tensor, got {type(t).__name__}.")
+    return t
+
+
+def check_floating(t: torch.Tensor, what: str, call: str) -> None:
+    if not (t.is_floating_point()):
+        raise DtypeError(
+            f"{call}: {what} has dtype {t.dtype}; only floating dtypes (float16, bfloat16, "
+            f"float32, float64) can be differentiated. Convert it, e.g. {what}.float()."
+        )
+
+
+def check_batched(t: torch.Tensor, what: str, call: str) -> None:
+    if t.dim() < 2:
+        shape = tuple(t.shape)
+        fix = f"Reshape to {shape + (1,)}" if t.dim() == 1 else "Add a batch and a feature axis"
+        raise ShapeError(
+            f"{call}: {what} has shape {shape}, rank {t.dim()}; batch_jacobian needs rank >= 2 "
+            f"with the batch first. {fix}, or use jacobian() for a full Jacobian."
+        )
+
+
+def check_same_batch(target: torch.Tensor, source: torch.Tensor, call: str) -> None:
+    if target.shape[0] != source.shape[0]:
+        raise ShapeError(
+            f"{call}: the first dimensions of target {tuple(target.shape)} and source "
+            f"{tuple(source.shape)} must match (the batch size): got {target.shape[0]} and "
+            f"{source.shape[0]}. Row i of the target must depend only on row i of the source."
+        )
+
+
+def env_int(name: str) -> int | None:
+    """The one place that reads ``DISTJAC_*`` integer settings from the environment."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise OptionError(f"environment variable {name}={raw!r} must be an integer.") from None

@@ -1,0 +1,302 @@
+"""``GradientTape``: TensorFlow's tape on PyTorch autograd.
+
+PyTorch records every operation on a tensor that requires grad; TensorFlow records only
+operations on tensors a tape watches, while the tape is active. The tape maps one onto
+the other:
+
+NOTE [watching = requires_grad for the tape's lifetime]
+``watch(x)`` turns on ``x.requires_grad`` (if it was off) for as long as the tape is
+recording, and turns it back off when the ``with`` block ends. So operations after the
+block are not recorded (as in TF), and the user's tensor is left as it was found. When a
+gradient is asked for later, the tape switches requires_grad on again for the duration
+of the call: autograd needs it to accept the tensor as an input, and the graph recorded
+during the block still holds the tensor's gradient accumulator.
+
+NOTE [nesting]
+Tapes form a stack. A gradient computed while any tape is recording is itself recorded
+(``create_graph=True``), so an outer tape can differentiate an inner tape's result:
+that is how second and higher orders work, exactly as in TF.
+
+Tensors that already required grad when first seen (``torch.nn.Parameter`` and friends)
+play the part of TF's trainable variables: with ``watch_accessed_variables=True`` (the
+default) they can be differentiated without an explicit ``watch``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import TapeError
+from .kernels import graph_batch_jacobian, graph_jacobian
+from .options import (
+    UnconnectedGradients,
+    check_batched,
+    check_floating,
+    check_positive_int,
+    check_same_batch,
+    check_tensor,
+    parse_unconnected,
+)
+
+__all__ = ["GradientTape"]
+
+_state = threading.local()
+
+
+def _recording_tapes() -> list[GradientTape]:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+class GradientTape:
+    """Records operations on watched tensors so they can be differentiated, as TF's tape.
+
+    Args:
+        persistent: if False (the default) the tape computes one set of gradients (one
+            call of gradient, jacobian or batch_jacobian) and is then spent.
+        watch_accessed_variables: if True, tensors that already require grad (model
+            parameters) count as watched, like TF's trainable variables.
+
+    Example:
+        >>> x = torch.tensor([[4.0, 2.0], [1.0, 3.0]])
+        >>> with GradientTape() as tape:
+        ...     tape.watch(x)
+        ...     y = x * x * x
+        >>> tape.batch_jacobian(y, x)
+        tensor([[[48.,  0.],
+                 [ 0., 12.]],
+        <BLANKLINE>
+                [[ 3.,  0.],
+                 [ 0., 27.]]])
+    """
+
+    def __init__(self, persistent: bool = False, watch_accessed_variables: bool = True):
+        self._persistent = bool(persistent)
+        self._watch_accessed_variables = bool(watch_accessed_variables)
+        self._recording = False
+        self._used = False
+        self._watched: dict[int, torch.Tensor] = {}  # id -> tensor
+        self._switched_on: dict[int, torch.Tensor] = {}  # tensors whose requires_grad we set
+
+    # -- context ------------------------------------------------------------------------
+
+    def __enter__(self) -> GradientTape:
+        if self._recording:
+            raise TapeError("GradientTape: this tape is already recording; a tape cannot be entered twice at once.")
+        self._recording = True
+        for t in self._switched_on.values():  # re-entered persistent tape: watch again
+            t.requires_grad_(True)
+        _recording_tapes().append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack = _recording_tapes()
+        if self in stack:
+            stack.remove(self)
+        self._recording = False
+        for key, t in self._switched_on.items():
+            # A tensor another recording tape also watches stays on: that tape owns it now.
+            heir = next((tp for tp in reversed(stack) if key in tp._watched), None)
+            if heir is not None:
+                heir._switched_on[key] = t
+            elif t.is_leaf:
+                t.requires_grad_(False)
+
+    # -- watching -----------------------------------------------------------------------
+
+    def watch(self, tensor: Any) -> None:
+        """Record operations on ``tensor`` (a tensor or a nested list/tuple/dict of them)."""
+        if not self._recording:
+            raise TapeError(
+                "GradientTape.watch: the tape is not recording; call watch inside "
+                "`with distjac.GradientTape() as tape:`."
+            )
+        for t in pytree.tree_leaves(tensor):
+            t = check_tensor(t, "the watched value", "GradientTape.watch(tensor)")
+            check_floating(t, "the watched tensor", "GradientTape.watch(tensor)")
+            self._watched[id(t)] = t
+            if not t.requires_grad:
+                t.requires_grad_(True)
+                self._switched_on[id(t)] = t
+
+    def watched_variables(self) -> tuple[torch.Tensor, ...]:
+        """The tensors this tape watches, in the order they were first watched."""
+        return tuple(self._watched.values())
+
+    def reset(self) -> None:
+        """Forget everything watched, as TF's ``reset``; a non-persistent tape may be used again."""
+        for t in self._switched_on.values():
+            if t.is_leaf and not self._recording:
+                t.requires_grad_(False)
+        self._watched.clear()
+        self._switched_on.clear()
+        self._used = False
+
+    # -- shared machinery ---------------------------------------------------------------
+
+    def _start_call(self, call: str) -> bool:
+        """Mark the tape used; return whether the result must itself be differentiable."""
+        if self._used and not self._persistent:
+            raise TapeError(
+                f"{call}: a non-persistent GradientTape can only be used to compute one set "
+                "of gradients (or jacobians). Create the tape with "
+                "distjac.GradientTape(persistent=True) to call it several times."
+            )
+        self._used = True
+        return torch.is_grad_enabled() and bool(_recording_tapes())
+
+    def _admitted(self, source: torch.Tensor) -> bool:
+        if id(source) in self._watched and self._watched[id(source)] is source:
+            return True
+        return self._watch_accessed_variables and source.requires_grad and source.is_leaf
+
+    class _Reenabled:
+        """Switch requires_grad back on for watched sources during one call (NOTE [watching])."""
+
+        def __init__(self, tape: GradientTape, sources: list[torch.Tensor]):
+            self.off = [s for s in sources if tape._admitted(s) and not s.requires_grad]
+
+        def __enter__(self):
+            for s in self.off:
+                s.requires_grad_(True)
+
+        def __exit__(self, *exc):
+            for s in self.off:
+                s.requires_grad_(False)
+
+    @staticmethod
+    def _finish(value, source: torch.Tensor, shape: tuple, unconnected: UnconnectedGradients):
+        if value is not None:
+            return value
+        if unconnected is UnconnectedGradients.ZERO:
+            return torch.zeros(shape, dtype=source.dtype, device=source.device)
+        return None
+
+    # -- the three ways to differentiate ------------------------------------------------
+
+    def gradient(self, target, sources, output_gradients=None, unconnected_gradients="none"):
+        """Gradient of ``target`` (the sum of its elements, or weighted by output_gradients).
+
+        Args:
+            target: a tensor or a list of tensors.
+            sources: a tensor or a nested structure (list, tuple, dict) of tensors.
+            output_gradients: per-target weights of the same shapes, or None for ones.
+            unconnected_gradients: "none" (None for unconnected sources) or "zero".
+
+        Returns:
+            The gradients in the structure of ``sources``.
+        """
+        call = "GradientTape.gradient(target, sources)"
+        unconnected = parse_unconnected(unconnected_gradients, call)
+        create_graph = self._start_call(call)
+        targets = pytree.tree_leaves(target)
+        flat_sources, spec = pytree.tree_flatten(sources)
+        for t in targets:
+            check_tensor(t, "target", call)
+        for s in flat_sources:
+            check_tensor(s, "each source", call)
+        if output_gradients is None:
+            weights = [torch.ones_like(t) for t in targets]
+        else:
+            weights = pytree.tree_leaves(output_gradients)
+            if len(weights) != len(targets):
+                raise ValueError(f"{call}: got {len(weights)} output_gradients for {len(targets)} targets.")
+        pairs = [(t, w) for t, w in zip(targets, weights) if t.requires_grad]
+        results: list = [None] * len(flat_sources)
+        with GradientTape._Reenabled(self, flat_sources):
+            idx = [i for i, s in enumerate(flat_sources) if self._admitted(s) and s.requires_grad]
+            if pairs and idx:
+                grads = torch.autograd.grad(
+                    [t for t, _ in pairs], [flat_sources[i] for i in idx], [w for _, w in pairs],
+                    retain_graph=True, create_graph=create_graph, allow_unused=True,
+                )
+                for i, g in zip(idx, grads):
+                    results[i] = g
+        results = [self._finish(g, s, tuple(s.shape), unconnected) for g, s in zip(results, flat_sources)]
+        return pytree.tree_unflatten(results, spec)
+
+    def jacobian(self, target, sources, unconnected_gradients="none", parallel_iterations=None,
+                 experimental_use_pfor=True):
+        """Full Jacobian of ``target`` w.r.t. each source: shape target.shape + source.shape.
+
+        Args:
+            target: a tensor.
+            sources: a tensor or a nested structure of tensors.
+            unconnected_gradients: "none" or "zero".
+            parallel_iterations: Jacobian rows per vectorized pass (None: all).
+            experimental_use_pfor: False computes one autograd pass per row.
+
+        Returns:
+            Jacobians in the structure of ``sources``.
+        """
+        call = "GradientTape.jacobian(target, sources)"
+        unconnected = parse_unconnected(unconnected_gradients, call)
+        check_positive_int(parallel_iterations, "parallel_iterations", call)
+        target = check_tensor(target, "target", call)
+        create_graph = self._start_call(call)
+        flat_sources, spec = pytree.tree_flatten(sources)
+        for s in flat_sources:
+            check_tensor(s, "each source", call)
+        results: list = [None] * len(flat_sources)
+        with GradientTape._Reenabled(self, flat_sources):
+            idx = [i for i, s in enumerate(flat_sources) if self._admitted(s) and s.requires_grad]
+            if idx:
+                jacs = graph_jacobian(
+                    target, [flat_sources[i] for i in idx], chunk=parallel_iterations,
+                    vectorize=bool(experimental_use_pfor), create_graph=create_graph, call=call,
+                )
+                for i, j in zip(idx, jacs):
+                    results[i] = j
+        results = [
+            self._finish(j, s, (*target.shape, *s.shape), unconnected)
+            for j, s in zip(results, flat_sources)
+        ]
+        return pytree.tree_unflatten(results, spec)
+
+    def batch_jacobian(self, target, source, unconnected_gradients="none", parallel_iterations=None,
+                       experimental_use_pfor=True):
+        """Per-example Jacobians: for each i, the Jacobian of target[i] w.r.t. source[i].
+
+        target[i] must depend only on source[i] (TF's contract; not checked here, see
+        ``distjac.batch_jacobian(..., check_independence=True)``).
+
+        Args:
+            target: tensor of shape (B, y1..yn), rank >= 2.
+            source: tensor of shape (B, x1..xm), rank >= 2, floating.
+            unconnected_gradients: "none" returns None when target does not depend on
+                source; "zero" returns zeros. (TF's own batch_jacobian returns zeros in
+                both cases; distjac follows TF's documented meaning.)
+            parallel_iterations: Jacobian rows computed per vectorized pass (None: all).
+            experimental_use_pfor: False computes one autograd pass per row.
+
+        Returns:
+            A tensor of shape (B, y1..yn, x1..xm), or None (see unconnected_gradients).
+
+        Raises:
+            ShapeError: rank < 2, or batch sizes that differ.
+            DtypeError: a non-floating source.
+            TapeError: a non-persistent tape used a second time.
+        """
+        call = "GradientTape.batch_jacobian(target, source)"
+        target = check_tensor(target, "target", call)
+        source = check_tensor(source, "source", call)
+        check_batched(target, "target", call)
+        check_batched(source, "source", call)
+        check_same_batch(target, source, call)
+        check_floating(source, "source", call)
+        unconnected = parse_unconnected(unconnected_gradients, call)
+        check_positive_int(parallel_iterations, "parallel_iterations", call)
+        create_graph = self._start_call(call)
+        jac = None
+        with GradientTape._Reenabled(self, [source]):
+            if self._admitted(source) and source.requires_grad:
+                jac = graph_batch_jacobian(
+                    target, source, chunk=parallel_iterations,
+                    vectorize=bool(experimental_use_pfor), create_graph=create_graph, call=call,
+                )
+        return self._finish(jac, source, (*target.shape, *source.shape[1:]), unconnected)
