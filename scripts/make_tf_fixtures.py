@@ -268,16 +268,16 @@ def case_conv(rng) -> None:
 def case_lstm(rng) -> None:
     import keras
 
-    B, T, F, H = 2, 3, 4, 5
-    x_np = rng.normal(0.0, 1.0, size=(B, T, F)).astype(np.float32)
-    w_ih = rng.normal(0.0, 0.4, size=(4 * H, F)).astype(np.float32)
-    w_hh = rng.normal(0.0, 0.4, size=(4 * H, H)).astype(np.float32)
-    b_ih = rng.normal(0.0, 0.2, size=(4 * H,)).astype(np.float32)
-    b_hh = np.zeros((4 * H,), np.float32)
+    nb, nt, nf, nh = 2, 3, 4, 5  # batch, steps, features, hidden
+    x_np = rng.normal(0.0, 1.0, size=(nb, nt, nf)).astype(np.float32)
+    w_ih = rng.normal(0.0, 0.4, size=(4 * nh, nf)).astype(np.float32)
+    w_hh = rng.normal(0.0, 0.4, size=(4 * nh, nh)).astype(np.float32)
+    b_ih = rng.normal(0.0, 0.2, size=(4 * nh,)).astype(np.float32)
+    b_hh = np.zeros((4 * nh,), np.float32)
 
-    layer = keras.layers.LSTM(H, activation="tanh", recurrent_activation="sigmoid",
+    layer = keras.layers.LSTM(nh, activation="tanh", recurrent_activation="sigmoid",
                               use_bias=True, return_sequences=True)
-    layer.build((None, T, F))
+    layer.build((None, nt, nf))
     # keras: kernel (F, 4H), recurrent_kernel (H, 4H), bias (4H,); gates i,f,c,o
     layer.set_weights([w_ih.T.copy(), w_hh.T.copy(), b_ih + b_hh])
 
@@ -293,16 +293,16 @@ def case_lstm(rng) -> None:
     put("lstm/bias_hh_l0", b_hh)
     put("lstm/y", y)
     put("lstm/jac", jac)
-    assert jac.shape == (B, T, H, T, F)
+    assert jac.shape == (nb, nt, nh, nt, nf)
 
     # layout self-check: torch.nn.LSTM equations, gate order i, f, g, o
     def sig(v):
         return 1.0 / (1.0 + np.exp(-v))
 
-    h = np.zeros((B, H))
-    c = np.zeros((B, H))
+    h = np.zeros((nb, nh))
+    c = np.zeros((nb, nh))
     outs = []
-    for t in range(T):
+    for t in range(nt):
         g = x_np[:, t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
         i_, f_, g_, o_ = np.split(g, 4, axis=1)
         c = sig(f_) * c + sig(i_) * np.tanh(g_)
