@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -83,6 +84,32 @@ class Strategy:
     def __str__(self) -> str:
         how = f"vmap x{self.chunk or 'all'}" if self.vectorize else "loop"
         return f"{self.mode}/{how}/block={self.block or 'all'}"
+
+
+# --------------------------------------------------------------------------------------
+# Who will differentiate what we compute (NOTE [nesting] in tape.py)
+# --------------------------------------------------------------------------------------
+
+_state = threading.local()
+
+
+def recording_stack() -> list:
+    """This thread's stack of active differentiators: recording tapes, and the functional
+    API while it runs ``fn`` in reverse mode. A gradient computed while the stack is not
+    empty must itself be differentiable (``create_graph=True``)."""
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+class _Differentiating:
+    """Marks the functional API as an active differentiator while ``fn`` runs."""
+
+    def __enter__(self):
+        recording_stack().append(self)
+
+    def __exit__(self, *exc):
+        recording_stack().remove(self)
 
 
 # --------------------------------------------------------------------------------------
@@ -239,7 +266,7 @@ def graph_jacobian(
         chunk=chunk, vectorize=vectorize, create_graph=create_graph, call=call,
     )
     return [
-        torch.cat(acc, dim=0).reshape(*target.shape, *s.shape) if ok else None
+        torch.cat(acc, dim=0).reshape((*target.shape, *s.shape)) if ok else None
         for acc, ok, s in zip(results, connected, sources)
     ]
 
@@ -257,6 +284,25 @@ def _forward_block(
     b = xb.shape[0]
     in_shape = tuple(xb.shape[1:])
     n = math.prod(in_shape)
+    if n == 0 or m == 0:
+        return torch.zeros((b, m, n), dtype=xb.dtype, device=xb.device)
+    try:
+        return _forward_columns(fn, xb, m, n, in_shape, chunk=chunk, vectorize=vectorize, call=call)
+    except RuntimeError as err:
+        if "mkldnn" not in str(err).lower() or isinstance(err, torch.OutOfMemoryError):
+            raise
+    # Some oneDNN (mkldnn) CPU kernels, e.g. torch's fused LSTM, have no forward-mode
+    # derivative; their native fallbacks do.
+    with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice when flags change
+        return _forward_columns(fn, xb, m, n, in_shape, chunk=chunk, vectorize=vectorize, call=call)
+
+
+def _forward_columns(
+    fn: Callable, xb: torch.Tensor, m: int, n: int, in_shape: tuple, *, chunk: int | None,
+    vectorize: bool, call: str,
+) -> torch.Tensor:
+    b = xb.shape[0]
     cols: list[torch.Tensor] = []
 
     def push(t: torch.Tensor) -> torch.Tensor:
@@ -279,6 +325,8 @@ def _forward_block(
         else:
             try:
                 col = push(tangents[0]).unsqueeze(0)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as err:
                 raise _forward_failed(err, call, vectorized=False) from err
         cols.append(col.reshape(k1 - k0, b, m))
@@ -322,7 +370,14 @@ def _reverse_block_func(
 
 
 def _forward_failed(err: Exception, call: str, *, vectorized: bool) -> Exception:
-    if vectorized and "vmap" in str(err).lower():
+    text = str(err)
+    if "requires_grad_()" in text or "autograd.grad" in text or "torch.autograd.functional" in text:
+        return RuntimeError(
+            f"{call}: forward mode runs fn under torch.func.jvp, and fn uses autograd inside fn "
+            "(a GradientTape, requires_grad_ or autograd.grad), which torch.func does not allow "
+            f"there ({type(err).__name__}: {err}). Use mode='rev' or mode='auto'."
+        )
+    if vectorized and "vmap" in text.lower():
         return _vectorize_failed(err, call)
     return RuntimeError(
         f"{call}: forward mode failed ({type(err).__name__}: {err}). Some operations have no "
@@ -387,12 +442,14 @@ class _FnCache:
 
 _PROBES = _FnCache()
 _CHOICES = _FnCache()
+_FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
 
 
 def clear_caches() -> None:
     """Forget every probed shape and measured auto choice."""
     _PROBES.clear()
     _CHOICES.clear()
+    _FWD_FAILED.clear()
 
 
 def _shape_key(x: torch.Tensor) -> tuple:
@@ -427,8 +484,16 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
             saved[0] += t.numel() * t.element_size()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(xd)
+    try:
+        with torch.enable_grad(), _Differentiating(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fn(xd)
+    except RuntimeError as err:
+        if "hook" not in str(err).lower():
+            raise
+        # torch.func transforms inside fn refuse saved-tensor hooks: probe without them.
+        saved[0] = 0
+        with torch.enable_grad(), _Differentiating():
+            y = fn(xd)
     y = _check_output(y, xd, call)
     connected = False
     if y.requires_grad and y.numel() > 0:
@@ -533,13 +598,13 @@ def _candidates(modes: Sequence[str], rows_of: dict, b: int, sample: int) -> lis
     return out
 
 
-def _time_strategy(fn: Callable, xs: torch.Tensor, s: Strategy, call: str) -> float:
+def _time_strategy(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str) -> float:
     """Seconds per example of strategy ``s`` on the sample ``xs`` (best of two runs)."""
     best = math.inf
     for _ in range(2):
         _sync(xs.device)
         t0 = time.perf_counter()
-        _run(fn, xs, s, create_graph=False, call=call)
+        _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape)
         _sync(xs.device)
         best = min(best, time.perf_counter() - t0)
     return best / xs.shape[0]
@@ -571,14 +636,16 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
     n, m = math.prod(x.shape[1:]), math.prod(probe.out_shape)
     user_fixed = parallel_iterations is not None or not use_pfor
     if mode == "auto":
-        if n >= AUTO_MODE_RATIO * m:
+        if _FWD_FAILED.get(fn, _shape_key(x)):
+            modes = ["rev"]
+        elif n >= AUTO_MODE_RATIO * m:
             modes = ["rev"]
         elif m >= AUTO_MODE_RATIO * n:
             modes = ["fwd"]
         else:
             modes = ["rev", "fwd"]
         if user_fixed or b * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
-            s = Strategy("rev" if m <= n else "fwd")
+            s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
         else:
             s = _measured_choice(fn, x, probe, modes, m, n, call)
     else:
@@ -604,7 +671,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
     best, best_t = None, math.inf
     for s in _candidates(modes, {"rev": m, "fwd": n}, x.shape[0], sample):
         try:
-            t = _time_strategy(fn, xs, s, call)
+            t = _time_strategy(fn, xs, s, probe.out_shape, call)
         except (VectorizationError, RuntimeError):
             continue  # a candidate this function cannot run is simply not chosen
         if t < best_t:
@@ -640,7 +707,7 @@ def _run(
                 out[b0:b0 + block].copy_(jac)
         elif s.mode == "rev":
             xd = xb if create_graph else xb.detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _Differentiating():
                 y = _check_output(fn(xd), xd, call)
             y_shape = tuple(y.shape[1:])
             m = math.prod(y_shape)
@@ -652,7 +719,7 @@ def _run(
             )
             if jac is None:
                 return None
-            jac = jac.reshape(xb.shape[0], m, n) if jac.is_contiguous() else jac.flatten(1 + len(y_shape)).flatten(1, len(y_shape))
+            jac = jac.flatten(1 + len(y_shape)).flatten(1, len(y_shape))  # (Bb, M, N), a view
         else:
             assert out_shape is not None, "forward mode needs the probed output shape"
             y_shape = out_shape
@@ -760,12 +827,30 @@ def batch_jacobian(
     if not probe.connected:
         return zeros if unconnected is UnconnectedGradients.ZERO else None
     s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
-    jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+    try:
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+    except RuntimeError as err:
+        if mode != "auto" or s.mode != "fwd" or isinstance(err, torch.OutOfMemoryError):
+            raise
+        # Auto chose forward mode but fn cannot run under it (in-place updates of
+        # buffers, a tape inside fn, kernels without forward derivatives): reverse
+        # mode gives the same result. Remember, so the next call goes straight there.
+        _FWD_FAILED.put(fn, _shape_key(x), True)
+        s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
     if jac is None:
         return zeros if unconnected is UnconnectedGradients.ZERO else None
     if check_independence:
         _check_independence(fn, x, jac, s, call)
     return jac
+
+
+_COUPLED_ADVICE = (
+    " fn couples the examples of the batch (BatchNorm in train mode, a mean or softmax over "
+    "the batch axis, ...), so per-example Jacobians are not defined; TensorFlow silently sums "
+    "the cross-example terms (TF issue #38428). Put the model in eval mode (model.eval()) or "
+    "remove operations across the batch axis."
+)
 
 
 def _check_independence(fn: Callable, x: torch.Tensor, jac: torch.Tensor, s: Strategy, call: str) -> None:
@@ -780,39 +865,37 @@ def _check_independence(fn: Callable, x: torch.Tensor, jac: torch.Tensor, s: Str
         return
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(x.dtype, 3e-2)
     with torch.no_grad():
-        scale = jac.abs().max().item() if jac.numel() else 0.0
+        scale = jac.abs().nan_to_num(nan=0.0, posinf=0.0).max().item() if jac.numel() else 0.0
     atol = tol * max(1.0, scale)
     for i in sorted({0, b // 2, b - 1}):
-        xi = x[i:i + 1].detach()
-        alone = _run(fn, xi, replace(s, block=None, chunk=s.chunk), create_graph=False, call=call,
-                     out_shape=tuple(jac.shape[1:1 + jac.dim() - x.dim()]))
-        batched = jac[i:i + 1].detach()
-        alone = torch.zeros_like(batched) if alone is None else alone
-        diff = (alone - batched).abs().max().item() if batched.numel() else 0.0
-        if diff > atol:
-            raise CoupledExamplesError(
-                f"{call} with check_independence=True: example {i}'s Jacobian computed alone "
-                f"differs from its row of the batched result (max abs difference {diff:.3g}). "
-                "fn couples the examples of the batch (BatchNorm in train mode, a mean or "
-                "softmax over the batch axis, ...), so per-example Jacobians are not defined; "
-                "TensorFlow silently sums the cross-example terms (TF issue #38428). Put the "
-                "model in eval mode (model.eval()) or remove operations across the batch axis."
-            )
+        # (2) first: a cotangent on example i alone must not reach any other example.
         xd = x.detach().requires_grad_(True)
         with torch.enable_grad():
             y = fn(xd)
-        if not y.requires_grad:
+        if y.requires_grad:
+            v = torch.zeros_like(y)
+            v[i] = torch.randn_like(y[i])
+            (g,) = torch.autograd.grad(y, xd, v, allow_unused=True)
+            others = torch.cat([g[:i], g[i + 1:]]).abs().max().item() if g is not None else 0.0
+            if others > atol:
+                raise CoupledExamplesError(
+                    f"{call} with check_independence=True: the output of example {i} depends on "
+                    f"other examples' inputs (gradient magnitude {others:.3g} outside row {i})."
+                    + _COUPLED_ADVICE
+                )
+        # (1) the example alone gives the same Jacobian as its row of the batch.
+        try:
+            alone = _run(fn, x[i:i + 1].detach(), replace(s, block=None), create_graph=False,
+                         call=call, out_shape=tuple(jac.shape[1:1 + jac.dim() - x.dim()]))
+        except Exception:  # noqa: BLE001 - fn may legitimately need more than one example
             continue
-        v = torch.zeros_like(y)
-        v[i] = torch.randn_like(y[i])
-        (g,) = torch.autograd.grad(y, xd, v, allow_unused=True)
-        if g is None:
-            continue
-        others = torch.cat([g[:i], g[i + 1:]]).abs().max().item()
-        if others > atol:
+        batched = jac[i:i + 1].detach()
+        alone = torch.zeros_like(batched) if alone is None else alone
+        same = torch.isclose(alone, batched, rtol=0.0, atol=atol, equal_nan=True)
+        if not bool(same.all()):
+            diff = (alone - batched).abs().nan_to_num(nan=float("inf")).max().item()
             raise CoupledExamplesError(
-                f"{call} with check_independence=True: the output of example {i} depends on "
-                f"other examples' inputs (gradient magnitude {others:.3g} outside row {i}). "
-                "fn couples the examples of the batch, so per-example Jacobians are not "
-                "defined. Put the model in eval mode or remove operations across the batch axis."
+                f"{call} with check_independence=True: example {i}'s Jacobian computed alone "
+                f"differs from its row of the batched result (max abs difference {diff:.3g})."
+                + _COUPLED_ADVICE
             )

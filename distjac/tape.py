@@ -17,6 +17,13 @@ Tapes form a stack. A gradient computed while any tape is recording is itself re
 (``create_graph=True``), so an outer tape can differentiate an inner tape's result:
 that is how second and higher orders work, exactly as in TF.
 
+NOTE [graphs]
+``jacobian`` and ``batch_jacobian`` return a differentiable result when a tape is still
+recording (TF's rule) or when a source already required grad before the tape watched it
+(PyTorch's rule, the same as ``distjac.batch_jacobian`` with an ``x`` that requires grad).
+``gradient`` follows TF's rule alone: gradients w.r.t. parameters are the common case and
+keeping their double-backward graph would cost memory for nothing.
+
 Tensors that already required grad when first seen (``torch.nn.Parameter`` and friends)
 play the part of TF's trainable variables: with ``watch_accessed_variables=True`` (the
 default) they can be differentiated without an explicit ``watch``.
@@ -24,14 +31,13 @@ default) they can be differentiated without an explicit ``watch``.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from .errors import TapeError
-from .kernels import graph_batch_jacobian, graph_jacobian
+from .kernels import graph_batch_jacobian, graph_jacobian, recording_stack
 from .options import (
     UnconnectedGradients,
     check_batched,
@@ -43,15 +49,6 @@ from .options import (
 )
 
 __all__ = ["GradientTape"]
-
-_state = threading.local()
-
-
-def _recording_tapes() -> list[GradientTape]:
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
-
 
 class GradientTape:
     """Records operations on watched tensors so they can be differentiated, as TF's tape.
@@ -91,17 +88,17 @@ class GradientTape:
         self._recording = True
         for t in self._switched_on.values():  # re-entered persistent tape: watch again
             t.requires_grad_(True)
-        _recording_tapes().append(self)
+        recording_stack().append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        stack = _recording_tapes()
+        stack = recording_stack()
         if self in stack:
             stack.remove(self)
         self._recording = False
         for key, t in self._switched_on.items():
             # A tensor another recording tape also watches stays on: that tape owns it now.
-            heir = next((tp for tp in reversed(stack) if key in tp._watched), None)
+            heir = next((tp for tp in reversed(stack) if key in getattr(tp, "_watched", ())), None)
             if heir is not None:
                 heir._switched_on[key] = t
             elif t.is_leaf:
@@ -148,7 +145,13 @@ class GradientTape:
                 "distjac.GradientTape(persistent=True) to call it several times."
             )
         self._used = True
-        return torch.is_grad_enabled() and bool(_recording_tapes())
+        return torch.is_grad_enabled() and bool(recording_stack())
+
+    def _user_tracked(self, sources: list[torch.Tensor]) -> bool:
+        """Whether a source required grad before this tape watched it (NOTE [graphs])."""
+        return torch.is_grad_enabled() and any(
+            s.requires_grad and id(s) not in self._switched_on for s in sources if self._admitted(s)
+        )
 
     def _admitted(self, source: torch.Tensor) -> bool:
         if id(source) in self._watched and self._watched[id(source)] is source:
@@ -242,6 +245,7 @@ class GradientTape:
         flat_sources, spec = pytree.tree_flatten(sources)
         for s in flat_sources:
             check_tensor(s, "each source", call)
+        create_graph = create_graph or self._user_tracked(flat_sources)
         results: list = [None] * len(flat_sources)
         with GradientTape._Reenabled(self, flat_sources):
             idx = [i for i, s in enumerate(flat_sources) if self._admitted(s) and s.requires_grad]
@@ -291,7 +295,7 @@ class GradientTape:
         check_floating(source, "source", call)
         unconnected = parse_unconnected(unconnected_gradients, call)
         check_positive_int(parallel_iterations, "parallel_iterations", call)
-        create_graph = self._start_call(call)
+        create_graph = self._start_call(call) or self._user_tracked([source])
         jac = None
         with GradientTape._Reenabled(self, [source]):
             if self._admitted(source) and source.requires_grad:

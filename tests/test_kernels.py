@@ -1,0 +1,531 @@
+"""The functional API, ``distjac.batch_jacobian(fn, x, mode=...)``, and the kernels under it.
+
+Every mode is compared against the float64 per-example loop and a finite difference
+(tests/helpers.py); the seed examples must come out exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    SEED_FIRST,
+    SEED_SECOND,
+    SEED_X,
+    assert_close,
+    check_finite_difference,
+    cube,
+    make_conv,
+    make_lstm,
+    make_lstm_cell,
+    make_matrix_model,
+    make_mlp,
+    randn,
+    reference_batch_hessian,
+    reference_batch_jacobian,
+)
+from torch import nn
+
+import distjac
+from distjac.kernels import Strategy, choose_strategy, clear_caches
+
+MODES = ["rev", "fwd", "auto"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+# name -> (factory(dtype) -> fn, input shape (B, *in))
+MODELS = {
+    "mlp": (lambda dt: make_mlp((5, 7, 3), dtype=dt), (4, 5)),
+    "mlp_wide_output": (lambda dt: make_mlp((3, 8, 12), seed=1, dtype=dt), (4, 3)),
+    "conv": (lambda dt: make_conv(dtype=dt), (2, 1, 6, 6)),
+    "lstm": (lambda dt: make_lstm(dtype=dt), (3, 3, 4)),
+    "lstm_cell": (lambda dt: make_lstm_cell(dtype=dt), (3, 3, 4)),
+    "matrix": (lambda dt: make_matrix_model(dtype=dt), (3, 2, 4)),  # (B,2,4) -> (B,2,5)
+}
+
+
+def _model(name: str, dtype: torch.dtype = torch.float32, seed: int = 1):
+    factory, shape = MODELS[name]
+    return factory(dtype), randn(*shape, seed=seed, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The seed example, exactly
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pfor", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seed_first_order_exact(mode, pfor, dtype):
+    x = torch.tensor(SEED_X, dtype=dtype)
+    jac = distjac.batch_jacobian(cube, x, mode=mode, experimental_use_pfor=pfor)
+    assert jac.dtype == dtype
+    assert torch.equal(jac, torch.tensor(SEED_FIRST, dtype=dtype)), jac
+
+
+@pytest.mark.parametrize("pi", [1, 2, 3, None])
+@pytest.mark.parametrize("mode", MODES)
+def test_seed_first_order_exact_any_parallel_iterations(mode, pi):
+    x = torch.tensor(SEED_X)
+    jac = distjac.batch_jacobian(cube, x, mode=mode, parallel_iterations=pi)
+    assert torch.equal(jac, torch.tensor(SEED_FIRST)), jac
+
+
+# --------------------------------------------------------------------------------------
+# Every mode against the float64 loop reference and finite differences
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pfor", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_matches_float64_reference_and_finite_differences(name, mode, pfor, dtype):
+    fn, x = _model(name, dtype)
+    jac = distjac.batch_jacobian(fn, x, mode=mode, experimental_use_pfor=pfor)
+    ref = reference_batch_jacobian(fn, x)
+    assert jac.dtype == dtype
+    assert_close(jac, ref, msg=f"{name} mode={mode} pfor={pfor}")
+    check_finite_difference(fn, x, jac)
+
+
+def test_matrix_shaped_source_and_target_layout():
+    """x (B,2,4) -> y (B,2,5): result (B,2,5,2,4) with J[b,i,j,k,l] = dy[b,i,j]/dx[b,k,l]."""
+    fn, x = _model("matrix", torch.float64)
+    jac = distjac.batch_jacobian(fn, x, mode="rev")
+    assert jac.shape == (3, 2, 5, 2, 4)
+    # Rows of x do not mix: dy[b, i] / dx[b, k] is zero for i != k.
+    assert torch.count_nonzero(jac[:, 0, :, 1, :]) == 0
+    assert torch.count_nonzero(jac[:, 1, :, 0, :]) == 0
+    # And the diagonal blocks are a.T scaled by 1 - tanh^2 (computed by hand).
+    a = fn.a.detach()
+    y = torch.tanh(x @ a)
+    expected = (1 - y[:, 0, :] ** 2)[:, :, None] * a.T[None]
+    assert_close(jac[:, 0, :, 0, :], expected)
+
+
+@pytest.mark.parametrize("pi", [1, 2, 3, 7, None])
+@pytest.mark.parametrize("pfor", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_parallel_iterations_and_pfor_do_not_change_the_result(mode, pfor, pi):
+    # TF BatchJacobianTest.test_parallel_iterations: parallel_iterations 2 vs 3 agree.
+    # 6 inputs, 8 outputs: chunks of 1, 2, 3, 7 and all leave remainders in both modes.
+    fn = make_mlp((6, 8, 8), seed=10, dtype=torch.float64)
+    x = randn(3, 6, seed=10, dtype=torch.float64)
+    jac = distjac.batch_jacobian(fn, x, mode=mode, parallel_iterations=pi, experimental_use_pfor=pfor)
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+
+def test_parallel_iterations_2_vs_3_equal():
+    fn, x = _model("mlp")
+    for mode in MODES:
+        j2 = distjac.batch_jacobian(fn, x, mode=mode, parallel_iterations=2)
+        j3 = distjac.batch_jacobian(fn, x, mode=mode, parallel_iterations=3)
+        assert_close(j2, j3, msg=mode)
+
+
+# --------------------------------------------------------------------------------------
+# Composability: second (and third) order
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", MODES)
+@pytest.mark.parametrize("outer", MODES)
+def test_second_order_seed_exact(outer, inner):
+    x = torch.tensor(SEED_X)
+    jac2 = distjac.batch_jacobian(lambda z: distjac.batch_jacobian(cube, z, mode=inner), x, mode=outer)
+    assert torch.equal(jac2, torch.tensor(SEED_SECOND)), jac2
+
+
+@pytest.mark.parametrize("inner", MODES)
+@pytest.mark.parametrize("outer", MODES)
+def test_second_order_mlp_matches_float64_reference(outer, inner):
+    fn = make_mlp((3, 6, 2), seed=3, dtype=torch.float64)
+    x = randn(4, 3, seed=4, dtype=torch.float64)
+    jac2 = distjac.batch_jacobian(lambda z: distjac.batch_jacobian(fn, z, mode=inner), x, mode=outer)
+    assert jac2.shape == (4, 2, 3, 3)
+    ref = reference_batch_hessian(fn, x)
+    assert_close(jac2, ref)
+    # A Hessian of each output is symmetric in its last two axes.
+    assert_close(jac2, jac2.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("inner", MODES)
+@pytest.mark.parametrize("middle", MODES)
+@pytest.mark.parametrize("outer", MODES)
+def test_third_order_of_the_seed(outer, middle, inner):
+    # d^3 (x^3) / dx^3 = 6 on the triple diagonal, 0 elsewhere.
+    x = torch.tensor(SEED_X)
+    f1 = lambda z: distjac.batch_jacobian(cube, z, mode=inner)
+    f2 = lambda z: distjac.batch_jacobian(f1, z, mode=middle)
+    jac3 = distjac.batch_jacobian(f2, x, mode=outer)
+    expected = torch.zeros(2, 2, 2, 2, 2)
+    for i in range(2):
+        expected[:, i, i, i, i] = 6
+    assert torch.equal(jac3, expected), jac3
+
+
+def _jacobian_by_tape(z):
+    with distjac.GradientTape() as tape:
+        tape.watch(z)
+        y = z * z * z
+    return tape.batch_jacobian(y, z)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_functional_over_a_tape_inside_fn(mode):
+    # TF's style: fn computes a batch Jacobian with its own tape; the functional API
+    # differentiates fn. Second order of the seed, exactly.
+    x = torch.tensor(SEED_X)
+    if mode == "fwd":  # fn runs under torch.func.jvp, where a tape cannot: a clear error
+        with pytest.raises(RuntimeError, match="mode='rev'"):
+            distjac.batch_jacobian(_jacobian_by_tape, x, mode=mode)
+        return
+    assert torch.equal(distjac.batch_jacobian(_jacobian_by_tape, x, mode=mode), torch.tensor(SEED_SECOND))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_result_is_differentiable_when_x_requires_grad(mode):
+    fn = make_mlp((3, 5, 2), seed=5, dtype=torch.float64)
+    x = randn(3, 3, seed=6, dtype=torch.float64).requires_grad_(True)
+    jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac.requires_grad
+    w = randn(3, 2, 3, seed=7, dtype=torch.float64)
+    (g,) = torch.autograd.grad((jac * w).sum(), x)
+    hess = reference_batch_hessian(fn, x)  # (B, M, N, N)
+    assert_close(g, torch.einsum("bmn,bmnk->bk", w, hess))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_result_does_not_require_grad_for_a_plain_input(mode):
+    x = torch.tensor(SEED_X)
+    jac = distjac.batch_jacobian(cube, x, mode=mode)
+    assert not jac.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_against_float64_reference(dtype, mode):
+    fn = make_mlp((6, 16, 16, 4), seed=8, dtype=dtype)
+    x = randn(5, 6, seed=9, dtype=dtype)
+    jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac.dtype == dtype
+    assert jac.shape == (5, 4, 6)
+    # The reference runs the same (rounded) weights and inputs in float64; the tolerance
+    # is that of the dtype the result was computed in.
+    assert_close(jac, reference_batch_jacobian(fn, x))
+    check_finite_difference(fn, x, jac)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_conv(dtype, mode):
+    fn, x = _model("conv", dtype)
+    jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac.dtype == dtype
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+
+# --------------------------------------------------------------------------------------
+# Degenerate shapes
+# --------------------------------------------------------------------------------------
+
+DEGENERATE = {
+    # name: (x shape, fn, expected result shape); TF's test_degenerate_shape is the first.
+    "square_(1,0)": ((1, 0), lambda x: x**2, (1, 0, 0)),
+    "(1,0)->(1,2)": ((1, 0), lambda x: x.sum(1, keepdim=True) + torch.tensor([[1.0, 2.0]]), (1, 2, 0)),
+    "(1,2)->(1,0)": ((1, 2), lambda x: x[:, :0] * 3, (1, 0, 2)),
+    "batch_0": ((0, 3), lambda x: x**2, (0, 3, 3)),
+    "batch_0_matrix": ((0, 2, 3), lambda x: torch.tanh(x).sum(-1), (0, 2, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("pfor", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_shapes(case, mode, pfor):
+    shape, fn, expected = DEGENERATE[case]
+    x = torch.zeros(shape)
+    jac = distjac.batch_jacobian(fn, x, mode=mode, experimental_use_pfor=pfor)
+    assert jac is not None
+    assert tuple(jac.shape) == expected
+    assert jac.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Unconnected targets
+# --------------------------------------------------------------------------------------
+
+UNCONNECTED_NONE = ["none", distjac.UnconnectedGradients.NONE]
+UNCONNECTED_ZERO = ["zero", distjac.UnconnectedGradients.ZERO]
+
+
+@pytest.mark.parametrize("pfor", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ug", UNCONNECTED_NONE + UNCONNECTED_ZERO, ids=str)
+def test_unconnected(ug, mode, pfor):
+    x = randn(3, 4, seed=2, dtype=torch.float64)
+    # The target has another dtype than the source: zeros take the source's dtype.
+    fn = lambda z: torch.ones(z.shape[0], 2, 5, dtype=torch.float32)
+    jac = distjac.batch_jacobian(fn, x, mode=mode, unconnected_gradients=ug, experimental_use_pfor=pfor)
+    if ug in UNCONNECTED_NONE:
+        assert jac is None
+    else:
+        assert jac is not None and jac.shape == (3, 2, 5, 4)
+        assert jac.dtype == torch.float64
+        assert torch.count_nonzero(jac) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_partly_connected_target_is_a_tensor_with_zeros(mode):
+    # Only some outputs depend on x: a Jacobian with zero rows, never None.
+    x = randn(3, 2, seed=3)
+    fn = lambda z: torch.cat([z**2, torch.ones(z.shape[0], 1)], dim=1)
+    jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac is not None and jac.shape == (3, 3, 2)
+    assert torch.count_nonzero(jac[:, 2]) == 0
+    assert_close(jac[:, :2], torch.diag_embed(2 * x))
+
+
+# --------------------------------------------------------------------------------------
+# fn is called on batches: Python control flow on the batch's values works
+# --------------------------------------------------------------------------------------
+
+
+class _Guarded:
+    """A function with Python control flow on the batch's values; records batch sizes."""
+
+    def __init__(self):
+        self.batch_sizes: list[int] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        if x.isnan().any():
+            raise ValueError("NaN in the batch")
+        if (x.abs().max() > 100).item():  # a branch on a value, not taken here
+            return x * 0
+        return torch.sin(x) + x**2
+
+
+@pytest.mark.parametrize("pfor", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_python_control_flow_on_the_batch_values(mode, pfor):
+    fn = _Guarded()
+    x = randn(6, 3, seed=11)
+    jac = distjac.batch_jacobian(fn, x, mode=mode, experimental_use_pfor=pfor)
+    # fn saw batches, never one example at a time (the reference below does call it on
+    # single examples, so look first).
+    assert fn.batch_sizes and min(fn.batch_sizes) > 1, fn.batch_sizes
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN in the batch"):
+        distjac.batch_jacobian(_Guarded(), bad, mode=mode, experimental_use_pfor=pfor)
+
+
+# --------------------------------------------------------------------------------------
+# The user's tensors and modules are left as they were found
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inputs_and_parameters_left_untouched(mode):
+    fn, x = _model("mlp")
+    x_before = x.clone()
+    jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac.shape == (4, 3, 5)
+    assert not x.requires_grad and x.grad is None
+    assert torch.equal(x, x_before)
+    for p in fn.parameters():
+        assert p.grad is None
+
+
+# --------------------------------------------------------------------------------------
+# The memory budget
+# --------------------------------------------------------------------------------------
+
+
+def _budget_fn():
+    return make_mlp((8, 32, 16), seed=12), randn(64, 8, seed=13)
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_max_memory_shrinks_the_pass_and_keeps_the_answer(mode):
+    fn, x = _budget_fn()
+    b, m, n = 64, 16, 8
+    rows = m if mode == "rev" else n
+    out_bytes = b * m * n * x.element_size()
+    ref = reference_batch_jacobian(fn, x)
+
+    roomy = choose_strategy(fn, x, mode=mode, max_memory=1 << 40)
+    assert isinstance(roomy, Strategy) and roomy.mode == mode
+    assert (roomy.chunk or rows) == rows and (roomy.block or b) == b
+
+    # Walk the budget down: the work per pass (chunk x block) never grows, and some budget
+    # makes it smaller than all rows at once before MemoryBudgetError.
+    seen_smaller_chunk = seen_smaller_block = False
+    last_work = rows * b
+    budget = out_bytes * 64
+    while budget > out_bytes:
+        try:
+            s = choose_strategy(fn, x, mode=mode, max_memory=budget)
+        except distjac.MemoryBudgetError:
+            break
+        work = (s.chunk or rows) * (s.block or b)
+        assert work <= last_work, (budget, s)
+        last_work = work
+        if (s.chunk or rows) < rows and not seen_smaller_chunk:
+            seen_smaller_chunk = True
+            jac = distjac.batch_jacobian(fn, x, mode=mode, max_memory=budget)
+            assert_close(jac, ref, msg=f"max_memory={budget} -> {s}")
+        if (s.block or b) < b and not seen_smaller_block:
+            seen_smaller_block = True
+            jac = distjac.batch_jacobian(fn, x, mode=mode, max_memory=budget)
+            assert_close(jac, ref, msg=f"max_memory={budget} -> {s}")
+        budget = int(budget * 0.8)
+    assert seen_smaller_chunk, "no budget made the vectorized pass smaller"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tiny_max_memory_raises(mode):
+    fn, x = _budget_fn()
+    out_bytes = 64 * 16 * 8 * x.element_size()
+    for budget in (100, out_bytes - 1, out_bytes + 8):
+        with pytest.raises(distjac.MemoryBudgetError, match="memory budget"):
+            distjac.batch_jacobian(fn, x, mode=mode, max_memory=budget)
+    # MemoryBudgetError is a MemoryError, so `except MemoryError` works.
+    with pytest.raises(MemoryError):
+        distjac.batch_jacobian(fn, x, mode=mode, max_memory=100)
+
+
+def test_max_memory_default_from_environment(monkeypatch):
+    fn, x = _budget_fn()
+    monkeypatch.setenv("DISTJAC_MAX_MEMORY", "1000")
+    with pytest.raises(distjac.MemoryBudgetError, match="memory budget"):
+        distjac.batch_jacobian(fn, x, mode="rev")
+    monkeypatch.setenv("DISTJAC_MAX_MEMORY", str(1 << 30))
+    assert_close(distjac.batch_jacobian(fn, x, mode="rev"), reference_batch_jacobian(fn, x))
+
+
+# --------------------------------------------------------------------------------------
+# check_independence
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_check_independence_passes_for_an_mlp(mode):
+    fn, x = _model("mlp")
+    jac = distjac.batch_jacobian(fn, x, mode=mode, check_independence=True)
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+
+def _batchnorm(train: bool) -> nn.Module:
+    model = nn.Sequential(make_mlp((5, 6), seed=14), nn.BatchNorm1d(6))
+    return model.train(train)
+
+
+@pytest.mark.parametrize("mode", ["rev", "auto"])
+def test_check_independence_rejects_batchnorm_in_train_mode(mode):
+    # TF issue #38428: TF silently sums the cross-example terms.
+    x = randn(8, 5, seed=15)
+    with pytest.raises(distjac.CoupledExamplesError, match="couples the examples"):
+        distjac.batch_jacobian(_batchnorm(train=True), x, mode=mode, check_independence=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_check_independence_passes_for_batchnorm_in_eval_mode(mode):
+    model = _batchnorm(train=False)
+    x = randn(8, 5, seed=15)
+    jac = distjac.batch_jacobian(model, x, mode=mode, check_independence=True)
+    assert_close(jac, reference_batch_jacobian(model, x))
+
+
+COUPLED = {
+    "minus_batch_mean": lambda x: x - x.mean(0),
+    "roll_over_batch": lambda x: x + x.roll(1, 0),
+    "softmax_over_batch": lambda x: torch.softmax(x, dim=0),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(COUPLED))
+def test_check_independence_rejects_coupled_functions(name, mode):
+    x = randn(6, 3, seed=16)
+    with pytest.raises(distjac.CoupledExamplesError, match="couples the examples"):
+        distjac.batch_jacobian(COUPLED[name], x, mode=mode, check_independence=True)
+    # CoupledExamplesError is a ValueError.
+    with pytest.raises(ValueError):
+        distjac.batch_jacobian(COUPLED[name], x, mode=mode, check_independence=True)
+
+
+# --------------------------------------------------------------------------------------
+# mode="auto"
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_auto_equals_explicit_modes(name):
+    fn, x = _model(name)
+    auto = distjac.batch_jacobian(fn, x, mode="auto")
+    rev = distjac.batch_jacobian(fn, x, mode="rev")
+    assert_close(auto, rev, msg=name)
+    assert choose_strategy(fn, x, mode="auto").mode in ("rev", "fwd")
+
+
+def test_auto_picks_by_per_example_sizes():
+    # Far apart sizes decide without measuring: narrow input -> forward, narrow output -> reverse.
+    narrow_in = make_mlp((2, 16, 64), seed=17)
+    narrow_out = make_mlp((64, 16, 2), seed=18)
+    assert choose_strategy(narrow_in, randn(4, 2, seed=1), mode="auto").mode == "fwd"
+    assert choose_strategy(narrow_out, randn(4, 64, seed=1), mode="auto").mode == "rev"
+
+
+@pytest.mark.slow
+def test_auto_measured_choice_w1_mlp_equals_rev():
+    """A W1-like MLP (64-256-256-32, B=2048): B*M*N = 2**22, so auto measures."""
+    fn = make_mlp((64, 256, 256, 32), seed=19)
+    x = randn(2048, 64, seed=20)
+    assert x.shape[0] * 32 * 64 >= 1 << 22
+    clear_caches()
+    auto = distjac.batch_jacobian(fn, x, mode="auto")
+    s = choose_strategy(fn, x, mode="auto")  # cached: no second measurement
+    assert s.mode in ("rev", "fwd")
+    assert choose_strategy(fn, x, mode="auto") == s
+    rev = distjac.batch_jacobian(fn, x, mode="rev")
+    assert auto.shape == (2048, 32, 64)
+    assert_close(auto, rev)
+    idx = torch.tensor([0, 1023, 2047])
+    assert_close(auto[idx], reference_batch_jacobian(fn, x[idx]))
+
+
+# --------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none found")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    fn, x = _model("conv")
+    cpu = distjac.batch_jacobian(fn, x, mode=mode)
+    dev = distjac.batch_jacobian(fn.cuda(), x.cuda(), mode=mode)
+    assert dev.device.type == "cuda"
+    assert_close(dev.cpu(), cpu, rtol=1e-4, atol=1e-5)
+    seed = distjac.batch_jacobian(cube, torch.tensor(SEED_X, device="cuda"), mode=mode)
+    assert torch.equal(seed.cpu(), torch.tensor(SEED_FIRST))
+
+
+def test_explicit_parallel_iterations_is_honoured():
+    """TF runs exactly parallel_iterations rows per pass; the budget does not override it."""
+    fn, x = _model("conv")
+    s = choose_strategy(fn, x, mode="fwd", parallel_iterations=5)
+    assert (s.mode, s.vectorize, s.chunk) == ("fwd", True, 5)
+    s = choose_strategy(fn, x, mode="rev", experimental_use_pfor=False)
+    assert (s.mode, s.vectorize) == ("rev", False)
