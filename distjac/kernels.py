@@ -55,9 +55,20 @@ DEFAULT_MEMORY_FRACTION = 0.5
 # Auto mode only measures when the Jacobian has at least this many elements (16 MiB of
 # float32): below it a measurement costs more than any choice could save.
 AUTO_MEASURE_MIN_ELEMENTS = 1 << 22
-# Rows of the batch that auto mode measures on, per device type. On a CPU, blocks of a
-# few thousand examples keep the working set in cache; a GPU wants large blocks.
+# Rows of the batch that auto mode measures block sizes on, per device type: on a CPU,
+# blocks of a few thousand examples keep the working set in cache; a GPU wants large ones.
 AUTO_SAMPLE_ROWS = {"cpu": 2048, "cuda": 16384}
+# ...but no more rows than hold this many Jacobian elements (64 MiB of float32): a large
+# per-example Jacobian is heavy work per row, and blocking it changes little.
+AUTO_SAMPLE_ELEMENTS = 1 << 24
+# Block sizes auto mode tries (those below the sample size), plus the sample itself.
+AUTO_BLOCKS = (128, 512, 2048, 8192)
+# Stage one of the measurement (which mode and vectorization) runs on this fraction of
+# the sample; candidates slower than AUTO_KEEP x the best are not measured further.
+AUTO_PILOT_FRACTION = 8
+AUTO_KEEP = 1.5
+# A vectorized finalist is chosen over a loop only when it is this much faster.
+AUTO_VMAP_MARGIN = 1.1
 # Per-example sizes decide the mode outright when one side is this many times the other.
 AUTO_MODE_RATIO = 4.0
 # Examples per probe call (the probe learns output shape, connectivity and activation bytes).
@@ -584,30 +595,36 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _candidates(modes: Sequence[str], rows_of: dict, b: int, sample: int) -> list[Strategy]:
-    """The strategies auto mode measures: per mode, loop and vmap over a few block sizes."""
-    blocks = sorted({min(b, sample), min(b, 256)})
+def _hows(modes: Sequence[str], rows_of: dict) -> list[Strategy]:
+    """Stage one's candidates: per mode, the row loop, one vmap pass, and chunked vmap."""
     out = []
     for mode in modes:
         rows = rows_of[mode]
-        for block in blocks:
-            out.append(Strategy(mode, vectorize=False, block=block))
-            out.append(Strategy(mode, vectorize=True, chunk=None, block=block))
-            if rows >= 32:
-                out.append(Strategy(mode, vectorize=True, chunk=max(8, rows // 8), block=block))
+        out.append(Strategy(mode, vectorize=False))
+        out.append(Strategy(mode, vectorize=True, chunk=None))
+        if rows >= 32:
+            out.append(Strategy(mode, vectorize=True, chunk=max(8, rows // 8)))
     return out
 
 
-def _time_strategy(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str) -> float:
-    """Seconds per example of strategy ``s`` on the sample ``xs`` (best of two runs)."""
+def _time_strategy(
+    fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str, *, bar: float = math.inf
+) -> float:
+    """Seconds per example of strategy ``s`` on the sample ``xs``.
+
+    The best of two runs; the second is skipped when the first is already ``AUTO_KEEP``
+    times slower than ``bar`` (the best so far), since it cannot win.
+    """
     best = math.inf
     for _ in range(2):
         _sync(xs.device)
         t0 = time.perf_counter()
         _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape)
         _sync(xs.device)
-        best = min(best, time.perf_counter() - t0)
-    return best / xs.shape[0]
+        best = min(best, (time.perf_counter() - t0) / xs.shape[0])
+        if best > AUTO_KEEP * bar:
+            break
+    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -662,22 +679,52 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
 
 
 def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
+    """Measure, once per (function, shape), how to compute this batch Jacobian fastest.
+
+    Stage one times each way of computing (mode x loop/vmap/chunked vmap) on a small pilot
+    block; stage two times the ways within AUTO_KEEP of the best over a few block sizes
+    on a larger sample. Both stages use the first rows of the batch; candidates that fail
+    (no vmap rule, no forward derivative) are simply not chosen.
+    """
     key = _shape_key(x) + (tuple(modes),)
     cached = _CHOICES.get(fn, key)
     if cached is not None:
         return cached
-    sample = min(x.shape[0], AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
+    b = x.shape[0]
+    per_row = max(1, m * n)
+    sample = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048), max(16, AUTO_SAMPLE_ELEMENTS // per_row))
+    pilot = min(sample, max(16, sample // AUTO_PILOT_FRACTION))
     xs = x[:sample].detach()
-    best, best_t = None, math.inf
-    for s in _candidates(modes, {"rev": m, "fwd": n}, x.shape[0], sample):
-        try:
-            t = _time_strategy(fn, xs, s, probe.out_shape, call)
-        except (VectorizationError, RuntimeError):
-            continue  # a candidate this function cannot run is simply not chosen
-        if t < best_t:
-            best, best_t = s, t
-    if best is None:
+
+    def timed(cands: Sequence[Strategy], rows: torch.Tensor) -> dict[Strategy, float]:
+        out: dict[Strategy, float] = {}
+        for c in cands:
+            try:
+                out[c] = _time_strategy(fn, rows, c, probe.out_shape, call, bar=min(out.values(), default=math.inf))
+            except (VectorizationError, RuntimeError):
+                continue
+        return out
+
+    stage1 = timed(_hows(modes, {"rev": m, "fwd": n}), xs[:pilot])
+    if not stage1:
         best = Strategy(modes[0], vectorize=False)
+    else:
+        fastest = min(stage1.values())
+        keep = sorted((t, str(h), h) for h, t in stage1.items() if t <= AUTO_KEEP * fastest)[:2]
+        blocks = sorted({blk for blk in AUTO_BLOCKS if blk < sample} | {sample})
+        stage2 = timed([replace(h, block=blk) for _, _, h in keep for blk in blocks], xs)
+        if stage2:
+            # Stage three: the two best of stage two once more, best of three runs, since
+            # candidates often lie within the noise of a shared machine.
+            finalists = sorted(stage2, key=stage2.get)[:2]
+            again = {c: min(stage2[c], _time_strategy(fn, xs, c, probe.out_shape, call)) for c in finalists}
+            # A vectorized pass must win clearly to be chosen over the loop: it holds more
+            # memory, and a gain inside the measurement's noise is not a gain.
+            best = min(again, key=lambda c: again[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
+        else:
+            best = replace(keep[0][2], block=sample)
+        if best.block is not None and best.block >= b:
+            best = replace(best, block=None)
     _CHOICES.put(fn, key, best)
     return best
 
