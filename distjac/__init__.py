@@ -1,6 +1,8 @@
 """distjac: per-example Jacobians, TensorFlow's batch_jacobian on PyTorch, from one
 process to a Ray cluster."""
 
+from .config import JobSpec
+from .engine import Engine
 from .errors import (
     CoupledExamplesError,
     DistjacError,
@@ -12,8 +14,10 @@ from .errors import (
     TapeError,
     VectorizationError,
 )
+from .io.sink import read_result
 from .kernels import batch_jacobian
 from .options import UnconnectedGradients
+from .plan import ShardPlan, make_plan
 from .tape import GradientTape
 
 __version__ = "0.1.0"
@@ -22,14 +26,19 @@ __all__ = [
     "CoupledExamplesError",
     "DistjacError",
     "DtypeError",
+    "Engine",
     "GradientTape",
+    "JobSpec",
     "MemoryBudgetError",
     "OptionError",
     "ShapeError",
     "ShardError",
+    "ShardPlan",
     "TapeError",
     "UnconnectedGradients",
     "VectorizationError",
     "__version__",
     "batch_jacobian",
+    "make_plan",
+    "read_result",
 ]

@@ -14,6 +14,8 @@ places rows by id, and a reader can check that a dataset covers every row exactl
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -22,12 +24,18 @@ __all__ = [
     "JACOBIAN_COLUMN",
     "ROW_COLUMN",
     "arrow_dtype",
+    "column_values",
     "from_record_batch",
+    "schema_metadata",
+    "tensor_info",
     "to_record_batch",
+    "with_metadata",
 ]
 
 ROW_COLUMN = "row"
 JACOBIAN_COLUMN = "jacobian"
+# Schema metadata key of a batch's provenance (shard, rows, worker, timings): JSON.
+ANNOTATION_KEY = b"distjac"
 
 _NUMPY_DTYPES = {
     "float16": np.float16,
@@ -114,3 +122,85 @@ def tensor_shape(batch: pa.RecordBatch | pa.Schema, column: str = JACOBIAN_COLUM
     schema = batch if isinstance(batch, pa.Schema) else batch.schema
     typ = schema.field(column).type
     return tuple(typ.shape) if isinstance(typ, pa.FixedShapeTensorType) else None
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor columns of input files, and metadata (used by distjac.io)
+# ---------------------------------------------------------------------------------------
+
+
+def tensor_info(typ: pa.DataType) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(per-example shape, numpy value dtype) of a tensor-like column type, else None.
+
+    Tensor-like: ``arrow.fixed_shape_tensor`` (its shape) or a fixed-size list, possibly
+    nested (``fixed_size_list<fixed_size_list<float, 4>, 3>`` is shape (3, 4)). Plain and
+    variable-size list columns are not tensors.
+    """
+    if isinstance(typ, pa.FixedShapeTensorType):
+        if list(typ.permutation or range(len(typ.shape))) != list(range(len(typ.shape))):
+            return None  # a permuted layout would need a transpose; not produced by distjac
+        return tuple(typ.shape), typ.value_type.to_pandas_dtype()
+    shape: list[int] = []
+    while pa.types.is_fixed_size_list(typ):
+        shape.append(typ.list_size)
+        typ = typ.value_type
+    if not shape or pa.types.is_nested(typ):
+        return None
+    try:
+        return tuple(shape), np.dtype(typ.to_pandas_dtype())
+    except (NotImplementedError, TypeError):
+        return None
+
+
+def column_values(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The values of a tensor-like column as numpy (B, *shape); zero-copy for one chunk
+    without nulls (then read-only)."""
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks == 1:
+            col = col.chunk(0)
+        else:
+            info = tensor_info(col.type)
+            if col.num_chunks == 0 and info is not None:
+                return np.empty((0, *info[0]), dtype=info[1])
+            return np.concatenate([column_values(c) for c in col.chunks], axis=0)
+    info = tensor_info(col.type)
+    if info is None:
+        raise TypeError(f"column_values: {col.type} is not a tensor column.")
+    shape, _ = info
+    if col.null_count:
+        raise ValueError(f"column_values: the column has {col.null_count} null rows; tensors cannot be null.")
+    storage = col.storage if isinstance(col, pa.ExtensionArray) else col
+    flat = storage
+    while pa.types.is_fixed_size_list(flat.type):
+        flat = flat.flatten()  # honours the array's offset
+    return flat.to_numpy(zero_copy_only=False).reshape(len(col), *shape)
+
+
+def with_metadata(batch: pa.RecordBatch, metadata: dict[str, str]) -> pa.RecordBatch:
+    """The same batch with ``metadata`` merged into its schema's metadata (no data copied)."""
+    merged = dict(batch.schema.metadata or {})
+    merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+    return batch.replace_schema_metadata(merged)
+
+
+def schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    """A schema's metadata as str -> str."""
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+
+
+def annotate(batch: pa.RecordBatch, info: dict) -> pa.RecordBatch:
+    """``batch`` with ``info`` (JSON-ready) stored in its schema metadata; no data copied.
+
+    Workers record where and how a shard was computed (shard, rows, node, pid, seconds);
+    the same metadata travels into the part files a job writes.
+    """
+    meta = dict(batch.schema.metadata or {})
+    meta[ANNOTATION_KEY] = json.dumps(info, sort_keys=True).encode()
+    return batch.replace_schema_metadata(meta)
+
+
+def annotation(batch: pa.RecordBatch | pa.Schema) -> dict:
+    """The dict :func:`annotate` stored in a batch (or schema); {} when there is none."""
+    schema = batch if isinstance(batch, pa.Schema) else batch.schema
+    raw = (schema.metadata or {}).get(ANNOTATION_KEY)
+    return json.loads(raw) if raw else {}

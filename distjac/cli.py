@@ -1,0 +1,271 @@
+"""The ``distjac`` command: parses, calls the API, prints.
+
+::
+
+    distjac run CONFIG [--set key.path=value ...] [--address ADDR] [--workers N]
+                       [--no-progress] [--overwrite]
+    distjac plan CONFIG [--set ...] [--json]       dry run: shapes, shard plan, bytes, memory
+    distjac inspect PATH [--json] [--quick]        rows, shapes, finished/missing shards, checksums
+    distjac --version
+
+Exit status: 0 on success; 2 for a usage or config error (the job never started: bad
+arguments, unknown keys, bad values, missing files or columns, an output of another
+spec without --overwrite); 1 when a job fails while it runs (or ``inspect`` finds
+missing or corrupted parts). Errors are one or two plain lines on stderr; ``--debug``
+adds the traceback.
+
+``--workers 0`` (``engine.num_workers: 0``) runs the job in this process without Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2 (not a usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    p = _Parser(prog="distjac", description="Per-example Jacobians of a model over a dataset, "
+                "from one process to a Ray cluster.", parents=[common])
+    p.add_argument("--version", action="version", version=f"distjac {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect}", parser_class=_Parser)
+
+    run = sub.add_parser("run", parents=[common], help="run a job (resumes an unfinished one)",
+                         description="Run a job from a YAML config; an unfinished output of the same "
+                         "spec is resumed.")
+    run.add_argument("config", metavar="CONFIG", help="the job's YAML file")
+    _add_set(run)
+    run.add_argument("--address", help='Ray address: "auto" joins a running cluster, "ray://host:port" a '
+                     "remote one (default: the config's; none starts a local instance)")
+    run.add_argument("--workers", type=int, metavar="N", help="Ray workers (0: run in this process without Ray)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--overwrite", action="store_true", help="replace an output written by another spec")
+    run.add_argument("--json", action="store_true", help="print the job report as JSON")
+
+    plan = sub.add_parser("plan", parents=[common], help="dry run: shapes, shard plan, bytes, memory",
+                          description="Check a job and print its shard plan without running it.")
+    plan.add_argument("config", metavar="CONFIG", help="the job's YAML file")
+    _add_set(plan)
+    plan.add_argument("--workers", type=int, metavar="N", help="plan for N workers")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    insp = sub.add_parser("inspect", parents=[common], help="summarize and verify an output directory",
+                          description="Rows, shapes, finished and missing shards of an output, with "
+                          "every part's checksum checked. Exit 1 when parts are missing or corrupted.")
+    insp.add_argument("path", metavar="PATH", help="an output directory (a job's output.path)")
+    insp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    insp.add_argument("--quick", action="store_true", help="check sizes only, not SHA-256 checksums")
+    return p
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (parsed as YAML), e.g. --set jacobian.mode=fwd; repeatable")
+
+
+def _load_spec(args: argparse.Namespace):
+    from .config import JobSpec
+
+    overrides = list(args.overrides)
+    if getattr(args, "address", None) is not None:
+        overrides.append(f"engine.address={args.address}")
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 0:
+            raise _UsageError(f"distjac {args.command}: --workers {args.workers}: use 0 (no Ray) or more.")
+        overrides.append(f"engine.num_workers={args.workers}")
+        if args.workers == 0:
+            overrides.append("engine.address=")
+    if getattr(args, "no_progress", False):
+        overrides.append("engine.progress=false")
+    if getattr(args, "overwrite", False):
+        overrides.append("output.overwrite=true")
+    return JobSpec.from_yaml(args.config, overrides)
+
+
+def _engine_kwargs(spec) -> dict[str, Any]:
+    e = spec.engine
+    return {"address": e.address, "num_workers": e.num_workers, "device": e.device, "shard_size": e.shard_size,
+            "parallel_iterations": e.parallel_iterations, "chunk_size": spec.jacobian.chunk_size,
+            "max_retries": e.max_retries, "progress": e.progress}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .jobs import run_job
+
+    spec = _load_spec(args)
+    if spec.engine.num_workers == 0:
+        report = run_job(spec)
+    else:
+        from . import Engine
+
+        with Engine(**_engine_kwargs(spec)) as engine:
+            report = engine.run(spec)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        rate = f", {report['rows_per_s']:,.0f} rows/s" if report.get("rows_per_s") else ""
+        print(f"distjac: {report['rows']:,} rows in {report['shards']} shards -> {report['path']} "
+              f"({report['computed_shards']} computed, {report['reused_shards'] + report['adopted_shards']} "
+              f"reused{rate}, {report['seconds']:.1f} s)")
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
+    from .io.sink import MANIFEST_NAME, Manifest
+    from .jobs import prepare_job
+
+    spec = _load_spec(args)
+    job = prepare_job(spec)
+    state = "new"
+    if os.path.exists(os.path.join(job.out_dir, MANIFEST_NAME)):
+        try:
+            m = Manifest.load(job.out_dir)
+            if m.spec_hash != job.spec_hash:
+                state = f"holds another spec's results (hash {m.spec_hash}); run needs --overwrite"
+            elif m.complete:
+                state = f"complete: all {len(m.shards)} shards finished (run verifies them and stops)"
+            else:
+                state = f"resumes: {len(m.parts)} of {len(m.shards)} shards finished"
+        except Exception:
+            state = "holds an unreadable manifest; run needs --overwrite"
+    if args.json:
+        print(json.dumps({**job.summary(), "output_state": state}, indent=1))
+    else:
+        print(job)
+        print(f"  {'output now':<15}  {state}")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .io.sink import inspect_output
+    from .joberrors import ResultError
+    from .plan import format_bytes
+
+    try:
+        s = inspect_output(args.path, verify=not args.quick)
+    except ResultError as e:
+        raise _UsageError(f"distjac inspect: {e}") from e
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        keeps = ", ".join(s["reduce"]) if s["reduce"] else (
+            f"jacobian {tuple(s['output_shape'] + s['input_shape'])} per row "
+            f"(output {tuple(s['output_shape'])}, input {tuple(s['input_shape'])})")
+        missing = s["missing"]
+        lines = [
+            ("path", s["path"]),
+            ("rows", f"{s['rows']:,}"),
+            ("keeps", f"{keeps}, {s['dtype']}"),
+            ("format", f"{s['format']}, {format_bytes(s['bytes'])} in {s['finished']} part(s)"),
+            ("shards", f"{s['finished']} of {s['shards']} finished"
+             + (f"; missing: {_ranges(missing)}" if missing else "")),
+            ("checksums", _bad_parts(s["bad"]) if s["bad"] else f"all {s['finished']} ok ({s['checked']})"),
+            ("complete", "yes" if s["complete"] else "no (run the job again to finish it)"),
+            ("spec hash", s["spec_hash"]),
+        ]
+        width = max(len(k) for k, _ in lines)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
+    return EXIT_OK if s["complete"] else EXIT_FAILED
+
+
+def _bad_parts(bad: Sequence[dict]) -> str:
+    shown = "; ".join(f"shard {b['shard']}: {b['problem']}" for b in bad[:5])
+    return f"{len(bad)} bad: {shown}{'; ...' if len(bad) > 5 else ''}"
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    out, i = [], 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        out.append(str(indices[i]) if i == j else f"{indices[i]}-{indices[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _one_or_two_lines(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return "\n".join(lines[:2]) if lines else ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise _UsageError("distjac: give a command: run, plan or inspect (see distjac --help)")
+        command = {"run": _cmd_run, "plan": _cmd_plan, "inspect": _cmd_inspect}[args.command]
+        return command(args)
+    except SystemExit as e:  # --help and --version
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    except _UsageError as e:
+        _report_error(str(e), e, debug)
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        _report_error("distjac: interrupted; finished shards are kept, run the job again to resume.", e, debug)
+        return 130
+    except Exception as e:
+        from .joberrors import JobInputError
+
+        usage = isinstance(e, JobInputError)
+        prefix = f"distjac {argv_command(argv)}: error: " if not usage else f"distjac {argv_command(argv)}: "
+        _report_error(prefix + _one_or_two_lines(_describe(e)), e, debug)
+        return EXIT_USAGE if usage else EXIT_FAILED
+
+
+def argv_command(argv: Sequence[str]) -> str:
+    for a in argv:
+        if a in ("run", "plan", "inspect"):
+            return a
+    return ""
+
+
+def _describe(e: BaseException) -> str:
+    from .errors import DistjacError
+
+    if isinstance(e, DistjacError):
+        return str(e)
+    if isinstance(e, NotImplementedError):
+        return f"{e} Run the job in this process with --workers 0."
+    return f"{type(e).__name__}: {e}"
+
+
+def _report_error(message: str, err: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,951 @@
+"""The driver: Ray's lifecycle, the shard schedule, retries, the gather and progress.
+
+``Engine`` computes exactly what :func:`distjac.batch_jacobian` computes, with the batch
+cut into shards (:mod:`distjac.plan`) that Ray actors (:mod:`distjac.worker`) compute
+with the same kernels and hand back as Arrow record batches. The engine itself never
+differentiates.
+
+NOTE [one Ray connection per process]
+Ray allows one connection per process. The first Engine makes it (``address=None``
+starts a private local instance; "auto" joins a running cluster; "ray://host:port" a
+remote one) unless the user already called ``ray.init``; later Engines share it whatever
+address they name. Only a Ray instance that distjac started is shut down, when the last
+Engine using it closes.
+
+NOTE [loopback listeners]
+Ray 2.60 resolves a local node's address to the machine's outward IP and binds its
+agents there and its gRPC servers on every interface. Its own switch for machines that
+should not form clusters (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, honoured on Linux too)
+makes it use 127.0.0.1 as the node address instead; every process then listens on
+loopback only (measured: 0 listeners off loopback, against 12 for a plain ``ray.init()``).
+The engine turns it on while it starts a local instance (``address=None``) and never
+when it joins a cluster. See the README's security notes.
+
+NOTE [token file]
+A local ``ray.init()`` turns token authentication on and writes ``~/.ray/auth_token``
+with the default umask (0644: readable by every local user, who could then drive the
+instance). The engine creates the token itself with mode 0600 when there is none (so it
+is never readable by others, not even briefly), tightens an existing one it owns, and
+otherwise lets Ray do what it always does. It never sets ``RAY_AUTH_MODE`` (doing so after
+Ray has read its settings breaks the driver's own authentication).
+
+NOTE [retries, never twice]
+Workers are actors with ``max_restarts=max_retries`` and ``max_task_retries=-1``: a
+worker process or node that dies is restarted (elsewhere if its node is gone) and the
+shards it held are re-run by Ray under the same object reference. If an actor is gone for
+good, or a finished result is lost with its node, the driver resubmits the shard itself,
+at most ``max_retries`` times. Every result carries its row ids and the driver places a
+shard exactly once (a bitmap of finished shards); a late duplicate is dropped and
+counted in ``last_stats.duplicates``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import stat
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import arrow
+from .errors import DistjacError, OptionError, ShardError
+from .options import (
+    UnconnectedGradients,
+    check_batched,
+    check_floating,
+    check_positive_int,
+    check_tensor,
+    parse_mode,
+    parse_unconnected,
+)
+from .plan import DEFAULT_SHARD_BYTES, SHARDS_PER_WORKER, ShardPlan, format_bytes, make_plan
+from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
+
+__all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats"]
+
+log = logging.getLogger("distjac")
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+# Seconds to wait for the workers to start (torch import, model placement) before
+# reporting that the cluster cannot place them; a GPU or autoscaling cluster may need more.
+DEFAULT_STARTUP_TIMEOUT = 180.0
+# How often the scheduling loop wakes to refresh the progress bar when nothing finished.
+_WAIT_TICK_S = 0.5
+
+
+# --------------------------------------------------------------------------------------
+# Ray lifecycle: one shared connection (NOTE [one Ray connection per process])
+# --------------------------------------------------------------------------------------
+
+
+class _Session:
+    lock = threading.Lock()
+    users = 0
+    owned = False
+
+
+def _token_path() -> Path:
+    custom = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(custom).expanduser() if custom else Path.home() / ".ray" / "auth_token"
+
+
+def _secure_token_file(create: bool) -> Path | None:
+    """See NOTE [token file]. Returns the token file's path, or None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None  # the token lives in the environment, not in a file
+    path = _token_path()
+    if not path.exists() and create:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+    if not path.exists():
+        return None
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    return path
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """See NOTE [loopback listeners]."""
+    from ray._private import ray_constants
+
+    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    saved_env, saved_flag = os.environ.get(key), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[key] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
+
+
+def _auth_hint() -> str:
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    return (
+        f"The driver has RAY_AUTH_MODE={mode}. A cluster and a driver must agree: with token "
+        "authentication on the cluster, set RAY_AUTH_MODE=token and give the driver the "
+        "cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); with it "
+        "off, set RAY_AUTH_MODE=disabled on the driver too."
+    )
+
+
+def _is_auth_failure(err: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) says the cluster refused our token."""
+    seen = 0
+    while err is not None and seen < 8:
+        text = f"{type(err).__name__} {err}".lower()
+        if any(s in text for s in ("authenticat", "invalidauthtoken", "auth token")):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _preflight_auth(address: str) -> None:
+    """Ask the cluster's GCS for its id once: a driver whose authentication the cluster
+    refuses learns it in milliseconds (ray.init would retry for ~20 s, then report a
+    generic connection failure). Any other outcome is left to ray.init."""
+    if address.startswith("ray://"):
+        return
+    try:
+        from ray._private import services
+        from ray._raylet import GcsClient
+
+        gcs = services.canonicalize_bootstrap_address(address)
+        if gcs is None:
+            return
+        GcsClient(address=gcs).cluster_id  # noqa: B018 - the call is the check
+    except Exception as err:
+        if _is_auth_failure(err):
+            raise ConnectionError(
+                f"distjac.Engine(address={address!r}): the cluster refused this driver's "
+                f"authentication ({type(err).__name__}: {str(err)[:160]}). {_auth_hint()}"
+            ) from err
+
+
+def _acquire_ray(address: str | None, min_cpus: int, init_kwargs: dict) -> bool:
+    """Connect this process to Ray (or share its connection); True if distjac started it."""
+    import ray
+
+    with _Session.lock:
+        if ray.is_initialized():
+            if _Session.users == 0:
+                _Session.owned = False  # the user's own ray.init, or one we no longer track
+            _Session.users += 1
+            return _Session.owned
+        kwargs = dict(logging_level=logging.ERROR, include_dashboard=False)
+        kwargs.update(init_kwargs)
+        if address is not None:
+            _preflight_auth(address)
+        try:
+            if address is None:
+                kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, min_cpus))
+                if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
+                    _secure_token_file(create=True)
+                else:
+                    warnings.warn("distjac.Engine: RAY_AUTH_MODE=disabled, so the local Ray instance "
+                                  "runs without token authentication.", stacklevel=4)
+                with _loopback_only():
+                    ray.init(address="local", **kwargs)
+                if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+                    _secure_token_file(create=False)
+            else:
+                kwargs.pop("include_dashboard", None)
+                ray.init(address=address, **kwargs)
+        except Exception as err:
+            if _is_auth_failure(err):
+                raise ConnectionError(
+                    f"distjac.Engine(address={address!r}): the cluster refused this driver's "
+                    f"authentication ({type(err).__name__}: {str(err)[:200]}). {_auth_hint()}"
+                ) from err
+            raise
+        _Session.owned = True
+        _Session.users = 1
+        return True
+
+
+def _release_ray() -> None:
+    import ray
+
+    with _Session.lock:
+        _Session.users = max(0, _Session.users - 1)
+        if _Session.users == 0 and _Session.owned:
+            _Session.owned = False
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+class _Lease:
+    """The Engine's share of the Ray connection and its actors; released exactly once."""
+
+    def __init__(self) -> None:
+        self.actors: list = []
+        self.active = False
+
+    def release(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        try:
+            import ray
+
+            if ray.is_initialized():
+                for actor in self.actors:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=True)
+        finally:
+            self.actors = []
+            _release_ray()
+
+
+# --------------------------------------------------------------------------------------
+# Statistics of the last call
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """One shard of the last call: where it ran and what it cost (seconds).
+
+    ``compute_s`` is the kernel's time on the worker, ``wait_s`` the time from submission
+    to the result being ready on the driver (queueing, transfer, compute), ``gather_s``
+    the driver's time to read the record batch and copy it into place.
+    """
+
+    shard: int
+    start: int
+    stop: int
+    worker: int
+    node: str
+    pid: int
+    attempts: int
+    compute_s: float
+    wait_s: float
+    gather_s: float
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker's share of the last call."""
+
+    worker: int
+    node: str
+    pid: int
+    device: str
+    shards: int
+    rows: int
+    compute_s: float
+    rows_per_s: float
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What ``Engine.batch_jacobian`` did, available as ``engine.last_stats`` afterwards.
+
+    Attributes:
+        plan: the shard plan that ran.
+        wall_s: seconds from the call to the result (probe, compute, gather).
+        rows_per_s: rows / wall_s.
+        gather_bytes: bytes copied into the output.
+        gather_s: driver seconds spent reading results and copying them into place.
+        retries: shards the driver resubmitted (Ray's own retries are invisible here,
+            but show as a different ``pid`` in ``shards``).
+        duplicates: results that arrived for an already placed shard and were dropped.
+        shards: per-shard figures, in shard order.
+        workers: per-worker figures.
+    """
+
+    plan: ShardPlan
+    wall_s: float
+    rows_per_s: float
+    gather_bytes: int
+    gather_s: float
+    retries: int
+    duplicates: int
+    shards: tuple[ShardStats, ...] = field(repr=False)
+    workers: tuple[WorkerStats, ...] = field(repr=False)
+
+    @property
+    def gather_gbps(self) -> float:
+        """Gather bandwidth in GB/s (1e9 bytes)."""
+        return self.gather_bytes / self.gather_s / 1e9 if self.gather_s > 0 else float("inf")
+
+    def __str__(self) -> str:
+        lines = [
+            f"EngineStats: {self.plan.rows:,} rows in {len(self.shards)} shards, {self.wall_s:.3f} s "
+            f"({self.rows_per_s:,.0f} rows/s); gather {format_bytes(self.gather_bytes)} in "
+            f"{self.gather_s:.3f} s ({self.gather_gbps:.2f} GB/s); retries {self.retries}, "
+            f"duplicates dropped {self.duplicates}",
+            f"  {'worker':>6}  {'pid':>7}  {'device':<7} {'shards':>6}  {'rows':>9}  {'compute s':>9}  {'rows/s':>9}",
+        ]
+        for w in self.workers:
+            lines.append(f"  {w.worker:>6}  {w.pid:>7}  {w.device:<7} {w.shards:>6}  {w.rows:>9,}  "
+                         f"{w.compute_s:>9.3f}  {w.rows_per_s:>9,.0f}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------
+
+
+def _check_device(device: Any, call: str) -> str:
+    if isinstance(device, torch.device):
+        device = str(device)
+    if isinstance(device, str) and (device in ("auto", "cpu", "cuda") or
+                                    (device.startswith("cuda:") and device[5:].isdigit())):
+        return device
+    raise OptionError(f"{call}: device={device!r} is not valid; use one of {', '.join(map(repr, DEVICES))}.")
+
+
+def _fmt_resources(res: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU")) + "}"
+
+
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a lost worker, node or object: the shard is run again."""
+    from ray import exceptions as rex
+
+    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError",
+             "OwnerDiedError", "ObjectReconstructionFailedError", "ObjectFetchTimedOutError",
+             "LocalRayletDiedError", "TaskCancelledError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+class Engine:
+    """Per-example Jacobians on Ray workers; the same result as :func:`distjac.batch_jacobian`.
+
+    The batch is cut into shards of rows (:class:`distjac.ShardPlan`); each worker, a Ray
+    actor on one GPU or a slot of CPUs, computes its shards with distjac's kernels and
+    returns them as Arrow record batches, which the driver copies into one preallocated
+    output, at most ``parallel_iterations`` shards in flight.
+
+    Args:
+        address: None starts a private local Ray instance (loopback only, token
+            authentication on, no dashboard, quiet; shut down when the last Engine
+            closes); "auto" joins a running cluster; "ray://host:port" a remote one.
+            See NOTE [one Ray connection per process].
+        num_workers: Ray actors to start; None uses what the cluster offers (its GPUs
+            over ``num_gpus_per_worker`` when workers use GPUs, else its CPUs over
+            ``num_cpus_per_worker``).
+        device: "auto" (each worker on the GPU Ray assigned it, else CPU), "cpu", "cuda".
+        shard_size: rows per shard; None sizes shards from a memory budget
+            (``shard_bytes`` of Jacobian each, see :mod:`distjac.plan`).
+        parallel_iterations: shards in flight at once across the cluster (None: 2 per
+            worker). Not the kernels' knob: that is ``chunk_size``.
+        chunk_size: Jacobian rows per vectorized pass on the workers (the kernels'
+            ``parallel_iterations``); None lets the kernels fit their memory budget.
+        max_retries: times a shard is run again after its worker or node died (0: never).
+        num_cpus_per_worker: CPUs each worker reserves; torch uses that many threads.
+        num_gpus_per_worker: GPUs each worker reserves; None: 1 when device is "auto" and
+            the cluster has GPUs, or device is "cuda"; else 0.
+        max_memory: the kernels' memory budget per shard on a worker, in bytes.
+        shard_bytes: Jacobian bytes per shard when ``shard_size`` is None.
+        progress: show a progress bar (None: when stderr is a terminal).
+        startup_timeout: seconds to wait for the workers to start.
+        ray_init_kwargs: extra keyword arguments for ``ray.init`` (runtime_env, ...).
+
+    Raises:
+        OptionError: an invalid option, before Ray is started.
+        ConnectionError: the cluster refused the driver (authentication mismatch).
+
+    Example:
+        >>> import distjac, torch
+        >>> with distjac.Engine(num_workers=2) as engine:                  # doctest: +SKIP
+        ...     jac = engine.batch_jacobian(lambda x: x ** 3, torch.ones(8, 2))
+        >>> jac.shape                                                       # doctest: +SKIP
+        torch.Size([8, 2, 2])
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        num_workers: int | None = None,
+        device: str = "auto",
+        shard_size: int | None = None,
+        parallel_iterations: int | None = 8,
+        chunk_size: int | None = None,
+        max_retries: int = 3,
+        *,
+        num_cpus_per_worker: float = 1,
+        num_gpus_per_worker: float | None = None,
+        max_memory: int | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        progress: bool | None = None,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        ray_init_kwargs: dict | None = None,
+    ):
+        call = "distjac.Engine(...)"
+        if address is not None and not isinstance(address, str):
+            raise OptionError(f"{call}: address={address!r} is not valid; use None (a local Ray instance), "
+                              "'auto' (a running cluster) or 'ray://host:port'.")
+        check_positive_int(num_workers, "num_workers", call)
+        self.device = _check_device(device, call)
+        check_positive_int(shard_size, "shard_size", call)
+        check_positive_int(parallel_iterations, "parallel_iterations", call)
+        check_positive_int(chunk_size, "chunk_size", call)
+        check_positive_int(max_memory, "max_memory", call)
+        check_positive_int(shard_bytes, "shard_bytes", call, allow_none=False)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise OptionError(f"{call}: max_retries={max_retries!r} is not valid; use an integer >= 0.")
+        for name, value in (("num_cpus_per_worker", num_cpus_per_worker), ("num_gpus_per_worker", num_gpus_per_worker)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise OptionError(f"{call}: {name}={value!r} is not valid; use a number >= 0.")
+        self.address = address
+        self.shard_size = shard_size
+        self.parallel_iterations = parallel_iterations
+        self.chunk_size = chunk_size
+        self.max_retries = max_retries
+        self.max_memory = max_memory
+        self.shard_bytes = shard_bytes
+        self.progress = progress
+        self.startup_timeout = float(startup_timeout)
+        self.num_cpus_per_worker = num_cpus_per_worker
+        self.last_stats: EngineStats | None = None
+        self._retries = self._duplicates = 0  # of the call in progress
+
+        self._lease = _Lease()
+        self._finalizer = weakref.finalize(self, self._lease.release)
+        min_cpus = math.ceil((num_workers or 1) * num_cpus_per_worker)
+        self.owns_ray = _acquire_ray(address, min_cpus, dict(ray_init_kwargs or {}))
+        self.owns_local = self.owns_ray and address is None
+        self._lease.active = True
+        try:
+            self._start_workers(num_workers, num_gpus_per_worker)
+        except BaseException:
+            self._lease.release()
+            raise
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _start_workers(self, num_workers: int | None, num_gpus: float | None) -> None:
+        import ray
+
+        resources = ray.cluster_resources()
+        cluster_gpus = float(resources.get("GPU", 0))
+        if num_gpus is None:
+            wants_gpu = (self.device == "auto" and cluster_gpus > 0) or self.device.startswith("cuda")
+            num_gpus = 1 if wants_gpu else 0
+            if wants_gpu and num_workers and num_workers > cluster_gpus > 0:
+                # More workers than GPUs: they share them (Ray's fractional GPUs) rather
+                # than wait for GPUs that do not exist.
+                num_gpus = cluster_gpus / num_workers
+        if self.device.startswith("cuda") and cluster_gpus <= 0:
+            raise OptionError(f"distjac.Engine(device={self.device!r}): the Ray cluster has no GPUs; "
+                              "use device='auto' or 'cpu'.")
+        if num_workers is None:
+            if num_gpus > 0:
+                num_workers = max(1, int(cluster_gpus // num_gpus))
+            else:
+                cpus = float(resources.get("CPU", os.cpu_count() or 1))
+                num_workers = max(1, int(cpus // max(self.num_cpus_per_worker, 1e-9)))
+        self.num_gpus_per_worker = num_gpus
+        worker_device = self.device if self.device != "cuda" else "auto"
+        actor = ray.remote(JacobianWorker).options(
+            num_cpus=self.num_cpus_per_worker, num_gpus=num_gpus,
+            max_restarts=self.max_retries, max_task_retries=-1,
+            scheduling_strategy="SPREAD",
+        )
+        self._actor_cls = actor
+        self._worker_args = (worker_device, None, self.max_memory)
+        self._workers = [actor.remote(*self._worker_args) for _ in range(num_workers)]
+        self._lease.actors = list(self._workers)
+        self._infos: list[dict] | None = None
+
+    def _ready(self) -> list[dict]:
+        """Wait for every worker to start; their info (pid, node, device, threads)."""
+        import ray
+
+        if self._infos is not None:
+            return self._infos
+        refs = [w.info.remote() for w in self._workers]
+        try:
+            self._infos = ray.get(refs, timeout=self.startup_timeout)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            raise RuntimeError(
+                f"distjac.Engine: only {len(ready)} of {len(refs)} workers started within "
+                f"{self.startup_timeout:.0f} s (each needs {self.num_cpus_per_worker} CPU and "
+                f"{self.num_gpus_per_worker} GPU; the cluster has {_fmt_resources(ray.cluster_resources())} "
+                f"of which {_fmt_resources(ray.available_resources())} are free: other Engines or "
+                "actors may hold the rest). Lower num_workers or num_cpus_per_worker / "
+                "num_gpus_per_worker, close other Engines, or raise startup_timeout."
+            ) from None
+        except ray.exceptions.RayActorError as err:
+            # A driver with token authentication on a cluster without it (or the reverse,
+            # once connected) sees its workers die before they run, with no word of
+            # authentication: say what it most likely is.
+            if _is_auth_failure(err) or (not self.owns_local and "before" in str(err)):
+                raise ConnectionError(
+                    f"distjac.Engine(address={self.address!r}): the workers died before they started "
+                    f"({type(err).__name__}). This is what a cluster and a driver that disagree on token "
+                    f"authentication look like. {_auth_hint()}"
+                ) from err
+            raise
+        return self._infos
+
+    def workers(self) -> list[dict]:
+        """The workers (waiting for them to start): pid, node, host, device, threads."""
+        self._check_open("Engine.workers()")
+        return [dict(info) for info in self._ready()]
+
+    @property
+    def num_workers(self) -> int:
+        """Workers this engine runs."""
+        return len(self._workers) if self._lease.active else 0
+
+    def shutdown(self) -> None:
+        """Stop this engine's workers; the Ray instance distjac started stops with the
+        last Engine. Safe to call twice."""
+        self._lease.release()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _replace_worker(self, w: int) -> None:
+        """Worker ``w`` died for good (its restarts used up): start a fresh one in its slot."""
+        fresh = self._actor_cls.remote(*self._worker_args)
+        self._workers[w] = fresh
+        self._lease.actors.append(fresh)
+        self._infos = None  # asked again before the next call
+        log.warning("distjac.Engine: worker %d died for good; started a replacement.", w)
+
+    def _check_open(self, call: str) -> None:
+        if not self._lease.active:
+            raise RuntimeError(f"{call}: this Engine was shut down; create a new distjac.Engine.")
+
+    def __repr__(self) -> str:
+        state = f"{self.num_workers} workers" if self._lease.active else "shut down"
+        return (f"Engine(address={self.address!r}, device={self.device!r}, {state}, "
+                f"parallel_iterations={self.parallel_iterations}, shard_size={self.shard_size})")
+
+    # -- planning ----------------------------------------------------------------------
+
+    def plan(self, rows: int, in_shape, out_shape, *, itemsize: int = 4, gather: bool = True) -> ShardPlan:
+        """The shard plan this engine would run for ``rows`` examples (no work is done)."""
+        workers = max(1, self.num_workers)
+        return make_plan(
+            rows, in_shape, out_shape, in_itemsize=itemsize, shard_size=self.shard_size,
+            parallel_iterations=self.parallel_iterations or SHARDS_PER_WORKER * workers,
+            num_workers=workers, shard_bytes=self.shard_bytes, gather=gather,
+        )
+
+    # -- the distributed batch Jacobian -------------------------------------------------
+
+    def batch_jacobian(
+        self,
+        fn,
+        x: torch.Tensor,
+        mode: str = "auto",
+        unconnected_gradients: str | UnconnectedGradients = "none",
+        experimental_use_pfor: bool = True,
+        *,
+        progress: bool | None = None,
+    ) -> torch.Tensor | None:
+        """Per-example Jacobians of ``fn`` over ``x``, computed on the workers.
+
+        Same contract as :func:`distjac.batch_jacobian`: ``fn`` maps a batch (B, x1..xm)
+        to (B, y1..yn), row i of its output depends only on row i of its input, and it
+        is called on blocks of rows (whole shards, or the kernels' blocks), never on one
+        example. ``fn`` (a function, or a torch.nn.Module, moved to each worker's device)
+        is shipped to the workers once per call, by value when its module is not
+        installed there.
+
+        Args:
+            fn: the function or module.
+            x: the batch, a floating tensor of rank >= 2 (any device; it is read once).
+            mode: "rev", "fwd" or "auto" (see :func:`distjac.batch_jacobian`).
+            unconnected_gradients: "none" returns None when fn(x) does not depend on x,
+                "zero" returns zeros.
+            experimental_use_pfor: False runs one autograd pass per row on the workers.
+            progress: show a progress bar (None: the engine's setting).
+
+        Returns:
+            A tensor (B, y1..yn, x1..xm) of x's dtype on x's device, or None. It does not
+            carry autograd history (it was computed in other processes).
+
+        Raises:
+            ShapeError, DtypeError, OptionError, TypeError: bad input, before any shard
+                is scheduled (the same errors as the in-process call).
+            ShardError: fn failed on a shard; names the shard, its rows and node, with
+                the original exception chained (``__cause__``).
+        """
+        call = "Engine.batch_jacobian(fn, x)"
+        self._check_open(call)
+        if not callable(fn):
+            raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
+        x = check_tensor(x, "x", call)
+        check_batched(x, "x (the source)", call)
+        check_floating(x, "x (the source)", call)
+        mode = parse_mode(mode, call)
+        unconnected = parse_unconnected(unconnected_gradients, call)
+        if not isinstance(experimental_use_pfor, bool):
+            raise OptionError(f"{call}: experimental_use_pfor={experimental_use_pfor!r} is not valid; "
+                              "use True or False.")
+        return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress).run()
+
+    def run(self, spec):
+        """Run a job (issue 4): a :class:`distjac.JobSpec` streamed to Arrow/Parquet parts.
+
+        The intended wiring, with the pieces this module already has (see NOTE [the seam
+        for jobs (issue 4)] in distjac.worker)::
+
+            job = prepare_job(spec, num_workers=self.num_workers)    # plan(gather=False)
+            shipment = _ship(self, model_or_factory)                 # fn shipped once
+            def executor(descriptors):
+                tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype,
+                                   source=job.reader()) for d in descriptors]
+                for task, receipt, done in _map_shards(
+                        self, shipment, tasks, options, in_flight=job.plan.in_flight,
+                        call="Engine.run(spec)", sink=job.part_sink()):
+                    yield receipt                                    # PartInfo as a dict
+            return run_job(spec, executor, prepared=job)
+
+        Workers read their rows from the descriptor and write their own part files; the
+        driver only records receipts, retries lost shards and skips finished ones.
+
+        Raises:
+            NotImplementedError: always, until issue 4 lands.
+        """
+        self._check_open("Engine.run(spec)")
+        raise NotImplementedError(
+            "Engine.run(spec): job specs streaming to Arrow/Parquet part files are issue 4 "
+            "and not implemented yet; use Engine.batch_jacobian(fn, x) for in-memory results."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Shipping fn, scheduling shards (shared by batch_jacobian and, later, run)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shipment:
+    """A function shipped for one call: its content key and its boxed object ref."""
+
+    key: str
+    box: list
+
+
+@dataclass(frozen=True)
+class _Done:
+    """How a finished shard got done (for ShardStats)."""
+
+    worker: int
+    attempts: int
+    wait_s: float
+
+
+def _ship(engine: Engine, fn) -> _Shipment:
+    """Serialize fn once, put it into the object store once, and have every worker load
+    it in the background (see NOTE [shipping user code by value] in distjac.worker)."""
+    import ray
+
+    blob = serialize_function(fn)
+    key = function_key(blob)
+    box = [ray.put(blob)]  # in a list, so Ray hands workers the ref, not a fresh copy per call
+    for w in engine._workers:
+        w.prepare.remote(key, box)
+    return _Shipment(key, box)
+
+
+def _remote_error(err: BaseException, call: str) -> BaseException:
+    """The exception the caller should see for a worker's failure (raise it ``from`` its
+    ``__cause__``)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, RemoteShardError):
+        original = cause.error
+        if hasattr(original, "add_note") and cause.tb:
+            original.add_note(f"Traceback on the worker (node {cause.node}, pid {cause.pid}):\n{cause.tb}")
+        where = " while probing fn's output shape" if cause.phase == "probe" else ""
+        shard_error = ShardError(
+            f"{call}: shard {cause.shard} (rows [{cause.start}, {cause.stop})) failed on node "
+            f"{cause.node} (worker pid {cause.pid}){where}: {type(original).__name__}: {original}. "
+            "The original exception is chained below with the worker's traceback; fix fn for "
+            "these rows (it is called on blocks of rows, never on one example) and call again.",
+            shard=cause.shard, start=cause.start, stop=cause.stop, node=cause.node,
+        )
+        shard_error.remote_traceback = cause.tb
+        shard_error.__cause__ = original
+        return shard_error
+    if isinstance(cause, (DistjacError, TypeError)) and not isinstance(cause, ShardError):
+        cause.__cause__ = None
+        return cause  # the core's own checks (output rank, dtype): as the core raises them
+    return err
+
+
+def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], options: dict, *,
+                in_flight: int, call: str, sink: Any = None):
+    """Run every task on the workers; yield ``(task, result, _Done)`` once per shard.
+
+    At most ``in_flight`` shards are out at once, each sent to the least busy worker.
+    Results come back in completion order; ``result`` is the record batch (or the sink's
+    receipt). See NOTE [retries, never twice]. Closing the generator early cancels the
+    shards still queued.
+
+    Raises:
+        ShardError: fn failed on a shard, or a shard was lost more than max_retries times.
+    """
+    import ray
+
+    workers = engine._workers
+    n = len(tasks)
+    queue = deque(range(n))
+    finished = np.zeros(n, dtype=bool)
+    attempts = [0] * n
+    busy = [0] * len(workers)
+    pending: dict = {}  # ref -> (task index, worker index, submitted at)
+    system_errors = _system_errors()
+    nxt = 0
+    try:
+        while not finished.all():
+            while queue and len(pending) < in_flight:
+                i = queue.popleft()
+                if finished[i]:
+                    continue
+                w = min(range(len(workers)), key=lambda j: (busy[j], (j - nxt) % len(workers)))
+                nxt = (w + 1) % len(workers)
+                ref = workers[w].compute.remote(shipment.key, shipment.box, tasks[i], options, sink)
+                attempts[i] += 1
+                busy[w] += 1
+                pending[ref] = (i, w, time.perf_counter())
+            if not pending:  # pragma: no cover - would be a bug in the loop above
+                missing = int((~finished).sum())
+                raise RuntimeError(f"{call}: internal error: nothing in flight, {missing} shards missing.")
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_TICK_S)
+            for ref in ready:
+                i, w, t_sub = pending.pop(ref)
+                busy[w] -= 1
+                task = tasks[i]
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    error = _remote_error(err, call)
+                    raise error from error.__cause__
+                except system_errors as err:
+                    if isinstance(err, getattr(ray.exceptions, "ActorDiedError", ())):
+                        engine._replace_worker(w)
+                    if finished[i]:
+                        continue
+                    if attempts[i] > engine.max_retries:
+                        raise ShardError(
+                            f"{call}: shard {task.shard} (rows [{task.start}, {task.stop})) was lost "
+                            f"{attempts[i]} times (its worker or node died: {type(err).__name__}); "
+                            f"max_retries={engine.max_retries}. Check the workers' logs (memory, crashes "
+                            "in fn) or raise max_retries.",
+                            shard=task.shard, start=task.start, stop=task.stop, node=None,
+                        ) from err
+                    engine._retries += 1
+                    queue.appendleft(i)
+                    continue
+                del ref
+                if finished[i]:
+                    engine._duplicates += 1  # a late copy of a shard already yielded
+                    continue
+                finished[i] = True
+                yield task, result, _Done(worker=w, attempts=attempts[i], wait_s=time.perf_counter() - t_sub)
+                del result
+    finally:
+        for ref in list(pending):
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        pending.clear()
+
+
+# --------------------------------------------------------------------------------------
+# One batch_jacobian call: probe, plan, schedule, gather
+# --------------------------------------------------------------------------------------
+
+
+def place_shard(out: torch.Tensor, batch, start: int, stop: int, *, call: str = "place_shard") -> int:
+    """Copy one shard's record batch into rows [start, stop) of ``out``; returns bytes.
+
+    A zero-copy read of the Arrow buffer (mapped from Ray's object store), a check of the
+    row ids, then one copy into place (numpy for the dtypes it has, torch for bfloat16).
+    """
+    rows, values = arrow.from_record_batch(batch)
+    if rows.shape[0] != stop - start or (rows.shape[0] and (rows[0] != start or rows[-1] != stop - 1)):
+        raise RuntimeError(f"{call}: internal error: shard rows [{start}, {stop}) came back as "
+                           f"{rows.shape[0]} rows starting at {rows[:1]}.")
+    dst = out[start:stop]
+    if out.dtype != torch.bfloat16:  # numpy has no bfloat16
+        dst_np = dst.numpy()
+        np.copyto(dst_np, values.reshape(dst_np.shape), casting="same_kind")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only buffer, only read
+            dst.copy_(torch.from_numpy(values).reshape(dst.shape))
+    return values.nbytes
+
+
+class _Call:
+    """One ``Engine.batch_jacobian`` call."""
+
+    def __init__(self, engine: Engine, fn, x, mode, unconnected, use_pfor, call, progress):
+        self.engine, self.fn, self.x, self.call = engine, fn, x, call
+        self.unconnected = unconnected
+        self.options = {"mode": mode, "chunk_size": engine.chunk_size, "use_pfor": use_pfor, "call": call}
+        show = engine.progress if progress is None else progress
+        self.show_progress = sys.stderr.isatty() if show is None else bool(show)
+
+    def _task(self, shard: int, start: int, stop: int) -> ShardTask:
+        return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop])
+
+    def run(self):
+        import ray
+
+        t_start = time.perf_counter()
+        eng, x = self.engine, self.x
+        infos = eng._ready()
+        self.dtype_name = str(x.dtype).removeprefix("torch.")
+        self.wire = to_wire(x)  # x read once; the driver keeps it (and fn) alive until the end
+        shipment = _ship(eng, self.fn)
+
+        # 1. Probe fn's output shape and whether it depends on x, on a worker (the driver
+        #    may have no GPU, and never runs the user's model itself).
+        b = x.shape[0]
+        probe_task = self._task(0, 0, min(b, PROBE_ROWS))
+        try:
+            probe = ray.get(eng._workers[0].probe.remote(shipment.key, shipment.box, probe_task, self.options))
+        except ray.exceptions.RayTaskError as err:
+            error = _remote_error(err, self.call)
+            raise error from error.__cause__
+        out_shape = tuple(probe["out_shape"])
+        jac_shape = (b, *out_shape, *x.shape[1:])
+        if not probe["connected"] or b == 0:
+            if b > 0 and self.unconnected is UnconnectedGradients.NONE:
+                return None
+            return torch.zeros(jac_shape, dtype=x.dtype, device=x.device)
+
+        # 2. Plan, and the output every shard is copied into.
+        plan = eng.plan(b, tuple(x.shape[1:]), out_shape, itemsize=x.element_size())
+        self.out = torch.empty(jac_shape, dtype=x.dtype)
+
+        # 3. Schedule and gather.
+        tasks = [self._task(i, *plan.bounds(i)) for i in range(len(plan))]
+        eng._retries = eng._duplicates = 0
+        shard_stats: dict[int, ShardStats] = {}
+        gather_s, gather_bytes = 0.0, 0
+        bar = self._progress_bar(b)
+        try:
+            for task, batch, done in _map_shards(eng, shipment, tasks, self.options,
+                                                 in_flight=plan.in_flight, call=self.call):
+                t0 = time.perf_counter()
+                gather_bytes += self._place(batch, task.start, task.stop)
+                info = arrow.annotation(batch)
+                del batch  # frees the shard's object-store copy
+                dt = time.perf_counter() - t0
+                gather_s += dt
+                shard_stats[task.shard] = ShardStats(
+                    shard=task.shard, start=task.start, stop=task.stop, worker=done.worker,
+                    node=info.get("node", ""), pid=int(info.get("pid", -1)), attempts=done.attempts,
+                    compute_s=float(info.get("compute_s", 0.0)), wait_s=done.wait_s, gather_s=dt,
+                )
+                if bar is not None:
+                    bar.update(task.stop - task.start)
+                    if eng._retries:
+                        bar.set_postfix(retries=eng._retries, refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        wall = time.perf_counter() - t_start
+        eng.last_stats = self._stats(plan, shard_stats, infos, wall, gather_s, gather_bytes)
+        return self.out if x.device.type == "cpu" else self.out.to(x.device)
+
+    def _place(self, batch, start: int, stop: int) -> int:
+        return place_shard(self.out, batch, start, stop, call=self.call)
+
+    def _progress_bar(self, total: int):
+        if not self.show_progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="row", unit_scale=True, desc="distjac", dynamic_ncols=True, file=sys.stderr)
+
+    def _stats(self, plan, shard_stats, infos, wall, gather_s, gather_bytes) -> EngineStats:
+        eng = self.engine
+        shards = tuple(shard_stats[i] for i in sorted(shard_stats))
+        per: dict[int, list[ShardStats]] = {}
+        for s in shards:
+            per.setdefault(s.worker, []).append(s)
+        workers = []
+        for w, info in enumerate(infos):
+            mine = per.get(w, [])
+            rows = sum(s.stop - s.start for s in mine)
+            comp = sum(s.compute_s for s in mine)
+            workers.append(WorkerStats(
+                worker=w, node=info.get("node", ""), pid=info.get("pid", -1), device=info.get("device", ""),
+                shards=len(mine), rows=rows, compute_s=comp, rows_per_s=rows / comp if comp > 0 else 0.0,
+            ))
+        return EngineStats(
+            plan=plan, wall_s=wall, rows_per_s=plan.rows / wall if wall > 0 else 0.0,
+            gather_bytes=gather_bytes, gather_s=gather_s, retries=eng._retries, duplicates=eng._duplicates,
+            shards=shards, workers=tuple(workers),
+        )

@@ -1,0 +1,520 @@
+"""Input sources: where a shard's examples come from.
+
+A source is a small picklable value (a path, a column name, a seed, the metadata read
+when it was opened), never the data: the driver opens it once to check it and learn its
+rows, per-example shape and dtype, then ships it inside each shard descriptor; every
+worker reads only its own rows with ``read(start, stop)``.
+
+=========  ==================================================================================
+synthetic  seeded normal values; see NOTE [synthetic data does not depend on the plan]
+npy        a ``.npy`` file, memory-mapped (``np.load(mmap_mode="r")``)
+parquet    Parquet files with a tensor column; only the row groups that overlap are read
+arrow      Arrow IPC files (Feather v2) with a tensor column, memory-mapped; only the record
+           batches that overlap are touched
+tensor     a tensor in memory (for the engine's in-memory jobs)
+=========  ==================================================================================
+
+A tensor column is an ``arrow.fixed_shape_tensor`` or a (nested) fixed-size list of
+floats. A path may name one file or a directory, whose files with the format's
+extension are read in name order as one table.
+
+NOTE [synthetic data does not depend on the plan]
+Row r of a synthetic source is row ``r % block`` of the block ``r // block``, drawn by
+``numpy.random.default_rng([seed, r // block])``. The block size (1024 rows, fewer for
+large examples) depends only on the per-example shape, so every row's values depend only
+on (seed, shape, dtype, r): not on the shard size, the number of workers or which worker
+reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .. import arrow as arrow_mod
+from ..joberrors import SourceDtypeError, SourceError, SourceNotFoundError
+
+__all__ = [
+    "ArrowSource",
+    "NpySource",
+    "ParquetSource",
+    "Source",
+    "SyntheticSource",
+    "TensorSource",
+    "open_source",
+]
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+EXTENSIONS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc")}
+# Rows per synthetic block: large enough to amortise the generator, small enough that
+# reading a small shard does not generate much more than it needs.
+SYNTHETIC_BLOCK_ROWS = 1024
+# Elements per synthetic block at most (4 MiB of float32): large examples get smaller blocks.
+SYNTHETIC_BLOCK_ELEMENTS = 1 << 20
+# Entries of the per-process caches, so that consecutive shards of one file do not open
+# it (or decode its Parquet row group) again. One decoded row group only: it may be large.
+_CACHE_SIZES = {"ipc": 4, "ipc_rows": 16, "pq_groups": 16, "pq_values": 1}
+
+
+class Source:
+    """Base of every source. Attributes: ``kind``, ``num_rows``, ``shape`` (one example's),
+    ``dtype`` (a numpy dtype name)."""
+
+    kind: str = ""
+    num_rows: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop-1`` as a CPU tensor (stop - start, *shape) of ``dtype``."""
+        self._check_range(start, stop)
+        if start == stop:
+            return torch.empty((0, *self.shape), dtype=getattr(torch, self.dtype))
+        return self._read(start, stop)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_range(self, start: int, stop: int) -> None:
+        if not (0 <= start <= stop <= self.num_rows):
+            raise IndexError(
+                f"{self.kind} source: rows [{start}, {stop}) are outside [0, {self.num_rows})."
+            )
+
+    def describe(self) -> str:
+        return f"{self.kind}: {self.num_rows} rows of shape {self.shape}, {self.dtype}"
+
+
+def _to_tensor(values: np.ndarray) -> torch.Tensor:
+    """A writable, owned tensor of ``values`` (which may be a read-only memory map)."""
+    return torch.from_numpy(np.array(values, copy=True, order="C"))
+
+
+# -----------------------------------------------------------------------------------------
+# synthetic
+# -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticSource(Source):
+    """Standard-normal values seeded by row; see NOTE [synthetic data does not depend on the plan].
+
+    Example:
+        >>> s = SyntheticSource(rows=3000, shape=(4,), seed=0)
+        >>> bool((s.read(1000, 1100) == s.read(0, 3000)[1000:1100]).all())
+        True
+    """
+
+    rows: int
+    shape: tuple[int, ...]
+    seed: int = 0
+    dtype: str = "float32"
+    kind = "synthetic"
+
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        return self.rows
+
+    @property
+    def block_rows(self) -> int:
+        numel = max(1, math.prod(self.shape))
+        block = SYNTHETIC_BLOCK_ROWS
+        while block > 1 and block * numel > SYNTHETIC_BLOCK_ELEMENTS:
+            block //= 2
+        return block
+
+    def _block(self, b: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, b])
+        gen_dtype = np.float64 if self.dtype == "float64" else np.float32
+        return rng.standard_normal((self.block_rows, *self.shape), dtype=gen_dtype).astype(self.dtype, copy=False)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        br = self.block_rows
+        out = np.empty((stop - start, *self.shape), dtype=self.dtype)
+        for b in range(start // br, (stop - 1) // br + 1):
+            lo, hi = max(start, b * br), min(stop, (b + 1) * br)
+            out[lo - start : hi - start] = self._block(b)[lo - b * br : hi - b * br]
+        return torch.from_numpy(out)
+
+
+# -----------------------------------------------------------------------------------------
+# npy
+# -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NpySource(Source):
+    """A ``.npy`` file of shape (N, *shape), memory-mapped; ``rows`` limits it to its first rows."""
+
+    path: str
+    rows: int
+    shape: tuple[int, ...]
+    dtype: str
+    kind = "npy"
+
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        return self.rows
+
+    @classmethod
+    def open(cls, path: str, rows: int | None = None) -> NpySource:
+        path = _existing(path)
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise SourceError(f"data: {path!r} cannot be memory-mapped as a .npy array ({e}).") from None
+        if not isinstance(arr, np.ndarray):
+            raise SourceError(f"data: {path!r} is not a single .npy array (an .npz archive?); save one with np.save.")
+        _check_dtype(arr.dtype, f"{path!r}")
+        if arr.ndim < 2:
+            raise SourceError(
+                f"data: {path!r} has shape {arr.shape}; distjac needs (rows, *example_shape) with rank >= 2. "
+                f"Reshape to {arr.shape + (1,)} and save again."
+            )
+        return cls(path=path, rows=_limit(rows, arr.shape[0], path), shape=tuple(arr.shape[1:]), dtype=arr.dtype.name)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return _to_tensor(arr[start:stop])
+
+
+# -----------------------------------------------------------------------------------------
+# parquet and arrow files
+# -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _FileTable(Source):
+    """Files read as one table: ``files`` are (path, rows in that file)."""
+
+    files: tuple[tuple[str, int], ...]
+    column: str
+    rows: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        return self.rows
+
+    @classmethod
+    def open(cls, path: str, column: str | None, rows: int | None = None) -> _FileTable:
+        files = _list_files(path, cls.kind)
+        found_column, shape, dtype, counts = None, None, None, []
+        for f in files:
+            schema, nrows = cls._schema_and_rows(f)
+            name, typ = _pick_column(schema, column, f)
+            info = arrow_mod.tensor_info(typ)
+            assert info is not None
+            if found_column is None:
+                found_column, shape, dtype = name, info[0], info[1]
+            elif (name, info[0], info[1]) != (found_column, shape, dtype):
+                raise SourceError(
+                    f"data: {f!r} has column {name!r} of shape {info[0]} and dtype {info[1]}, but "
+                    f"{files[0]!r} has {found_column!r} of shape {shape} and dtype {dtype}; "
+                    f"all files of a source must agree."
+                )
+            counts.append(nrows)
+        total = sum(counts)
+        return cls(
+            files=tuple(zip(files, counts)),
+            column=found_column,
+            rows=_limit(rows, total, path),
+            shape=tuple(int(s) for s in shape),
+            dtype=np.dtype(dtype).name,
+        )
+
+    @staticmethod
+    def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
+        raise NotImplementedError
+
+    def _pieces(self, start: int, stop: int):
+        """(file index, path, local start, local stop) of the files overlapping [start, stop)."""
+        offset = 0
+        for i, (path, n) in enumerate(self.files):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                yield i, path, lo - offset, hi - offset
+            offset += n
+            if offset >= stop:
+                break
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        out = np.empty((stop - start, *self.shape), dtype=self.dtype)
+        pos = 0
+        for _, path, lo, hi in self._pieces(start, stop):
+            for values in self._read_file(path, lo, hi):
+                out[pos : pos + len(values)] = values
+                pos += len(values)
+        assert pos == stop - start, (pos, start, stop)
+        return torch.from_numpy(out)
+
+    def _read_file(self, path: str, lo: int, hi: int):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ParquetSource(_FileTable):
+    """Parquet files with a tensor column; a read decodes only the row groups it overlaps.
+
+    Note:
+        Row groups are Parquet's unit of reading: a shard that touches one decodes all of
+        it. Files written with row groups no larger than a shard read fastest.
+    """
+
+    kind = "parquet"
+
+    @staticmethod
+    def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_metadata(path)
+            return meta.schema.to_arrow_schema(), meta.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise SourceError(f"data: {path!r} is not a readable Parquet file ({e}).") from None
+
+    def _read_file(self, path: str, lo: int, hi: int):
+        starts = _parquet_row_group_starts(path)
+        for g in range(len(starts) - 1):
+            g_lo, g_hi = starts[g], starts[g + 1]
+            if g_hi <= lo or g_lo >= hi:
+                continue
+            values = _parquet_row_group(path, g, self.column)
+            yield values[max(lo, g_lo) - g_lo : min(hi, g_hi) - g_lo]
+
+
+@dataclass(frozen=True)
+class ArrowSource(_FileTable):
+    """Arrow IPC files (the file format, Feather v2) with a tensor column, memory-mapped."""
+
+    kind = "arrow"
+
+    @staticmethod
+    def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
+        reader = _ipc_reader(path)
+        return reader.schema, sum(_ipc_batch_rows(path))
+
+    def _read_file(self, path: str, lo: int, hi: int):
+        reader = _ipc_reader(path)
+        offsets = np.concatenate([[0], np.cumsum(_ipc_batch_rows(path))])
+        first = int(np.searchsorted(offsets, lo, side="right")) - 1
+        for b in range(first, len(offsets) - 1):
+            b_lo, b_hi = int(offsets[b]), int(offsets[b + 1])
+            if b_lo >= hi:
+                break
+            if b_hi <= lo:
+                continue
+            batch = reader.get_batch(b)  # zero-copy: a view of the memory map
+            col = batch.column(batch.schema.get_field_index(self.column))
+            yield arrow_mod.column_values(col.slice(max(lo, b_lo) - b_lo, min(hi, b_hi) - max(lo, b_lo)))
+
+
+# Per-process caches, keyed by (path, size, mtime) so a rewritten file is read afresh.
+_CACHES: dict[str, OrderedDict] = {"ipc": OrderedDict(), "ipc_rows": OrderedDict(), "pq_groups": OrderedDict(),
+                                   "pq_values": OrderedDict()}
+
+
+def _cached(cache: str, key: tuple, make):
+    st = os.stat(key[0])
+    full = (*key, st.st_size, st.st_mtime_ns)
+    c = _CACHES[cache]
+    if full in c:
+        c.move_to_end(full)
+        return c[full]
+    value = make()
+    c[full] = value
+    while len(c) > _CACHE_SIZES[cache]:
+        c.popitem(last=False)
+    return value
+
+
+def _ipc_reader(path: str):
+    import pyarrow.ipc as ipc
+
+    def make():
+        try:
+            return ipc.open_file(pa.memory_map(path, "r"))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise SourceError(
+                f"data: {path!r} is not an Arrow IPC file ({e}). distjac reads the IPC file format "
+                f"(Feather v2), as written by pyarrow.ipc.new_file or pyarrow.feather.write_feather."
+            ) from None
+
+    return _cached("ipc", (path,), make)
+
+
+def _ipc_batch_rows(path: str) -> list[int]:
+    reader = _ipc_reader(path)
+    return _cached("ipc_rows", (path,),
+                   lambda: [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
+
+
+def _parquet_row_group_starts(path: str) -> list[int]:
+    import pyarrow.parquet as pq
+
+    def make():
+        meta = pq.read_metadata(path)
+        return [0, *np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)]).tolist()]
+
+    return _cached("pq_groups", (path,), make)
+
+
+def _parquet_row_group(path: str, group: int, column: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    def make():
+        table = pq.ParquetFile(path).read_row_group(group, columns=[column])
+        return arrow_mod.column_values(table.column(0))
+
+    return _cached("pq_values", (path, group, column), make)
+
+
+# -----------------------------------------------------------------------------------------
+# tensor
+# -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSource(Source):
+    """A tensor (or numpy array) in memory, (B, *shape); for the engine's in-memory jobs."""
+
+    tensor: Any
+    kind = "tensor"
+
+    def __post_init__(self):
+        t = self.tensor
+        if isinstance(t, np.ndarray):
+            _check_dtype(t.dtype, "data.tensor")
+            t = torch.from_numpy(t)
+        if not isinstance(t, torch.Tensor):
+            raise SourceError(f"data.tensor must be a torch.Tensor or numpy array, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise SourceDtypeError(
+                f"data.tensor has dtype {t.dtype}; distjac differentiates floating values only "
+                f"(float16, bfloat16, float32, float64). Convert it, e.g. tensor.float()."
+            )
+        if t.dim() < 2:
+            raise SourceError(f"data.tensor has shape {tuple(t.shape)}; it needs (rows, *example_shape), rank >= 2.")
+        object.__setattr__(self, "tensor", t.detach())
+
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        return self.tensor.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return tuple(self.tensor.shape[1:])
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return str(self.tensor.dtype).removeprefix("torch.")
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop].cpu()
+
+
+# -----------------------------------------------------------------------------------------
+# opening and checking
+# -----------------------------------------------------------------------------------------
+
+
+def open_source(data) -> Source:
+    """Open and check the source a ``DataSpec`` names, reading metadata only.
+
+    Raises:
+        SourceNotFoundError: a file or directory that does not exist (or holds no files).
+        SourceError: a missing or non-tensor column, a file that cannot be read, too few rows.
+        SourceDtypeError: values that are not floating point.
+    """
+    kind = data.kind
+    if kind == "synthetic":
+        return SyntheticSource(rows=data.rows, shape=tuple(data.shape), seed=data.seed, dtype=data.dtype or "float32")
+    if kind == "npy":
+        return NpySource.open(data.path, data.rows)
+    if kind == "parquet":
+        return ParquetSource.open(data.path, data.column, data.rows)
+    if kind == "arrow":
+        return ArrowSource.open(data.path, data.column, data.rows)
+    if kind == "tensor":
+        src = TensorSource(data.tensor)
+        if data.rows is not None:
+            src = TensorSource(src.tensor[: _limit(data.rows, src.num_rows, "data.tensor")])
+        return src
+    raise SourceError(f"data.kind={kind!r} is not a source; use one of synthetic, npy, parquet, arrow, tensor.")
+
+
+def _existing(path: str) -> str:
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(full):
+        raise SourceNotFoundError(f"data: input file {path!r} does not exist (looked for {full}).")
+    return full
+
+
+def _list_files(path: str, kind: str) -> list[str]:
+    full = _existing(path)
+    if not os.path.isdir(full):
+        return [full]
+    exts = EXTENSIONS[kind]
+    files = sorted(
+        os.path.join(full, n) for n in os.listdir(full)
+        if n.endswith(exts) and not n.startswith((".", "_")) and os.path.isfile(os.path.join(full, n))
+    )
+    if not files:
+        raise SourceNotFoundError(f"data: directory {path!r} holds no {kind} files ({', '.join(exts)}).")
+    return files
+
+
+def _limit(rows: int | None, available: int, where: str) -> int:
+    if rows is None:
+        return available
+    if rows > available:
+        raise SourceError(f"data.rows={rows} but {where!r} has only {available} rows; lower data.rows or remove it.")
+    return rows
+
+
+def _check_dtype(dtype: np.dtype, where: str, column: str | None = None) -> None:
+    if dtype.name not in FLOAT_DTYPES:
+        what = f"column {column!r} of {where}" if column else where
+        raise SourceDtypeError(
+            f"data: {what} holds {dtype} values; distjac differentiates floating values only "
+            f"({', '.join(FLOAT_DTYPES)}). Convert the data to float32."
+        )
+
+
+def _pick_column(schema: pa.Schema, column: str | None, path: str) -> tuple[str, pa.DataType]:
+    """The tensor column to read: the named one (checked), or the only tensor-like one."""
+    listing = ", ".join(f"{f.name} ({_type_name(f.type)})" for f in schema)
+    if column is None:
+        tensors = [f for f in schema if arrow_mod.tensor_info(f.type) is not None]
+        if len(tensors) != 1:
+            what = "no tensor column" if not tensors else f"{len(tensors)} tensor columns"
+            raise SourceError(
+                f"data: {path!r} has {what}; set data.column to one of its columns: {listing}."
+            )
+        field = tensors[0]
+    else:
+        idx = schema.get_field_index(column)
+        if idx < 0:
+            raise SourceError(f"data: {path!r} has no column {column!r}; its columns are: {listing}.")
+        field = schema.field(idx)
+    info = arrow_mod.tensor_info(field.type)
+    if info is None:
+        raise SourceError(
+            f"data: column {field.name!r} of {path!r} has type {_type_name(field.type)}, not a tensor; "
+            f"distjac reads arrow.fixed_shape_tensor or fixed_size_list<float> columns."
+        )
+    _check_dtype(np.dtype(info[1]), repr(path), field.name)
+    return field.name, field.type
+
+
+def _type_name(typ: pa.DataType) -> str:
+    return "fixed_shape_tensor" if isinstance(typ, pa.FixedShapeTensorType) else str(typ)
+

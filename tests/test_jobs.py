@@ -1,0 +1,292 @@
+"""Whole jobs in this process (no Ray): results equal distjac.batch_jacobian on the same
+data, resume computes only what is missing, a changed spec is refused, failures keep
+every finished shard."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from job_helpers import reference, tiny_spec, write_arrow, write_parquet
+
+import distjac
+from distjac import arrow as arrow_mod
+from distjac.config import build_model
+from distjac.io.sink import MANIFEST_NAME, REPORT_NAME, SUCCESS_NAME, Manifest
+from distjac.io.sources import open_source
+from distjac.joberrors import OutputExistsError
+from distjac.jobs import PartSink, ShardDescriptor, compute_shard, prepare_job, run_job, sequential_executor
+from distjac.models import mlp
+from distjac.reduce import reduce_block
+
+
+def _parts(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("part-"))
+
+
+def test_job_equals_batch_jacobian(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    report = run_job(spec)
+    assert report["status"] == "succeeded" and report["rows"] == 50 and report["shards"] == 4
+    assert report["computed_shards"] == 4 and report["computed_rows"] == 50 and report["reused_shards"] == 0
+    got = distjac.read_result(spec.output.path)
+    assert got.shape == (50, 2, 3)
+    np.testing.assert_allclose(got, reference(spec), rtol=1e-6, atol=1e-7)
+    out = spec.output.path
+    assert _parts(out) == [f"part-0000{i}.arrow" for i in range(4)]
+    assert os.path.exists(os.path.join(out, SUCCESS_NAME))
+    assert json.load(open(os.path.join(out, REPORT_NAME)))["rows"] == 50
+    (worker, figures), = report["workers"].items()
+    assert figures["shards"] == 4 and figures["rows"] == 50
+
+
+@pytest.mark.parametrize("kind", ["npy", "parquet", "arrow", "tensor"])
+def test_file_sources(tmp_path, kind):
+    x = np.random.default_rng(0).standard_normal((41, 3)).astype(np.float32)
+    data = {"kind": kind, "rows": None, "shape": None}
+    if kind == "npy":
+        np.save(tmp_path / "x.npy", x)
+        data["path"] = str(tmp_path / "x.npy")
+    elif kind == "parquet":
+        data["path"] = write_parquet(tmp_path / "x.parquet", x, row_group_size=7)
+    elif kind == "arrow":
+        data["path"] = write_arrow(tmp_path / "x.arrow", x, batch_rows=9)
+    else:
+        data["tensor"] = torch.from_numpy(x)
+    spec = tiny_spec(tmp_path / "out", data=data)
+    run_job(spec)
+    want = distjac.batch_jacobian(mlp([3, 5, 2]), torch.from_numpy(x), mode="rev").numpy()
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), want, rtol=1e-6, atol=1e-7)
+
+
+def test_parquet_output_float64_fwd(tmp_path):
+    spec = tiny_spec(tmp_path / "out", output={"format": "parquet"},
+                     jacobian={"mode": "fwd", "dtype": "float64", "compute_dtype": "float64"})
+    run_job(spec)
+    got = distjac.read_result(spec.output.path)
+    assert got.dtype == np.float64 and _parts(spec.output.path)[0].endswith(".parquet")
+    x = open_source(spec.data).read(0, 50).double()
+    want = distjac.batch_jacobian(mlp([3, 5, 2]).double(), x, mode="rev").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_reductions_job(tmp_path):
+    spec = tiny_spec(tmp_path / "out", model={"kwargs": {"sizes": [3, 6, 3]}},
+                     jacobian={"reduce": ["frobenius", "spectral", "trace", "logabsdet"]})
+    run_job(spec)
+    got = distjac.read_result(spec.output.path)
+    assert list(got) == ["frobenius", "spectral", "trace", "logabsdet"]
+    full = torch.from_numpy(reference(spec))
+    for name, values in reduce_block(full, list(got), in_ndim=1).items():
+        np.testing.assert_allclose(got[name], values.numpy(), rtol=1e-5, atol=1e-6)
+    assert distjac.read_result(spec.output.path, rows=[3])["trace"].shape == (1,)
+
+
+def test_matrix_shaped_examples(tmp_path):
+    spec = tiny_spec(tmp_path / "out", model={"factory": "distjac.models:cube", "kwargs": {}},
+                     data={"shape": [2, 3], "rows": 20})
+    run_job(spec)
+    got = distjac.read_result(spec.output.path)
+    x = open_source(spec.data).read(0, 20)
+    np.testing.assert_allclose(got, distjac.batch_jacobian(lambda t: t ** 3, x, mode="rev").numpy(), rtol=1e-6)
+    assert got.shape == (20, 2, 3, 2, 3)
+
+
+def test_resume_recomputes_only_deleted_parts(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    run_job(spec)
+    first = distjac.read_result(spec.output.path).copy()
+    out = spec.output.path
+    for i in (1, 3):
+        os.unlink(os.path.join(out, f"part-0000{i}.arrow"))
+    report = run_job(spec)
+    assert report["resumed"] and report["recomputed_shards"] == [1, 3]
+    assert report["computed_shards"] == 2 and report["reused_shards"] == 2
+    np.testing.assert_array_equal(distjac.read_result(out), first)
+    again = run_job(spec)  # nothing left to do
+    assert again["computed_shards"] == 0 and again["reused_shards"] == 4
+
+
+def test_corrupted_part_is_recomputed(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    run_job(spec)
+    first = distjac.read_result(spec.output.path).copy()
+    path = os.path.join(spec.output.path, "part-00002.arrow")
+    data = bytearray(open(path, "rb").read())
+    data[-200] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    report = run_job(spec)
+    assert report["recomputed_shards"] == [2] and report["computed_shards"] == 1
+    np.testing.assert_array_equal(distjac.read_result(spec.output.path), first)
+
+
+def test_changed_spec_refused_unless_overwrite(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    run_job(spec)
+    changed = spec.with_overrides(["data.seed=1"])
+    with pytest.raises(OutputExistsError, match="holds results of a different job spec .* pass --overwrite"):
+        run_job(changed)
+    assert os.path.exists(os.path.join(spec.output.path, SUCCESS_NAME))  # untouched
+    report = run_job(changed.with_overrides(["output.overwrite=true"]))
+    assert report["computed_shards"] == 4
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(changed), rtol=1e-6, atol=1e-7)
+
+
+def test_engine_settings_do_not_block_resume(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    run_job(spec)
+    os.unlink(os.path.join(spec.output.path, "part-00000.arrow"))
+    # another shard size and chunk size: the output's own plan is kept, only shard 0 runs
+    report = run_job(spec.with_overrides(["engine.shard_size=7", "jacobian.chunk_size=1"]))
+    assert report["computed_shards"] == 1 and report["shards"] == 4 and report["shard_size"] == 16
+
+
+def test_failed_shard_keeps_finished_ones_and_resumes(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    x[40, 1] = np.nan  # shard 2 = rows [32, 48)
+    np.save(tmp_path / "x.npy", x)
+    spec = tiny_spec(tmp_path / "out", model={"factory": "job_helpers:nan_guard", "kwargs": {}},
+                     data={"kind": "npy", "path": str(tmp_path / "x.npy"), "rows": None, "shape": None})
+    message = r"shard 2 \(rows \[32, 48\)\) failed on .*ValueError: NaN in the batch"
+    with pytest.raises(distjac.ShardError, match=message) as info:
+        run_job(spec)
+    assert (info.value.shard, info.value.start, info.value.stop) == (2, 32, 48)
+    assert isinstance(info.value.__cause__, ValueError)
+    out = spec.output.path
+    assert _parts(out) == ["part-00000.arrow", "part-00001.arrow"]
+    assert not os.path.exists(os.path.join(out, SUCCESS_NAME))
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no half-written part
+    assert sorted(Manifest.load(out).parts) == [0, 1]
+    assert json.load(open(os.path.join(out, REPORT_NAME)))["status"] == "failed"
+    x[40, 1] = 0.0
+    np.save(tmp_path / "x.npy", x)
+    report = run_job(spec)
+    assert report["computed_shards"] == 2 and report["reused_shards"] == 2
+
+
+def test_parts_finished_after_the_last_manifest_save_are_adopted(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    run_job(spec)
+    out = spec.output.path
+    m = Manifest.load(out)
+    del m.parts[1], m.parts[2]  # as if the driver died before recording them
+    m.save()
+    os.unlink(os.path.join(out, SUCCESS_NAME))
+    report = run_job(spec)
+    assert report["adopted_shards"] == 2 and report["computed_shards"] == 0
+    assert Manifest.load(out).complete and os.path.exists(os.path.join(out, SUCCESS_NAME))
+
+
+def test_custom_executor_gets_picklable_descriptors(tmp_path):
+    seen = []
+
+    def remote_like(descriptors):
+        # what a Ray executor does: ship each descriptor by pickle, finish in any order
+        for desc in reversed(list(descriptors)):
+            blob = pickle.dumps(desc)
+            assert len(blob) < 4096  # descriptors carry no data
+            seen.append(desc.index)
+            yield compute_shard(pickle.loads(blob)).to_dict()  # dicts are accepted too
+
+    spec = tiny_spec(tmp_path / "out")
+    report = run_job(spec, remote_like)
+    assert seen == [3, 2, 1, 0] and report["computed_shards"] == 4
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-6, atol=1e-7)
+
+
+def test_engine_seam_part_sink(tmp_path):
+    """The engine's worker computes a Jacobian batch itself and hands it to job.part_sink()."""
+    spec = tiny_spec(tmp_path / "out", model={"kwargs": {"sizes": [3, 3]}}, jacobian={"reduce": ["trace"]})
+    job = prepare_job(spec)
+    model = build_model(spec.model)
+    reader, sink = pickle.loads(pickle.dumps((job.reader(), job.part_sink())))
+
+    def engine_like(descriptors):
+        for d in descriptors:
+            x = reader.read(d.start, d.stop)
+            batch = arrow_mod.to_record_batch(range(d.start, d.stop), distjac.batch_jacobian(model, x), dtype=None)
+            task = type("Task", (), {"shard": d.index, "start": d.start, "stop": d.stop})
+            yield sink.write(batch, task)
+
+    run_job(spec, engine_like, prepared=job)
+    full = torch.from_numpy(reference(spec))
+    np.testing.assert_allclose(distjac.read_result(spec.output.path)["trace"],
+                               reduce_block(full, ["trace"], 1)["trace"].numpy(), rtol=1e-6)
+    assert isinstance(sink, PartSink)
+
+
+def test_compute_shard_with_a_given_model(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    job = prepare_job(spec)
+    os.makedirs(job.out_dir)
+    desc = job.descriptor(1, 16, 32)
+    assert isinstance(desc, ShardDescriptor) and desc.file == "part-00001.arrow"
+    part = compute_shard(desc, model=build_model(spec.model), device="cpu")
+    assert part.rows == 16 and part.seconds > 0 and part.worker
+    assert list(sequential_executor([])) == []
+
+
+def test_empty_job(tmp_path):
+    spec = tiny_spec(tmp_path / "out", data={"rows": 0})
+    report = run_job(spec)
+    assert report["shards"] == 0 and os.path.exists(os.path.join(spec.output.path, SUCCESS_NAME))
+    assert distjac.read_result(spec.output.path).shape == (0, 2, 3)
+
+
+def test_plan_is_printable(tmp_path):
+    job = prepare_job(tiny_spec(tmp_path / "out"))
+    text = str(job)
+    assert "spec hash" in text and "4 x 16 rows (last 2)" in text and "synthetic: 50 rows of shape (3,)" in text
+    assert job.summary()["plan"]["shards"] == 4
+    assert not os.path.exists(tmp_path / "out")  # planning writes nothing
+
+
+def test_manifest_records_the_plan_and_inputs(tmp_path):
+    spec = tiny_spec(tmp_path / "out")
+    run_job(spec)
+    d = json.load(open(os.path.join(spec.output.path, MANIFEST_NAME)))
+    assert d["spec_hash"] == spec.spec_hash() and d["shards"] == [[0, 16], [16, 32], [32, 48], [48, 50]]
+    assert d["info"]["input_shape"] == [3] and d["info"]["output_shape"] == [2]
+    assert d["info"]["spec"]["model"]["factory"] == "distjac.models:mlp"
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_job_resumes_with_the_same_result(tmp_path):
+    """SIGKILL the driver of an in-process job (`distjac run --workers 0`) mid-way: the rerun
+    keeps every part that was on disk and computes exactly the others."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from job_helpers import TESTS_DIR, tiny_dict
+
+    d = tiny_dict(tmp_path / "out", model={"factory": "job_helpers:slow_mlp", "kwargs": {"delay": 0.05}},
+                  data={"rows": 200}, engine={"shard_size": 10})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(d))
+    env = {**os.environ, "PYTHONPATH": TESTS_DIR}
+    proc = subprocess.Popen([sys.executable, "-m", "distjac.cli", "run", str(tmp_path / "job.yaml"), "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and len(_parts(out)) >= 3:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = len(_parts(out))
+    assert 3 <= finished < 20, "the job was not killed mid-way"
+    assert not (out / SUCCESS_NAME).exists()
+    spec = distjac.JobSpec.from_dict(d)
+    report = run_job(spec)
+    assert report["reused_shards"] + report["adopted_shards"] == finished
+    assert report["computed_shards"] == 20 - finished
+    clean = run_job(spec.with_overrides([f"output.path={tmp_path / 'clean'}", "model.kwargs.delay=0"]))
+    assert clean["computed_shards"] == 20
+    np.testing.assert_array_equal(distjac.read_result(out), distjac.read_result(tmp_path / "clean"))
