@@ -164,7 +164,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .io.sink import inspect_output
-    from .joberrors import ResultError
+    from .errors import ResultError
     from .plan import format_bytes
 
     try:
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report_error("distjac: interrupted; finished shards are kept, run the job again to resume.", e, debug)
         return 130
     except Exception as e:
-        from .joberrors import JobInputError
+        from .errors import JobInputError
 
         usage = isinstance(e, JobInputError)
         prefix = f"distjac {argv_command(argv)}: error: " if not usage else f"distjac {argv_command(argv)}: "

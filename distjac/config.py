@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .joberrors import ConfigError, SourceNotFoundError
+from .errors import ConfigError, SourceNotFoundError
 from .options import MODES
 
 __all__ = [

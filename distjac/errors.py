@@ -13,7 +13,21 @@ Every error subclasses the built-in it refines, so ``except ValueError`` keeps w
     │                                 check_independence found examples that depend on each other
     ├── MemoryBudgetError(MemoryError)
     │                                 even the smallest pass does not fit the memory budget
-    └── ShardError(RuntimeError)      a shard failed on a worker (raised by the engine)
+    ├── ShardError(RuntimeError)      a shard failed on a worker (raised by the engine)
+    ├── JobInputError                 a job that cannot start; raised before any work is done
+    │   ├── ConfigError(ValueError)   unknown key, bad value, conflicting settings, a reduction
+    │   │                             the Jacobian's shape does not allow
+    │   ├── SourceError(ValueError)   a missing column, a column that holds no tensors
+    │   ├── SourceNotFoundError(FileNotFoundError)
+    │   │                             an input file (data, weights, config) that does not exist
+    │   ├── SourceDtypeError(DtypeError)
+    │   │                             input values of a dtype that cannot be differentiated
+    │   └── OutputExistsError(FileExistsError)
+    │                                 the output holds another job's results; --overwrite replaces it
+    └── ResultError(RuntimeError)     an output dataset that is not a distjac result, or misses rows
+
+The CLI exits with status 2 for every ``JobInputError`` (the job never started) and 1 for
+anything that fails while it runs.
 
 Messages start with the public call, give what was expected and what was received, and
 end with the way out.
@@ -22,13 +36,20 @@ end with the way out.
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "CoupledExamplesError",
     "DistjacError",
     "DtypeError",
+    "JobInputError",
     "MemoryBudgetError",
     "OptionError",
+    "OutputExistsError",
+    "ResultError",
     "ShapeError",
     "ShardError",
+    "SourceDtypeError",
+    "SourceError",
+    "SourceNotFoundError",
     "TapeError",
     "VectorizationError",
 ]
@@ -89,3 +110,31 @@ class ShardError(DistjacError, RuntimeError):
 
 def _rebuild_shard_error(message, shard, start, stop, node):
     return ShardError(message, shard=shard, start=start, stop=stop, node=node)
+
+
+class JobInputError(DistjacError):
+    """A job that cannot start: its spec, inputs or output location are wrong."""
+
+
+class ConfigError(JobInputError, ValueError):
+    """A job spec with an unknown key, a bad value or settings that conflict."""
+
+
+class SourceError(JobInputError, ValueError):
+    """An input source that has no usable tensor column or rows."""
+
+
+class SourceNotFoundError(JobInputError, FileNotFoundError):
+    """An input file (data, weights, config) that does not exist."""
+
+
+class SourceDtypeError(JobInputError, DtypeError):
+    """Input values of a dtype that cannot be differentiated (integers, bool, strings)."""
+
+
+class OutputExistsError(JobInputError, FileExistsError):
+    """The output directory holds results of another job (or other files)."""
+
+
+class ResultError(DistjacError, RuntimeError):
+    """An output dataset that is not a distjac result, is incomplete or is corrupted."""

@@ -55,7 +55,7 @@ from .io.sink import (
     write_part,
 )
 from .io.sources import Source, open_source
-from .joberrors import ConfigError, ResultError
+from .errors import ConfigError, ResultError
 from .plan import ShardPlan, format_bytes, make_plan
 from .reduce import check_reductions, reduce_block
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .joberrors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["REDUCTIONS", "check_reductions", "reduce_block"]
 

@@ -12,7 +12,7 @@ from job_helpers import tiny_dict, tiny_spec, write_arrow, write_parquet
 import distjac
 from distjac.config import DataSpec, JobSpec, ModelSpec, build_model
 from distjac.errors import DtypeError
-from distjac.joberrors import (
+from distjac.errors import (
     ConfigError,
     JobInputError,
     SourceDtypeError,

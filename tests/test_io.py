@@ -30,7 +30,7 @@ from distjac.io.sink import (
     write_part,
 )
 from distjac.io.sources import ArrowSource, NpySource, ParquetSource, SyntheticSource, TensorSource, open_source
-from distjac.joberrors import OutputExistsError, ResultError, SourceError
+from distjac.errors import OutputExistsError, ResultError, SourceError
 
 RANGES = [(0, 1), (0, 37), (5, 16), (9, 10), (16, 17), (20, 37), (36, 37), (12, 12)]
 

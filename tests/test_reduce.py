@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distjac.joberrors import ConfigError
+from distjac.errors import ConfigError
 from distjac.reduce import REDUCTIONS, check_reductions, reduce_block
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import arrow as arrow_mod
-from ..joberrors import OutputExistsError, ResultError
+from ..errors import OutputExistsError, ResultError
 
 __all__ = [
     "MANIFEST_NAME",

@@ -39,7 +39,7 @@ import pyarrow as pa
 import torch
 
 from .. import arrow as arrow_mod
-from ..joberrors import SourceDtypeError, SourceError, SourceNotFoundError
+from ..errors import SourceDtypeError, SourceError, SourceNotFoundError
 
 __all__ = [
     "ArrowSource",
