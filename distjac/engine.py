@@ -650,34 +650,58 @@ class Engine:
                               "use True or False.")
         return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress).run()
 
-    def run(self, spec):
-        """Run a job (issue 4): a :class:`distjac.JobSpec` streamed to Arrow/Parquet parts.
+    def run(self, spec, *, progress: bool | None = None) -> dict:
+        """Run a job: a :class:`distjac.JobSpec` streamed to Arrow/Parquet part files.
 
-        The intended wiring, with the pieces this module already has (see NOTE [the seam
-        for jobs (issue 4)] in distjac.worker)::
+        The driver checks and plans the job (:func:`distjac.jobs.prepare_job`), opens or
+        resumes its output, and ships the model once; each worker reads its shard's rows
+        itself from the shard's source descriptor (the driver sends no data), computes
+        them with the kernels, reduces them if asked, and writes its own part file
+        (temporary name, fsync, rename). The driver records each part in the manifest as
+        it completes, so a job stopped at any point resumes with what was finished.
 
-            job = prepare_job(spec, num_workers=self.num_workers)    # plan(gather=False)
-            shipment = _ship(self, model_or_factory)                 # fn shipped once
-            def executor(descriptors):
-                tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype,
-                                   source=job.reader()) for d in descriptors]
-                for task, receipt, done in _map_shards(
-                        self, shipment, tasks, options, in_flight=job.plan.in_flight,
-                        call="Engine.run(spec)", sink=job.part_sink()):
-                    yield receipt                                    # PartInfo as a dict
-            return run_job(spec, executor, prepared=job)
+        Args:
+            spec: the job.
+            progress: show a progress bar; None follows the spec, then the terminal.
 
-        Workers read their rows from the descriptor and write their own part files; the
-        driver only records receipts, retries lost shards and skips finished ones.
+        Returns:
+            The job report (also written to ``_report.json`` in the output).
 
         Raises:
-            NotImplementedError: always, until issue 4 lands.
+            ConfigError, SourceError, SourceNotFoundError, SourceDtypeError,
+                OutputExistsError: the job cannot start; nothing was written.
+            ShardError: a shard failed; finished parts stay on disk for a resume.
         """
-        self._check_open("Engine.run(spec)")
-        raise NotImplementedError(
-            "Engine.run(spec): job specs streaming to Arrow/Parquet part files are issue 4 "
-            "and not implemented yet; use Engine.batch_jacobian(fn, x) for in-memory results."
-        )
+        from .config import build_model
+        from .jobs import prepare_job, run_job
+
+        call = "Engine.run(spec)"
+        self._check_open(call)
+        job = prepare_job(spec, num_workers=self.num_workers)
+        model = build_model(spec.model, dtype=getattr(torch, job.compute_dtype))
+        if isinstance(model, torch.nn.Module):
+            model.requires_grad_(False)  # Jacobians w.r.t. the inputs only
+        options = {
+            "mode": spec.jacobian.mode,
+            "chunk_size": spec.jacobian.chunk_size if spec.jacobian.chunk_size is not None else self.chunk_size,
+            "use_pfor": True,
+            "call": call,
+        }
+        in_flight = max(1, spec.engine.parallel_iterations or self.parallel_iterations)
+
+        def executor(descriptors):
+            if not descriptors:
+                return
+            self._ready()
+            shipment = _ship(self, model)
+            reader, sink = job.reader(), job.part_sink()
+            tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, source=reader)
+                     for d in descriptors]
+            for _task, receipt, _done in _map_shards(self, shipment, tasks, options, in_flight=in_flight,
+                                                      call=call, sink=sink):
+                yield receipt
+
+        return run_job(spec, executor, prepared=job, progress=progress)
 
 
 # --------------------------------------------------------------------------------------
