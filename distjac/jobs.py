@@ -253,7 +253,11 @@ class PartSink:
         out = arrow_mod.with_metadata(out, arrow_mod.schema_metadata(batch.schema))  # the worker's annotation
         part = write_part(self.out_dir, task.shard, task.start, task.stop, out, self.format,
                           metadata={"spec_hash": self.spec_hash})
-        return replace(part, seconds=time.perf_counter() - t0).to_dict()
+        # PartInfo.seconds is the worker's whole time on the shard: its read, compute and
+        # Arrow times (the batch's annotation) plus this reduce and write.
+        info = arrow_mod.annotation(batch)
+        before = sum(float(info.get(k, 0.0)) for k in ("load_s", "compute_s", "arrow_s"))
+        return replace(part, seconds=before + time.perf_counter() - t0).to_dict()
 
 
 # -----------------------------------------------------------------------------------------

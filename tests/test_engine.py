@@ -344,8 +344,8 @@ def test_failure_on_the_probe_rows_names_shard_zero(engine):
 
 
 @pytest.mark.ray
-def test_run_is_the_seam_for_jobs(engine):
-    with pytest.raises(NotImplementedError, match="issue 4"):
+def test_run_rejects_what_is_not_a_job_spec(engine):
+    with pytest.raises(TypeError, match="must be a distjac.JobSpec"):
         engine.run(object())
 
 

@@ -1,0 +1,467 @@
+"""Jobs on real Ray workers: ``Engine.run(spec)`` and ``distjac run --workers 2``.
+
+The workers read their rows from each shard's source and write their own part files; the
+results must equal ``distjac.batch_jacobian`` on the same rows in this process. Resume
+(deleted, truncated, corrupted parts; a driver SIGKILLed mid-job) computes only what is
+missing, and a failing model names its shard and leaves nothing half-written.
+
+One Engine (two CPU workers) serves the API tests of this module, as in test_engine.py.
+The CLI tests run ``python -m distjac.cli`` in their own session (``start_new_session``),
+so every process of that run's private Ray instance shares the driver's session id: after
+a run the test finds what is left of it with psutil and kills it, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from job_helpers import TESTS_DIR, reference, tiny_dict
+
+import distjac
+from distjac import ShardError
+from distjac import arrow as arrow_mod
+from distjac.config import build_model
+from distjac.io.sink import MANIFEST_NAME, REPORT_NAME, SUCCESS_NAME, Manifest
+from distjac.reduce import reduce_block
+
+psutil = pytest.importorskip("psutil")
+
+pytestmark = pytest.mark.ray
+
+# Generous: the CI machine has 2 cores, and a subprocess starts its own Ray instance.
+CLI_TIMEOUT_S = 300
+# How long the processes of a finished or killed CLI run may take to exit by themselves.
+EXIT_GRACE_S = 30
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def job_dict(out, **sections) -> dict:
+    """mlp 8 -> 16 -> 4 over 2000 synthetic rows, shards of 300 (7 shards, the last 200)."""
+    base = tiny_dict(out, model={"kwargs": {"sizes": [8, 16, 4]}}, data={"rows": 2000, "shape": [8]},
+                     engine={"shard_size": 300, "num_workers": 2, "parallel_iterations": 4})
+    for name, values in sections.items():
+        base[name] = {**base[name], **values}
+    return base
+
+
+def job_spec(out, **sections) -> distjac.JobSpec:
+    return distjac.JobSpec.from_dict(job_dict(out, **sections))
+
+
+def write_config(tmp_path, d: dict, name: str = "job.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(d))
+    return str(path)
+
+
+def part_files(out) -> list[str]:
+    return sorted(n for n in os.listdir(out) if n.startswith("part-"))
+
+
+def temporaries(out) -> list[str]:
+    return sorted(n for n in os.listdir(out) if ".tmp-" in n)
+
+
+def read_part(path: str):
+    """A part file as a reader sees it: (row ids, {column: values})."""
+    if path.endswith(".arrow"):
+        table = ipc.open_file(pa.memory_map(path, "r")).read_all()
+    else:
+        table = pq.read_table(path)
+    cols = {}
+    for name in table.column_names:
+        if name != arrow_mod.ROW_COLUMN:
+            col = table.column(name)
+            cols[name] = arrow_mod.column_values(col) if arrow_mod.tensor_info(col.type) else col.to_numpy()
+    return table.column(arrow_mod.ROW_COLUMN).to_numpy(), cols
+
+
+def check_nothing_half_written(out, expected: np.ndarray) -> tuple[set[int], set[int]]:
+    """Every part under its final name is complete and right; every recorded part matches
+    its checksum. Returns (recorded shards, shards with a part on disk)."""
+    manifest = Manifest.load(out)
+    assert manifest.verify(full=True, drop=False) == [], "a recorded part does not match the manifest"
+    on_disk = set()
+    for name in part_files(out):
+        shard = int(name.split("-")[1].split(".")[0])
+        start, stop = manifest.shards[shard]
+        rows, cols = read_part(os.path.join(out, name))
+        np.testing.assert_array_equal(rows, np.arange(start, stop), err_msg=name)
+        np.testing.assert_allclose(cols["jacobian"], expected[start:stop], rtol=1e-5, atol=1e-6, err_msg=name)
+        on_disk.add(shard)
+    recorded = set(manifest.parts)
+    assert recorded <= on_disk
+    assert not os.path.exists(os.path.join(out, SUCCESS_NAME))
+    return recorded, on_disk
+
+
+def drain(engine) -> None:
+    """Wait until the workers finished what they still hold. After a shard fails, Ray
+    cancels the queued shards but lets a running actor task finish (and write its part):
+    actor calls run in order, so a fresh call returns once those are done."""
+    import ray
+
+    ray.get([w.info.remote() for w in engine._workers], timeout=CLI_TIMEOUT_S)
+
+
+def nan_job(tmp_path, nan_row: int) -> tuple[dict, str]:
+    """job_helpers:nan_guard (mlp 3 -> 5 -> 2 raising on a NaN in its batch) over 600 rows
+    of an .npy file with a NaN in ``nan_row``; shards of 100, two in flight."""
+    x = np.random.default_rng(3).standard_normal((600, 3)).astype(np.float32)
+    x[nan_row, 1] = np.nan
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    d = job_dict(tmp_path / "out", model={"factory": "job_helpers:nan_guard", "kwargs": {}},
+                 data={"kind": "npy", "path": str(path), "rows": None, "shape": None},
+                 engine={"shard_size": 100, "parallel_iterations": 2})
+    return d, str(path)
+
+
+def fix_nan(path: str) -> None:
+    np.save(path, np.nan_to_num(np.load(path), nan=0.25))
+
+
+def fixed_reference(spec: distjac.JobSpec, path: str) -> np.ndarray:
+    """The Jacobians of the NaN job once its NaN is replaced as fix_nan does (computed
+    with the guarded MLP itself, which has no NaN check)."""
+    x = torch.from_numpy(np.nan_to_num(np.load(path), nan=0.25))
+    return distjac.batch_jacobian(build_model(spec.model).inner, x, mode="rev").numpy()
+
+
+# -- the CLI in a subprocess, in its own session ----------------------------------------
+
+
+def cli_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "distjac.cli", *args]
+
+
+def session_processes(sid: int) -> list:
+    """Processes of session ``sid`` (a CLI driver started with start_new_session and
+    every Ray process it spawned, even once reparented after the driver died)."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.pid != sid and os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def _describe(procs) -> list[str]:
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append(f"{p.pid} {p.name()}")
+    return out
+
+
+def reap_session(sid: int, grace: float = EXIT_GRACE_S) -> list[str]:
+    """Wait up to ``grace`` seconds for the session's processes to exit by themselves;
+    SIGKILL what is left (by pid). Returns the survivors' descriptions."""
+    deadline = time.monotonic() + grace
+    left = session_processes(sid)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = session_processes(sid)
+    survivors = _describe(left)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)
+    assert not session_processes(sid), "processes of the run survived SIGKILL"
+    return survivors
+
+
+def is_ray_agent(description: str) -> bool:
+    # Ray's per-node agents poll their raylet and exit 30-90 s after it is gone.
+    return "Agent" in description
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """``distjac ARGS`` to completion; its Ray processes must exit with it."""
+    proc = subprocess.Popen(cli_command(*args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        survivors = reap_session(proc.pid)
+    assert not survivors, f"`distjac {' '.join(args)}` left processes running: {survivors}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def json_report(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+# --------------------------------------------------------------------------------------
+# Engine.run on a shared engine
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import ray
+
+    eng = distjac.Engine(num_workers=2, device="cpu", max_retries=3, progress=False)
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+    if eng.owns_local:
+        assert not ray.is_initialized(), "the Ray instance distjac started outlived its last Engine"
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+def test_run_equals_batch_jacobian(engine, tmp_path, fmt):
+    spec = job_spec(tmp_path / "out", output={"format": fmt})
+    report = engine.run(spec)
+    assert report["status"] == "succeeded" and report["format"] == fmt
+    assert (report["rows"], report["shards"], report["shard_size"]) == (2000, 7, 300)
+    assert report["computed_shards"] == 7 and report["computed_rows"] == 2000
+    assert report["finished_shards"] == 7 and report["reused_shards"] == 0 and not report["resumed"]
+    assert report["bytes_written"] > 2000 * 4 * 8 * 4  # rows x jacobian values x float32
+
+    out = spec.output.path
+    got = distjac.read_result(out)
+    assert got.shape == (2000, 4, 8) and got.dtype == np.float32
+    want = reference(spec)  # distjac.batch_jacobian(model, rows the job's source reads), rev
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    assert part_files(out) == [f"part-0000{i}.{fmt}" for i in range(7)]
+    assert os.path.exists(os.path.join(out, SUCCESS_NAME)) and not temporaries(out)
+    manifest = json.load(open(os.path.join(out, MANIFEST_NAME)))
+    assert manifest["spec_hash"] == spec.spec_hash() and manifest["finished"] == 7
+    assert manifest["shards"] == [[i * 300, min(2000, (i + 1) * 300)] for i in range(7)]
+    assert json.load(open(os.path.join(out, REPORT_NAME)))["computed_shards"] == 7
+    # Any Arrow reader takes the directory as it is.
+    assert pads.dataset(out, format="arrow" if fmt == "arrow" else "parquet").count_rows() == 2000
+
+    # The parts were written by the workers (two processes, not this one), and the
+    # report's per-worker time covers their compute, not only their write.
+    assert sum(w["shards"] for w in report["workers"].values()) == 7
+    assert sum(w["rows"] for w in report["workers"].values()) == 2000
+    writers = {p["worker"] for p in manifest["parts"].values()}
+    assert len(writers) == 2 and f":{os.getpid()}" not in " ".join(writers)
+    for info in manifest["parts"].values():
+        schema = ipc.open_file(os.path.join(out, info["file"])).schema if fmt == "arrow" else \
+            pq.read_schema(os.path.join(out, info["file"]))
+        annotation = arrow_mod.annotation(schema)
+        assert annotation["shard"] == info["shard"] and annotation["pid"] != os.getpid()
+        assert info["seconds"] >= annotation["compute_s"] > 0
+
+
+def test_reduction_job_equals_in_process_reductions(engine, tmp_path):
+    spec = job_spec(tmp_path / "out", model={"kwargs": {"sizes": [8, 16, 8]}},
+                    jacobian={"reduce": ["frobenius", "trace", "spectral", "logabsdet"]})
+    report = engine.run(spec)
+    assert report["computed_shards"] == 7 and report["rows"] == 2000
+    got = distjac.read_result(spec.output.path)
+    assert list(got) == ["frobenius", "trace", "spectral", "logabsdet"]
+    full = torch.from_numpy(reference(spec))
+    assert full.shape == (2000, 8, 8)
+    want = reduce_block(full, list(got), in_ndim=1)
+    for name in got:
+        assert got[name].shape == (2000,)
+        np.testing.assert_allclose(got[name], want[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    # Kilobytes per shard, not the Jacobians.
+    assert report["bytes_written"] < 2000 * (8 + 4 * 4) + 7 * 4096
+
+
+def test_resume_recomputes_only_deleted_and_damaged_parts(engine, tmp_path):
+    spec = job_spec(tmp_path / "out")
+    engine.run(spec)
+    out = spec.output.path
+    first = distjac.read_result(out).copy()
+
+    os.unlink(os.path.join(out, "part-00001.arrow"))
+    os.unlink(os.path.join(out, "part-00005.arrow"))
+    with open(os.path.join(out, "part-00002.arrow"), "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(f.name) // 2)
+    with open(os.path.join(out, "part-00004.arrow"), "r+b") as f:  # same size, one bit flipped
+        f.seek(-300, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    report = engine.run(spec)
+    assert report["status"] == "succeeded" and report["resumed"]
+    assert report["recomputed_shards"] == [1, 2, 4, 5]
+    problems = {d["shard"]: d["problem"] for d in report["dropped"]}
+    assert "missing" in problems[1] and "truncated" in problems[2] and "corrupted" in problems[4]
+    assert report["computed_shards"] == 4 and report["computed_rows"] == 4 * 300
+    assert report["reused_shards"] == 3 and report["adopted_shards"] == 0
+    np.testing.assert_array_equal(distjac.read_result(out), first)
+    assert os.path.exists(os.path.join(out, SUCCESS_NAME))
+
+    again = engine.run(spec)  # nothing left to do: the workers are not even asked
+    assert again["computed_shards"] == 0 and again["reused_shards"] == 7 and again["workers"] == {}
+    np.testing.assert_array_equal(distjac.read_result(out), first)
+
+
+def test_failing_model_names_the_shard_and_keeps_finished_parts(engine, tmp_path):
+    d, data_path = nan_job(tmp_path, nan_row=345)  # shard 3: rows [300, 400)
+    spec = distjac.JobSpec.from_dict(d)
+    out = spec.output.path
+    with pytest.raises(ShardError, match=r"shard 3 \(rows \[300, 400\)\) failed on node .*NaN in the batch") as info:
+        engine.run(spec)
+    err = info.value
+    assert (err.shard, err.start, err.stop) == (3, 300, 400)
+    assert isinstance(err.__cause__, ValueError)
+    assert "forward" in err.remote_traceback  # the worker's traceback, through NanGuard.forward
+    report = json.load(open(os.path.join(out, REPORT_NAME)))
+    assert report["status"] == "failed" and "shard 3" in report["error"]
+
+    drain(engine)  # a shard in flight next to shard 3 may still finish and write its part
+    want = fixed_reference(spec, data_path)
+    recorded, on_disk = check_nothing_half_written(out, want)
+    assert {0, 1} <= recorded and 3 not in on_disk
+
+    # A writer that died mid-part leaves a temporary: the next run deletes it, keeps every
+    # finished part (recorded or not) and computes only the others.
+    (tmp_path / "out" / ".part-00003.arrow.tmp-999999-0badf00d").write_bytes(b"half a part")
+    fix_nan(data_path)  # same path, same spec hash
+    report = engine.run(spec)
+    assert report["status"] == "succeeded" and report["cleaned_temporaries"] == 1 and not temporaries(out)
+    assert report["reused_shards"] + report["adopted_shards"] == len(on_disk)
+    assert report["computed_shards"] == 6 - len(on_disk)
+    np.testing.assert_allclose(distjac.read_result(out), want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# `distjac run` in a subprocess, on its own embedded Ray instance
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_run_on_ray_end_to_end(tmp_path):
+    d = job_dict(tmp_path / "out", data={"rows": 600}, engine={"shard_size": 100},
+                 output={"format": "parquet"})
+    config = write_config(tmp_path, d)
+    r = run_cli("run", config, "--workers", "2", "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    report = json_report(r.stdout)
+    assert report["status"] == "succeeded" and report["rows"] == 600 and report["shards"] == 6
+    assert report["computed_shards"] == 6 and len(report["workers"]) == 2
+    spec = distjac.JobSpec.from_dict(d)
+    np.testing.assert_allclose(distjac.read_result(tmp_path / "out"), reference(spec), rtol=1e-5, atol=1e-6)
+    assert part_files(tmp_path / "out") == [f"part-0000{i}.parquet" for i in range(6)]
+    assert (tmp_path / "out" / SUCCESS_NAME).exists() and not temporaries(tmp_path / "out")
+
+
+def test_cli_job_failure_on_ray_exits_1_and_leaves_nothing_half_written(engine, tmp_path):
+    d, data_path = nan_job(tmp_path, nan_row=250)  # shard 2: rows [200, 300)
+    config = write_config(tmp_path, d)
+    r = run_cli("run", config, "--workers", "2", "--no-progress")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("20")]
+    assert "Traceback" not in r.stderr
+    message = [line for line in lines if line.startswith("distjac run: error:")]
+    assert len(message) == 1, r.stderr
+    assert "shard 2 (rows [200, 300)) failed on node" in message[0] and "NaN in the batch" in message[0]
+
+    out = tmp_path / "out"
+    spec = distjac.JobSpec.from_yaml(config)
+    want = fixed_reference(spec, data_path)
+    recorded, on_disk = check_nothing_half_written(out, want)
+    assert {0, 1} <= recorded and 2 not in on_disk
+    left = temporaries(out)  # the driver stopped its workers, perhaps mid-write
+
+    fix_nan(data_path)
+    report = engine.run(spec)  # the same job (the engine section is not in the spec hash)
+    assert report["status"] == "succeeded" and report["resumed"]
+    assert report["cleaned_temporaries"] == len(left) and not temporaries(out)
+    assert report["reused_shards"] + report["adopted_shards"] == len(on_disk)
+    assert report["computed_shards"] == 6 - len(on_disk)
+    np.testing.assert_allclose(distjac.read_result(out), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_driver_sigkilled_mid_job_then_resumed(engine, tmp_path):
+    """SIGKILL `distjac run --workers 2` once parts are on disk: its Ray processes go with
+    it (leftovers are killed), and the rerun keeps every part on disk, computes exactly
+    the rest, and ends equal to an uninterrupted run."""
+    base = tiny_dict(tmp_path / "out", model={"factory": "job_helpers:slow_mlp", "kwargs": {"sizes": [3, 5, 2]}})
+    config = write_config(tmp_path, base)
+    total = 40
+    # 40 shards of 10 rows, each sleeping 0.5 s on a worker, 2 in flight: ~10 s of work
+    # after Ray starts, mostly asleep (robust on a loaded machine).
+    args = ["run", config, "--workers", "2", "--no-progress", "--set", "data.rows=400",
+            "--set", "engine.shard_size=10", "--set", "engine.parallel_iterations=2",
+            "--set", "model.kwargs.delay=0.5"]
+    out = tmp_path / "out"
+
+    proc = subprocess.Popen(cli_command(*args), env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.exists() and len(part_files(out)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the job ended before it was killed: {proc.stderr.read()}"
+        assert len(part_files(out)) >= 2, "no part written in time"
+        workers = [p for p in session_processes(proc.pid) if "JacobianWorker" in (p.info["name"] or "")]
+        assert len(workers) == 2, _describe(session_processes(proc.pid))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        survivors = reap_session(proc.pid)
+        proc.stderr.close()
+    # Ray's own processes die with the driver (fate sharing): the workers stop writing.
+    # Its per-node agents notice only later; reap_session killed them.
+    assert [s for s in survivors if not is_ray_agent(s)] == []
+
+    manifest = Manifest.load(out)
+    recorded = set(manifest.parts)
+    finished = {int(n.split("-")[1].split(".")[0]) for n in part_files(out)}
+    assert recorded <= finished and 2 <= len(finished) < total, (recorded, finished)
+    assert not (out / SUCCESS_NAME).exists()
+
+    r = run_cli(*args, "--json")  # the same command again: resumes
+    assert r.returncode == 0, r.stderr
+    report = json_report(r.stdout)
+    assert report["status"] == "succeeded" and report["resumed"] and report["shards"] == total
+    assert report["computed_shards"] <= total - len(finished)
+    assert report["reused_shards"] + report["adopted_shards"] == len(finished)
+    assert report["adopted_shards"] == len(finished - recorded)
+    assert report["computed_shards"] + len(finished) == total
+    assert (out / SUCCESS_NAME).exists() and not temporaries(out)
+
+    # An uninterrupted run of the same job (no sleep: the same numbers), on Ray workers.
+    spec = distjac.JobSpec.from_yaml(config, args[args.index("--set"):][1::2])
+    clean = spec.with_overrides([f"output.path={tmp_path / 'clean'}", "model.kwargs.delay=0"])
+    assert engine.run(clean)["computed_shards"] == total
+    got = distjac.read_result(out)
+    np.testing.assert_array_equal(got, distjac.read_result(tmp_path / "clean"))
+    np.testing.assert_allclose(got, reference(clean), rtol=1e-5, atol=1e-6)
