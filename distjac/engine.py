@@ -705,7 +705,7 @@ class Engine:
 
 
 # --------------------------------------------------------------------------------------
-# Shipping fn, scheduling shards (shared by batch_jacobian and, later, run)
+# Shipping fn, scheduling shards (shared by batch_jacobian and run)
 # --------------------------------------------------------------------------------------
 
 

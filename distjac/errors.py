@@ -95,21 +95,27 @@ class ShardError(DistjacError, RuntimeError):
         start: first row of the shard (inclusive).
         stop: end of the shard's row range (exclusive).
         node: the Ray node the shard ran on, when known.
+        remote_traceback: the worker's traceback of the original error, when known.
     """
 
-    def __init__(self, message: str, *, shard: int, start: int, stop: int, node: str | None = None):
+    def __init__(
+        self, message: str, *, shard: int, start: int, stop: int, node: str | None = None,
+        remote_traceback: str | None = None,
+    ):
         super().__init__(message)
         self.shard = shard
         self.start = start
         self.stop = stop
         self.node = node
+        self.remote_traceback = remote_traceback
 
     def __reduce__(self):  # keep the attributes across pickling (Ray ships errors by pickle)
-        return (_rebuild_shard_error, (self.args[0], self.shard, self.start, self.stop, self.node))
+        return (_rebuild_shard_error, (self.args[0], self.shard, self.start, self.stop, self.node,
+                                       self.remote_traceback))
 
 
-def _rebuild_shard_error(message, shard, start, stop, node):
-    return ShardError(message, shard=shard, start=start, stop=stop, node=node)
+def _rebuild_shard_error(message, shard, start, stop, node, remote_traceback=None):
+    return ShardError(message, shard=shard, start=start, stop=stop, node=node, remote_traceback=remote_traceback)
 
 
 class JobInputError(DistjacError):
