@@ -163,8 +163,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .io.sink import inspect_output
     from .errors import ResultError
+    from .io.sink import inspect_output
     from .plan import format_bytes
 
     try:

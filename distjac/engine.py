@@ -62,15 +62,7 @@ import torch
 
 from . import arrow
 from .errors import DistjacError, OptionError, ShardError
-from .options import (
-    UnconnectedGradients,
-    check_batched,
-    check_floating,
-    check_positive_int,
-    check_tensor,
-    parse_mode,
-    parse_unconnected,
-)
+from .options import UnconnectedGradients, check_functional_call, check_positive_int
 from .plan import DEFAULT_SHARD_BYTES, SHARDS_PER_WORKER, ShardPlan, format_bytes, make_plan
 from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
 
@@ -638,13 +630,7 @@ class Engine:
         """
         call = "Engine.batch_jacobian(fn, x)"
         self._check_open(call)
-        if not callable(fn):
-            raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
-        x = check_tensor(x, "x", call)
-        check_batched(x, "x (the source)", call)
-        check_floating(x, "x (the source)", call)
-        mode = parse_mode(mode, call)
-        unconnected = parse_unconnected(unconnected_gradients, call)
+        x, mode, unconnected = check_functional_call(fn, x, mode, unconnected_gradients, call)
         if not isinstance(experimental_use_pfor, bool):
             raise OptionError(f"{call}: experimental_use_pfor={experimental_use_pfor!r} is not valid; "
                               "use True or False.")
@@ -695,8 +681,16 @@ class Engine:
             self._ready()
             shipment = _ship(self, model)
             reader, sink = job.reader(), job.part_sink()
-            tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, source=reader)
-                     for d in descriptors]
+            if job.source.kind == "tensor":
+                # A tensor in memory is its own data: as a task's source it would travel
+                # whole with every shard. Each task carries its own rows instead (as in
+                # batch_jacobian); the driver keeps the tensor alive until the job ends.
+                wire = to_wire(reader.read(0, job.source.num_rows))
+                tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, rows=wire[d.start:d.stop])
+                         for d in descriptors]
+            else:
+                tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, source=reader)
+                         for d in descriptors]
             for _task, receipt, _done in _map_shards(self, shipment, tasks, options, in_flight=in_flight,
                                                       call=call, sink=sink):
                 yield receipt

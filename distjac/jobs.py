@@ -44,7 +44,7 @@ import torch
 
 from . import arrow as arrow_mod
 from .config import JacobianSpec, JobSpec, ModelSpec, build_model
-from .errors import DistjacError, ShardError
+from .errors import ConfigError, DistjacError, ResultError, ShardError
 from .io.sink import (
     REPORT_NAME,
     Manifest,
@@ -55,7 +55,6 @@ from .io.sink import (
     write_part,
 )
 from .io.sources import Source, open_source
-from .errors import ConfigError, ResultError
 from .plan import ShardPlan, format_bytes, make_plan
 from .reduce import check_reductions, reduce_block
 

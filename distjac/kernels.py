@@ -39,12 +39,11 @@ from .options import (
     UnconnectedGradients,
     check_batched,
     check_floating,
+    check_functional_call,
     check_positive_int,
     check_same_batch,
-    check_tensor,
     env_int,
     parse_mode,
-    parse_unconnected,
 )
 
 __all__ = ["Strategy", "batch_jacobian", "choose_strategy", "graph_batch_jacobian", "graph_jacobian"]
@@ -846,13 +845,7 @@ def batch_jacobian(
         of memory; the result itself needs B*M*N elements.
     """
     call = "batch_jacobian(fn, x)"
-    if not callable(fn):
-        raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
-    x = check_tensor(x, "x", call)
-    check_batched(x, "x (the source)", call)
-    check_floating(x, "x (the source)", call)
-    mode = parse_mode(mode, call)
-    unconnected = parse_unconnected(unconnected_gradients, call)
+    x, mode, unconnected = check_functional_call(fn, x, mode, unconnected_gradients, call)
     check_positive_int(parallel_iterations, "parallel_iterations", call)
     if max_memory is not None:
         check_positive_int(max_memory, "max_memory", call, allow_none=False)

@@ -104,3 +104,17 @@ def env_int(name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise OptionError(f"environment variable {name}={raw!r} must be an integer.") from None
+
+
+def check_functional_call(fn: Any, x: Any, mode: Any, unconnected_gradients: Any, call: str):
+    """The checks every ``batch_jacobian(fn, x, ...)`` entry point makes before any work.
+
+    Returns:
+        ``(x, mode, unconnected)``, the latter two parsed.
+    """
+    if not callable(fn):
+        raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
+    x = check_tensor(x, "x", call)
+    check_batched(x, "x (the source)", call)
+    check_floating(x, "x (the source)", call)
+    return x, parse_mode(mode, call), parse_unconnected(unconnected_gradients, call)
