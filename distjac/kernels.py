@@ -67,7 +67,7 @@ AUTO_BLOCKS = (128, 512, 2048, 8192)
 AUTO_PILOT_FRACTION = 8
 AUTO_KEEP = 1.5
 # A vectorized finalist is chosen over a loop only when it is this much faster.
-AUTO_VMAP_MARGIN = 1.1
+AUTO_VMAP_MARGIN = 1.25
 # Per-example sizes decide the mode outright when one side is this many times the other.
 AUTO_MODE_RATIO = 4.0
 # Examples per probe call (the probe learns output shape, connectivity and activation bytes).
@@ -691,7 +691,11 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
         return cached
     b = x.shape[0]
     per_row = max(1, m * n)
-    sample = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048), max(16, AUTO_SAMPLE_ELEMENTS // per_row))
+    rows_cap = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
+    sample = min(rows_cap, max(16, AUTO_SAMPLE_ELEMENTS // per_row))
+    # Heavy rows (the sample was cut by Jacobian size): blocks would multiply the number of
+    # passes for little cache gain, so only the mode is measured, as unblocked loops.
+    heavy = sample < rows_cap
     pilot = min(sample, max(16, sample // AUTO_PILOT_FRACTION))
     xs = x[:sample].detach()
 
@@ -704,13 +708,18 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
                 continue
         return out
 
-    stage1 = timed(_hows(modes, {"rev": m, "fwd": n}), xs[:pilot])
+    hows = _hows(modes, {"rev": m, "fwd": n})
+    if heavy:
+        # Each pass is big enough to amortize its overhead, and a small sample flatters
+        # vmap (its working set grows with the batch): only loops are candidates.
+        hows = [h for h in hows if not h.vectorize]
+    stage1 = timed(hows, xs[:pilot])
     if not stage1:
         best = Strategy(modes[0], vectorize=False)
     else:
         fastest = min(stage1.values())
         keep = sorted((t, str(h), h) for h, t in stage1.items() if t <= AUTO_KEEP * fastest)[:2]
-        blocks = sorted({blk for blk in AUTO_BLOCKS if blk < sample} | {sample})
+        blocks = [sample] if heavy else sorted({blk for blk in AUTO_BLOCKS if blk < sample} | {sample})
         stage2 = timed([replace(h, block=blk) for _, _, h in keep for blk in blocks], xs)
         if stage2:
             # Stage three: the two best of stage two once more, best of three runs, since
@@ -722,7 +731,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
             best = min(again, key=lambda c: again[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
         else:
             best = replace(keep[0][2], block=sample)
-        if best.block is not None and best.block >= b:
+        if heavy or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
     _CHOICES.put(fn, key, best)
     return best
