@@ -11,9 +11,9 @@ from job_helpers import tiny_dict, tiny_spec, write_arrow, write_parquet
 
 import distjac
 from distjac.config import DataSpec, JobSpec, ModelSpec, build_model
-from distjac.errors import DtypeError
 from distjac.errors import (
     ConfigError,
+    DtypeError,
     JobInputError,
     SourceDtypeError,
     SourceError,

@@ -17,6 +17,7 @@ from job_helpers import write_arrow, write_parquet
 import distjac
 from distjac import arrow as arrow_mod
 from distjac.config import DataSpec
+from distjac.errors import OutputExistsError, ResultError, SourceError
 from distjac.io import sources as src_mod
 from distjac.io.sink import (
     MANIFEST_NAME,
@@ -30,7 +31,6 @@ from distjac.io.sink import (
     write_part,
 )
 from distjac.io.sources import ArrowSource, NpySource, ParquetSource, SyntheticSource, TensorSource, open_source
-from distjac.errors import OutputExistsError, ResultError, SourceError
 
 RANGES = [(0, 1), (0, 37), (5, 16), (9, 10), (16, 17), (20, 37), (36, 37), (12, 12)]
 

@@ -14,9 +14,9 @@ from job_helpers import reference, tiny_spec, write_arrow, write_parquet
 import distjac
 from distjac import arrow as arrow_mod
 from distjac.config import build_model
+from distjac.errors import OutputExistsError
 from distjac.io.sink import MANIFEST_NAME, REPORT_NAME, SUCCESS_NAME, Manifest
 from distjac.io.sources import open_source
-from distjac.errors import OutputExistsError
 from distjac.jobs import PartSink, ShardDescriptor, compute_shard, prepare_job, run_job, sequential_executor
 from distjac.models import mlp
 from distjac.reduce import reduce_block
