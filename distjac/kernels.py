@@ -872,9 +872,13 @@ def batch_jacobian(
         return _run(fn, x, s, create_graph=create_graph, call=call)
 
     probe = _probe(fn, x, call)
-    zeros = torch.zeros((x.shape[0], *probe.out_shape, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    def unconnected_result():  # allocated only when asked for: it is as large as the result
+        if unconnected is UnconnectedGradients.NONE:
+            return None
+        return torch.zeros((x.shape[0], *probe.out_shape, *x.shape[1:]), dtype=x.dtype, device=x.device)
+
     if not probe.connected:
-        return zeros if unconnected is UnconnectedGradients.ZERO else None
+        return unconnected_result()
     s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
     try:
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
@@ -888,7 +892,7 @@ def batch_jacobian(
         s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
     if jac is None:
-        return zeros if unconnected is UnconnectedGradients.ZERO else None
+        return unconnected_result()
     if check_independence:
         _check_independence(fn, x, jac, s, call)
     return jac
