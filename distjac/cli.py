@@ -256,8 +256,6 @@ def _describe(e: BaseException) -> str:
 
     if isinstance(e, DistjacError):
         return str(e)
-    if isinstance(e, NotImplementedError):
-        return f"{e} Run the job in this process with --workers 0."
     return f"{type(e).__name__}: {e}"
 
 
