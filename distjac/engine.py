@@ -262,9 +262,12 @@ class _Lease:
 class ShardStats:
     """One shard of the last call: where it ran and what it cost (seconds).
 
-    ``compute_s`` is the kernel's time on the worker, ``wait_s`` the time from submission
-    to the result being ready on the driver (queueing, transfer, compute), ``gather_s``
-    the driver's time to read the record batch and copy it into place.
+    On the worker: ``read_s`` loads the shard's rows onto its device, ``compute_s`` is the
+    kernel, ``to_host_s`` copies the result off a GPU (0 on CPU), ``arrow_s`` builds the
+    record batch. On the driver: ``wait_s`` runs from submission to the result being
+    ready (queueing, the worker's time, transfer), ``gather_s`` reads the record batch and
+    copies it into place. ``worker_peak_rss_bytes`` is the worker process's peak resident
+    memory when it finished the shard.
     """
 
     shard: int
@@ -277,6 +280,15 @@ class ShardStats:
     compute_s: float
     wait_s: float
     gather_s: float
+    read_s: float = 0.0
+    to_host_s: float = 0.0
+    arrow_s: float = 0.0
+    worker_peak_rss_bytes: int = 0
+
+    @property
+    def worker_s(self) -> float:
+        """The worker's own time on the shard (read, compute, to host, Arrow)."""
+        return self.read_s + self.compute_s + self.to_host_s + self.arrow_s
 
 
 @dataclass(frozen=True)
@@ -659,7 +671,7 @@ class Engine:
             ShardError: a shard failed; finished parts stay on disk for a resume.
         """
         from .config import build_model
-        from .jobs import prepare_job, run_job
+        from .jobs import WORKER_STAGES, prepare_job, run_job
 
         call = "Engine.run(spec)"
         self._check_open(call)
@@ -691,8 +703,13 @@ class Engine:
             else:
                 tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, source=reader)
                          for d in descriptors]
-            for _task, receipt, _done in _map_shards(self, shipment, tasks, options, in_flight=in_flight,
-                                                      call=call, sink=sink):
+            for _task, receipt, done in _map_shards(self, shipment, tasks, options, in_flight=in_flight,
+                                                     call=call, sink=sink):
+                timing = receipt.get("timing")
+                if isinstance(timing, dict):
+                    # Submission to receipt, less the worker's own time: queueing and transfer.
+                    worker_s = sum(float(timing.get(k, 0.0)) for k in WORKER_STAGES)
+                    timing["wait_s"] = max(0.0, done.wait_s - worker_s)
                 yield receipt
 
         return run_job(spec, executor, prepared=job, progress=progress)
@@ -924,6 +941,9 @@ class _Call:
                     shard=task.shard, start=task.start, stop=task.stop, worker=done.worker,
                     node=info.get("node", ""), pid=int(info.get("pid", -1)), attempts=done.attempts,
                     compute_s=float(info.get("compute_s", 0.0)), wait_s=done.wait_s, gather_s=dt,
+                    read_s=float(info.get("load_s", 0.0)), to_host_s=float(info.get("to_host_s", 0.0)),
+                    arrow_s=float(info.get("arrow_s", 0.0)),
+                    worker_peak_rss_bytes=int(info.get("peak_rss_bytes", 0)),
                 )
                 if bar is not None:
                     bar.update(task.stop - task.start)

@@ -57,6 +57,7 @@ from .io.sink import (
 from .io.sources import Source, open_source
 from .plan import ShardPlan, format_bytes, make_plan
 from .reduce import check_reductions, reduce_block
+from .worker import peak_rss_bytes
 
 __all__ = [
     "CastSource",
@@ -145,26 +146,41 @@ def get_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     return model
 
 
-def _compute_values(desc: ShardDescriptor, fn, device: torch.device) -> dict[str, Any]:
-    """Read the shard, compute its Jacobian, reduce it: to_record_batch's arguments."""
+# The stages of a shard's time on its worker, as they appear in a part's ``timing`` (the
+# job report's per-shard breakdown); the driver adds ``wait_s`` (queueing and transfer).
+WORKER_STAGES = ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s")
+
+
+def _shard_record_batch_timed(desc: ShardDescriptor, model: Any, device: Any) -> tuple[Any, dict[str, float]]:
     from .kernels import batch_jacobian
 
-    x = desc.source.read(desc.start, desc.stop).to(device=device, dtype=getattr(torch, desc.compute_dtype))
+    dev = resolve_device(device if device is not None else desc.device)
+    fn = model if model is not None else get_model(desc.model, dev, getattr(torch, desc.compute_dtype))
+    t0 = time.perf_counter()
+    x = desc.source.read(desc.start, desc.stop).to(device=dev, dtype=getattr(torch, desc.compute_dtype))
+    t1 = time.perf_counter()
     jac = batch_jacobian(fn, x, mode=desc.jacobian.mode, parallel_iterations=desc.jacobian.chunk_size,
                          unconnected_gradients="zero")
-    if desc.jacobian.reduce:
-        return {"reductions": reduce_block(jac, desc.jacobian.reduce, desc.in_ndim)}
-    return {"jacobian": jac}
+    values = ({"reductions": reduce_block(jac, desc.jacobian.reduce, desc.in_ndim)} if desc.jacobian.reduce
+              else {"jacobian": jac})
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t2 = time.perf_counter()
+    if dev.type != "cpu":
+        values = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.contiguous().cpu())
+                  for k, v in values.items()}
+    t3 = time.perf_counter()
+    batch = arrow_mod.to_record_batch(range(desc.start, desc.stop), dtype=desc.jacobian.dtype, **values)
+    t4 = time.perf_counter()
+    to_host = t3 - t2 if dev.type != "cpu" else 0.0
+    return batch, {"read_s": t1 - t0, "compute_s": t2 - t1, "to_host_s": to_host, "arrow_s": t4 - t3}
 
 
 def shard_record_batch(desc: ShardDescriptor, *, model: Any = None, device: Any = None):
     """One shard's result as an Arrow record batch (``row`` + ``jacobian`` or reductions),
     without writing it. ``model``/``device`` default to the descriptor's (built once per
     process)."""
-    dev = resolve_device(device if device is not None else desc.device)
-    fn = model if model is not None else get_model(desc.model, dev, getattr(torch, desc.compute_dtype))
-    values = _compute_values(desc, fn, dev)
-    return arrow_mod.to_record_batch(range(desc.start, desc.stop), dtype=desc.jacobian.dtype, **values)
+    return _shard_record_batch_timed(desc, model, device)[0]
 
 
 def compute_shard(desc: ShardDescriptor, *, model: Any = None, device: Any = None) -> PartInfo:
@@ -187,11 +203,21 @@ def compute_shard(desc: ShardDescriptor, *, model: Any = None, device: Any = Non
         ShardError: anything failed; names the shard, its rows and host, chained from
             the original error.
     """
+    part, _ = _compute_shard_timed(desc, model, device)
+    return part
+
+
+def _compute_shard_timed(desc: ShardDescriptor, model: Any, device: Any) -> tuple[PartInfo, dict[str, Any]]:
+    """compute_shard, and the shard's time per stage (WORKER_STAGES, plus the process's
+    peak resident memory)."""
     t0 = time.perf_counter()
     try:
-        batch = shard_record_batch(desc, model=model, device=device)
+        batch, timing = _shard_record_batch_timed(desc, model, device)
+        t1 = time.perf_counter()
         part = write_part(desc.out_dir, desc.index, desc.start, desc.stop, batch, desc.format,
                           metadata={"spec_hash": desc.spec_hash})
+        timing["write_s"] = time.perf_counter() - t1
+        timing["peak_rss_bytes"] = peak_rss_bytes()
     except ShardError:
         raise
     except Exception as e:
@@ -200,16 +226,18 @@ def compute_shard(desc: ShardDescriptor, *, model: Any = None, device: Any = Non
             f"shard {desc.index} (rows [{desc.start}, {desc.stop})) failed on {host}: {type(e).__name__}: {e}",
             shard=desc.index, start=desc.start, stop=desc.stop, node=host,
         ) from e
-    return replace(part, seconds=time.perf_counter() - t0)
+    return replace(part, seconds=time.perf_counter() - t0), timing
 
 
 Executor = Callable[[Sequence[ShardDescriptor]], Iterable[PartInfo]]
 
 
 def sequential_executor(descriptors: Sequence[ShardDescriptor]) -> Iterable[PartInfo]:
-    """Run every shard in this process, one after the other (engine.num_workers: 0)."""
+    """Run every shard in this process, one after the other (engine.num_workers: 0).
+    Yields each part as a dict with its ``timing`` (see :data:`WORKER_STAGES`)."""
     for desc in descriptors:
-        yield compute_shard(desc)
+        part, timing = _compute_shard_timed(desc, None, None)
+        yield {**part.to_dict(), "timing": timing}
 
 
 @dataclass(frozen=True)
@@ -252,11 +280,14 @@ class PartSink:
         out = arrow_mod.with_metadata(out, arrow_mod.schema_metadata(batch.schema))  # the worker's annotation
         part = write_part(self.out_dir, task.shard, task.start, task.stop, out, self.format,
                           metadata={"spec_hash": self.spec_hash})
-        # PartInfo.seconds is the worker's whole time on the shard: its read, compute and
-        # Arrow times (the batch's annotation) plus this reduce and write.
+        # PartInfo.seconds is the worker's whole time on the shard: its read, compute,
+        # to-host and Arrow times (the batch's annotation) plus this reduce and write.
         info = arrow_mod.annotation(batch)
-        before = sum(float(info.get(k, 0.0)) for k in ("load_s", "compute_s", "arrow_s"))
-        return replace(part, seconds=before + time.perf_counter() - t0).to_dict()
+        timing = {"read_s": float(info.get("load_s", 0.0)), "compute_s": float(info.get("compute_s", 0.0)),
+                  "to_host_s": float(info.get("to_host_s", 0.0)), "arrow_s": float(info.get("arrow_s", 0.0)),
+                  "write_s": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
+        seconds = sum(timing[k] for k in WORKER_STAGES)
+        return {**replace(part, seconds=seconds).to_dict(), "timing": timing}
 
 
 # -----------------------------------------------------------------------------------------
@@ -473,8 +504,10 @@ def run_job(
 
     Returns:
         The job report (also written to ``_report.json``): rows, shards, computed,
-        reused, adopted and recomputed shards, seconds, rows/s, bytes written and
-        per-worker figures.
+        reused, adopted and recomputed shards, seconds, rows/s, bytes written,
+        per-worker figures and ``timing``: each computed shard's seconds per stage
+        (read, compute, to host, Arrow, write on the worker; wait on the driver), their
+        totals and the workers' peak resident memory.
 
     Raises:
         JobInputError (ConfigError, SourceError, OutputExistsError, ...): the job cannot
@@ -493,18 +526,22 @@ def run_job(
     show = spec.engine.progress if progress is None else progress
     t_run = time.perf_counter()
     computed: dict[int, PartInfo] = {}
+    timings: dict[int, dict[str, Any]] = {}
     bar = _progress_bar(show, manifest.num_rows, done_rows)
     try:
         for part in (executor or sequential_executor)(descriptors):
             if not isinstance(part, PartInfo):
+                timing = part.get("timing")
                 part = PartInfo.from_dict(part)
+                if isinstance(timing, dict):
+                    timings[part.shard] = timing
             manifest.record(part)
             if part.shard not in computed:
                 bar.update(part.rows)
             computed[part.shard] = part
     except BaseException as e:
         manifest.flush()
-        _write_report(job, manifest, events, computed, t0, t_run, status="failed", error=e)
+        _write_report(job, manifest, events, computed, timings, t0, t_run, status="failed", error=e)
         raise
     finally:
         bar.close()
@@ -515,12 +552,33 @@ def run_job(
             f"run_job: the executor returned with {len(missing)} shard(s) unfinished (first: {missing[:5]}); "
             f"finished shards are kept, run the job again to resume."
         )
-    report = _write_report(job, manifest, events, computed, t0, t_run, status="succeeded")
+    report = _write_report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
     manifest.mark_success()
     return report
 
 
-def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo], t0: float, t_run: float,
+def _timing_summary(computed: dict[int, PartInfo], timings: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The report's ``timing``: each computed shard's seconds per stage, their totals, and
+    the workers' peak resident memory."""
+    stages = (*WORKER_STAGES, "wait_s")
+    shards = []
+    for index in sorted(timings):
+        t, p = timings[index], computed.get(index)
+        row = {"shard": index, "rows": p.rows if p else None, "worker": p.worker if p else None}
+        row.update({k: float(t[k]) for k in stages if k in t})
+        if "peak_rss_bytes" in t:
+            row["worker_peak_rss_bytes"] = int(t["peak_rss_bytes"])
+        shards.append(row)
+    totals = {k: sum(r.get(k, 0.0) for r in shards) for k in stages}
+    peaks: dict[str, int] = {}
+    for r in shards:
+        if r.get("worker") and "worker_peak_rss_bytes" in r:
+            peaks[r["worker"]] = max(peaks.get(r["worker"], 0), r["worker_peak_rss_bytes"])
+    return {"stages": list(stages), "totals_s": totals, "worker_peak_rss_bytes": peaks, "shards": shards}
+
+
+def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
+                  timings: dict[int, dict[str, Any]], t0: float, t_run: float,
                   *, status: str, error: BaseException | None = None) -> dict[str, Any]:
     now = time.perf_counter()
     run_s = now - t_run
@@ -555,6 +613,7 @@ def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo]
         "rows_per_s": rows / run_s if run_s > 0 and rows else None,
         "bytes_written": sum(p.bytes for p in computed.values()),
         "workers": workers,
+        "timing": _timing_summary(computed, timings),
     }
     if error is not None:
         report["error"] = f"{type(error).__name__}: {error}"

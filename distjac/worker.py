@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import resource
 import site
 import socket
 import sys
@@ -248,6 +249,13 @@ class RemoteShardError(Exception):
                                      self.pid, self.tb, self.phase))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes (getrusage's ru_maxrss: KiB
+    on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def _dump_error(err: BaseException) -> bytes:
     try:
         blob = cloudpickle.dumps(err)
@@ -427,20 +435,23 @@ class JacobianWorker:
                 max_memory=self.max_memory,
             )
             if self.device.type == "cuda":
-                jac = jac.contiguous()  # one device-side copy, then one transfer to host
                 torch.cuda.synchronize(self.device)
             t2 = time.perf_counter()
+            if self.device.type != "cpu":
+                jac = jac.contiguous().cpu()  # one device-side copy at most, one transfer
+            t3 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 batch = arrow.to_record_batch(range(task.start, task.stop), jac, dtype=None)
             del jac
-            t3 = time.perf_counter()
+            t4 = time.perf_counter()
         except Exception as err:
             raise self._fail(err, task, "shard") from None
         batch = arrow.annotate(batch, {
             "shard": task.shard, "start": task.start, "stop": task.stop, "node": self.node,
             "pid": self.pid, "device": str(self.device), "load_s": t1 - t0,
-            "compute_s": t2 - t1, "arrow_s": t3 - t2,
+            "compute_s": t2 - t1, "to_host_s": t3 - t2 if self.device.type != "cpu" else 0.0, "arrow_s": t4 - t3,
+            "peak_rss_bytes": peak_rss_bytes(),
         })
         if sink is not None:
             return sink.write(batch, task)

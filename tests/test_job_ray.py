@@ -283,6 +283,16 @@ def test_run_equals_batch_jacobian(engine, tmp_path, fmt):
         worker_s = annotation["load_s"] + annotation["compute_s"] + annotation["arrow_s"]
         assert info["seconds"] >= worker_s > 0 and annotation["compute_s"] > 0
 
+    # The report breaks each shard's time into stages that add up to the part's seconds.
+    timing = report["timing"]
+    assert [s["shard"] for s in timing["shards"]] == list(range(7))
+    for s in timing["shards"]:
+        stages = sum(s[k] for k in ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s"))
+        assert stages == pytest.approx(manifest["parts"][str(s["shard"])]["seconds"], rel=1e-6)
+        assert s["compute_s"] > 0 and s["write_s"] > 0 and s["wait_s"] >= 0 and s["to_host_s"] == 0
+    assert set(timing["worker_peak_rss_bytes"]) == writers
+    assert all(peak > 50 * 2**20 for peak in timing["worker_peak_rss_bytes"].values())  # torch alone is more
+
 
 def test_reduction_job_equals_in_process_reductions(engine, tmp_path):
     spec = job_spec(tmp_path / "out", model={"kwargs": {"sizes": [8, 16, 8]}},

@@ -40,6 +40,13 @@ def test_job_equals_batch_jacobian(tmp_path):
     assert json.load(open(os.path.join(out, REPORT_NAME)))["rows"] == 50
     (worker, figures), = report["workers"].items()
     assert figures["shards"] == 4 and figures["rows"] == 50
+    # In process: every shard's time per stage; nothing waits in a queue, nothing leaves a GPU.
+    timing = report["timing"]
+    assert [s["shard"] for s in timing["shards"]] == [0, 1, 2, 3]
+    assert all(s["compute_s"] > 0 and s["write_s"] > 0 and s["to_host_s"] == 0 and "wait_s" not in s
+               for s in timing["shards"])
+    assert timing["totals_s"]["compute_s"] == pytest.approx(sum(s["compute_s"] for s in timing["shards"]))
+    assert list(timing["worker_peak_rss_bytes"]) == [worker]
 
 
 @pytest.mark.parametrize("kind", ["npy", "parquet", "arrow", "tensor"])
