@@ -6,6 +6,8 @@
                        [--no-progress] [--overwrite]
     distjac plan CONFIG [--set ...] [--json]       dry run: shapes, shard plan, bytes, memory
     distjac inspect PATH [--json] [--quick]        rows, shapes, finished/missing shards, checksums
+    distjac bench [SUITE ...] [--size tiny|full] [--out DIR] ...
+                                                   kernels, scaling, memory: JSON, Markdown, plots
     distjac --version
 
 Exit status: 0 on success; 2 for a usage or config error (the job never started: bad
@@ -24,6 +26,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="distjac", description="Per-example Jacobians of a model over a dataset, "
                 "from one process to a Ray cluster.", parents=[common])
     p.add_argument("--version", action="version", version=f"distjac {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect,bench}", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], help="run a job (resumes an unfinished one)",
                          description="Run a job from a YAML config; an unfinished output of the same "
@@ -79,7 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     insp.add_argument("path", metavar="PATH", help="an output directory (a job's output.path)")
     insp.add_argument("--json", action="store_true", help="print the summary as JSON")
     insp.add_argument("--quick", action="store_true", help="check sizes only, not SHA-256 checksums")
+
+    bench = sub.add_parser("bench", parents=[common], help="benchmark suites: kernels, scaling, memory",
+                           description="Run benchmark suites side by side and write <out>/<suite>.json, "
+                           ".md and .png (plots need matplotlib: pip install 'distjac[plot]'). "
+                           "See docs/benchmarks.md.")
+    _add_bench(bench)
     return p
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from .bench import SIZES, SUITES, kernels, memory, scaling
+
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
+    p.add_argument("--size", choices=SIZES, default="full", help="tiny: a smoke run in seconds; full: the "
+                   "sizes of docs/benchmarks.md (default)")
+    p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (kernels, scaling, memory)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    for module in (kernels, scaling, memory):
+        module.add_arguments(p)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -194,6 +217,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if s["complete"] else EXIT_FAILED
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import SUITES, kernels, memory, scaling
+
+    suites = list(dict.fromkeys(args.suites)) or list(SUITES)
+    if bad := [s for s in suites if s not in SUITES]:
+        raise _UsageError(f"distjac bench: unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
+    if args.repeats is not None and args.repeats < 1:
+        raise _UsageError("distjac bench: --repeats must be >= 1")
+    modules = {"kernels": kernels, "scaling": scaling, "memory": memory}
+    for name in suites:
+        try:
+            result = modules[name].run_from_args(args)
+        except ValueError as e:
+            raise _UsageError(f"distjac bench {name}: {e}") from e
+        print((Path(args.out) / result["files"]["markdown"]).read_text())
+        written = [result["files"]["json"], result["files"]["markdown"], *result["files"]["plots"]]
+        note = f" ({result['plots_skipped']})" if result.get("plots_skipped") else ""
+        print(f"wrote {', '.join(str(Path(args.out) / f) for f in written)}{note}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _bad_parts(bad: Sequence[dict]) -> str:
     shown = "; ".join(f"shard {b['shard']}: {b['problem']}" for b in bad[:5])
     return f"{len(bad)} bad: {shown}{'; ...' if len(bad) > 5 else ''}"
@@ -224,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = _parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise _UsageError("distjac: give a command: run, plan or inspect (see distjac --help)")
-        command = {"run": _cmd_run, "plan": _cmd_plan, "inspect": _cmd_inspect}[args.command]
+            raise _UsageError("distjac: give a command: run, plan, inspect or bench (see distjac --help)")
+        command = {"run": _cmd_run, "plan": _cmd_plan, "inspect": _cmd_inspect, "bench": _cmd_bench}[args.command]
         return command(args)
     except SystemExit as e:  # --help and --version
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
@@ -246,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def argv_command(argv: Sequence[str]) -> str:
     for a in argv:
-        if a in ("run", "plan", "inspect"):
+        if a in ("run", "plan", "inspect", "bench"):
             return a
     return ""
 

@@ -1,0 +1,667 @@
+"""The ``kernels`` suite: distjac's per-example Jacobian kernels against what a PyTorch user
+would write, with TensorFlow and JAX as optional peers.
+
+Side by side in one process, on the four workloads of issue 2 (item 7):
+
+    W1  MLP tanh 64-256-256-32                           B = 8192
+    W2  MLP 16-128-256 (wide output)                     B = 8192
+    W3  y = x**3, x of shape (B, 512)                    B = 1024
+    W4  conv 1x28x28 -> conv(8, 3x3) -> relu -> linear 10   B = 2048
+
+Methods: distjac ``auto``, ``rev``, ``fwd`` and ``rev`` with ``experimental_use_pfor=False``
+against the baselines torch.func ``vmap(jacrev)``, ``vmap(jacfwd)``, ``jacrev`` of the
+batch sum, ``autograd.grad(is_grads_batched=True)`` and a plain loop of ``autograd.grad``
+over output rows. Peers (``tf.function`` batch_jacobian with pfor on and off, JAX
+``jit(vmap(jacrev))`` and ``jit(vmap(jacfwd))``) run in a second interpreter
+(``peer_python``; default this one) by :mod:`distjac.bench.peers`, on the same weights and
+inputs, checked against distjac's result, with the same repeats and threads.
+
+Procedure, per workload:
+
+1. distjac ``rev`` runs first; its result is the reference every method is checked against
+   (``allclose`` with a relative tolerance) before anything is timed. A mismatch is marked
+   in the table and the JSON and the method is not counted as a baseline.
+2. Every method first runs on a pilot slice of the batch (1/8); its time and peak-RSS
+   growth are extrapolated to the full batch, and a method that would take more than
+   ``max_call_s`` seconds or more memory than is available is skipped with the reason
+   (not at ``tiny`` size, whose batches are small).
+3. Every method then runs once on the full batch (the check, which is also the warm-up;
+   for distjac auto this first call measures and caches its choice, reported separately
+   as ``first_call_s``), then ``repeats`` timed calls, interleaved across methods (round
+   robin) so that drift from other load on the machine hits every method alike.
+4. The median time gives examples/s; the ratio is to the best torch baseline that ran and
+   matched on the same workload, in the same run.
+
+    distjac bench kernels                                  # full size, 5 repeats, 2 threads
+    distjac bench kernels --size tiny --repeats 1          # a smoke run in seconds
+    distjac bench kernels --peer-python /path/to/tf-env/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import jacfwd, jacrev, vmap
+
+import distjac
+from distjac import models
+from distjac.kernels import choose_strategy, clear_caches
+
+from .common import log as _log
+from .common import machine_line, meminfo, new_result, write_outputs
+
+SUITE = "kernels"
+PEERS_SCRIPT = Path(__file__).with_name("peers.py")
+# The peers are checked against this many leading rows of distjac's reference.
+PEER_CHECK_ROWS = 64
+# How long the peers' subprocess may take in all, per workload and timed call.
+PEER_TIMEOUT_FLOOR_S = 600.0
+DEFAULT_MAX_CALL_S = 60.0
+# Fraction of MemAvailable one call may grow the peak RSS by (estimated from the pilot):
+# the reference result and the other developers' processes need the rest.
+MEMORY_FRACTION = 0.6
+# Pilot runs use this fraction of the batch (at least PILOT_MIN_ROWS rows).
+PILOT_FRACTION = 8
+PILOT_MIN_ROWS = 16
+# Relative tolerance of the check against distjac rev; the absolute tolerance is
+# ATOL_SCALE * max |J| (float32 sums in a different order differ by ~1e-6 relative).
+DEFAULT_RTOL = 1e-4
+ATOL_SCALE = 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A benchmark workload; ``kind`` and ``activation`` tell the peers how to rebuild
+    the model from its exported weights (see :mod:`distjac.bench.peers`)."""
+
+    name: str
+    description: str
+    build: Callable[[], torch.nn.Module]
+    in_shape: tuple[int, ...]
+    batch: int
+    quick_batch: int
+    kind: str
+    activation: str | None = None
+
+
+WORKLOADS = {
+    "W1": Workload("W1", "MLP tanh 64-256-256-32", lambda: models.mlp([64, 256, 256, 32]), (64,), 8192, 128,
+                   "mlp", "tanh"),
+    "W2": Workload("W2", "MLP tanh 16-128-256 (wide output)", lambda: models.mlp([16, 128, 256]), (16,), 8192, 128,
+                   "mlp", "tanh"),
+    # quick W3: 16 x 512 x 512 = 2**22 Jacobian elements, just enough for auto to measure.
+    "W3": Workload("W3", "y = x**3, x (B, 512)", models.cube, (512,), 1024, 16, "cube"),
+    "W4": Workload("W4", "conv 1x28x28 -> conv(8, 3x3) -> relu -> linear 10", models.convnet, (1, 28, 28), 2048, 16,
+                   "convnet"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Methods: each maps (f, x) to the (B, *out, *in) Jacobian
+# --------------------------------------------------------------------------------------
+
+
+def _single(f: Callable) -> Callable:
+    """f on one example: adds and removes the batch axis (what torch.func's vmap needs)."""
+    return lambda xi: f(xi.unsqueeze(0)).squeeze(0)
+
+
+def m_distjac(mode: str, use_pfor: bool = True) -> Callable:
+    def run(f, x):
+        return distjac.batch_jacobian(f, x, mode=mode, experimental_use_pfor=use_pfor)
+
+    return run
+
+
+def m_vmap_jacrev(f, x):
+    return vmap(jacrev(_single(f)))(x)
+
+
+def m_vmap_jacfwd(f, x):
+    return vmap(jacfwd(_single(f)))(x)
+
+
+def m_jacrev_batch_sum(f, x):
+    # Row i of f(x) depends only on x[i], so d(sum_i f(x)[i]) / dx holds every example's
+    # Jacobian: shape (*out, B, *in); move the batch axis to the front.
+    jac = jacrev(lambda x: f(x).sum(0))(x)
+    return jac.movedim(jac.dim() - x.dim(), 0)
+
+
+def m_autograd_batched(f, x):
+    xd = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = f(xd)
+    b, out_shape = y.shape[0], y.shape[1:]
+    m = math.prod(out_shape)
+    eye = torch.eye(m, dtype=y.dtype, device=y.device)
+    cot = eye[:, None, :].expand(m, b, m).reshape(m, b, *out_shape)
+    (g,) = torch.autograd.grad(y, xd, cot, is_grads_batched=True)  # (M, B, *in)
+    return g.movedim(0, 1).unflatten(1, out_shape)
+
+
+def m_row_loop(f, x):
+    xd = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = f(xd)
+    b, out_shape = y.shape[0], y.shape[1:]
+    m, n = math.prod(out_shape), math.prod(x.shape[1:])
+    out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+    yf = y.reshape(b, m)
+    v = torch.zeros_like(yf)
+    for j in range(m):
+        v.zero_()
+        v[:, j] = 1
+        (g,) = torch.autograd.grad(yf, xd, v, retain_graph=True)
+        out[:, j] = g.reshape(b, n)
+    return out.view(b, *out_shape, *x.shape[1:])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "distjac" or "baseline"
+    run: Callable
+
+
+METHODS = [
+    Method("distjac auto", "distjac", m_distjac("auto")),
+    Method("distjac rev", "distjac", m_distjac("rev")),
+    Method("distjac fwd", "distjac", m_distjac("fwd")),
+    Method("distjac rev loop", "distjac", m_distjac("rev", use_pfor=False)),
+    Method("vmap(jacrev)", "baseline", m_vmap_jacrev),
+    Method("vmap(jacfwd)", "baseline", m_vmap_jacfwd),
+    Method("jacrev(batch sum)", "baseline", m_jacrev_batch_sum),
+    Method("grad(is_grads_batched)", "baseline", m_autograd_batched),
+    Method("row loop of grad", "baseline", m_row_loop),
+]
+REFERENCE = "distjac rev"
+
+
+# --------------------------------------------------------------------------------------
+# Clock and memory
+# --------------------------------------------------------------------------------------
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0: write 5 to clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable, device: torch.device):
+    _sync(device)
+    t0 = time.perf_counter()
+    res = fn()
+    _sync(device)
+    return res, time.perf_counter() - t0
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "not enough memory" in text or "can't allocate memory" in text
+
+
+# --------------------------------------------------------------------------------------
+# One workload
+# --------------------------------------------------------------------------------------
+
+
+def _pilot(method: Method, f, x, device, max_call_s: float) -> str | None:
+    """Run on 1/8 of the batch; return a skip reason if the full call looks too slow or big."""
+    b = x.shape[0]
+    rows = max(PILOT_MIN_ROWS, b // PILOT_FRACTION)
+    if rows >= b:
+        return None
+    xs = x[:rows]
+    gc.collect()
+    rss0 = _status_bytes("VmRSS")
+    can_peak = _reset_peak_rss() and rss0 is not None
+    try:
+        res, t = _timed(lambda: method.run(f, xs), device)
+    except Exception as err:  # any failure is reported, not raised
+        if _is_oom(err):
+            return f"out of memory already on a pilot of {rows} rows"
+        raise
+    del res
+    est_t = t * b / rows
+    if est_t > max_call_s:
+        return f"too slow: pilot of {rows} rows took {t:.2f} s, about {est_t:.0f} s per full call > {max_call_s:.0f} s"
+    if can_peak and device.type == "cpu":
+        grew = max(0, (_status_bytes("VmHWM") or 0) - rss0)
+        est_mem = grew * b / rows
+        avail = meminfo("MemAvailable") or 0
+        if avail and est_mem > MEMORY_FRACTION * avail:
+            return (f"would run out of memory: about {est_mem / 2**30:.1f} GiB per full call, "
+                    f"{avail / 2**30:.1f} GiB available")
+    return None
+
+
+def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repeats: int, rtol: float,
+                   max_call_s: float, device: torch.device, log: Callable[[str], None],
+                   export: Path | None = None) -> dict:
+    """Check, warm up and time ``methods`` on one workload, side by side.
+
+    ``export``: also write the model's weights, the input and the first rows of the
+    reference Jacobian to this npz, for the peers to check against and time."""
+    b = w.quick_batch if quick else w.batch
+    model = w.build().to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # differentiate w.r.t. the inputs only
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((b, *w.in_shape), generator=gen).to(device)
+    with torch.no_grad():
+        out_shape = tuple(model(x[:1]).shape[1:])
+    m, n = math.prod(out_shape), math.prod(w.in_shape)
+    rec: dict = {
+        "description": w.description, "batch": b, "in_shape": list(w.in_shape),
+        "out_shape": list(out_shape), "jacobian_bytes": b * m * n * x.element_size(),
+        "reference": REFERENCE, "methods": {},
+    }
+    log(f"\n== {w.name}: {w.description}, B={b}, per example {n} in -> {m} out")
+
+    clear_caches()
+    ref_method = next(mt for mt in METHODS if mt.name == REFERENCE)
+    ref, t_ref = _timed(lambda: ref_method.run(model, x), device)
+    ref = ref.detach()
+    scale = ref.abs().max().item()
+    atol = ATOL_SCALE * max(scale, 1e-30)
+    log(f"   reference {REFERENCE}: {t_ref:.3f} s, max |J| = {scale:.3g}")
+    if export is not None:
+        export_workload(export, w, model, x, ref[:PEER_CHECK_ROWS])
+
+    # Pilots, checks and warm-up ------------------------------------------------------
+    live: list[Method] = []
+    for mt in methods:
+        r: dict = {"kind": mt.kind, "status": "ok", "reason": None, "times_s": []}
+        rec["methods"][mt.name] = r
+        try:
+            reason = None if quick else _pilot(mt, model, x, device, max_call_s)
+            if reason is not None:
+                r.update(status="skipped", reason=reason)
+                log(f"   {mt.name:<24} skipped: {reason}")
+                continue
+            if mt.name == "distjac auto":
+                clear_caches()  # the pilot measured on a slice; auto must measure on x
+            res, t_first = _timed(lambda mt=mt: mt.run(model, x), device)
+        except Exception as err:
+            gc.collect()
+            if _is_oom(err):
+                r.update(status="skipped", reason=f"out of memory: {type(err).__name__}: {str(err)[:200]}")
+            else:
+                r.update(status="error", reason=f"{type(err).__name__}: {str(err)[:300]}")
+            log(f"   {mt.name:<24} {r['status']}: {r['reason']}")
+            continue
+        r["first_call_s"] = t_first
+        if tuple(res.shape) != tuple(ref.shape):
+            r.update(status="mismatch", reason=f"shape {tuple(res.shape)} != reference {tuple(ref.shape)}")
+        else:
+            diff = (res.detach() - ref).abs()
+            r["max_abs_err"] = diff.max().item() if diff.numel() else 0.0
+            r["max_rel_err"] = r["max_abs_err"] / max(scale, 1e-30)
+            if not torch.allclose(res.detach(), ref, rtol=rtol, atol=atol):
+                r.update(status="mismatch", reason=f"not allclose to {REFERENCE}: max abs err "
+                         f"{r['max_abs_err']:.3g} (rtol {rtol:g}, atol {atol:.3g})")
+            del diff
+        del res
+        if mt.name == "distjac auto":
+            r["auto_strategy"] = str(choose_strategy(model, x, mode="auto"))
+            rec["auto_strategy"] = r["auto_strategy"]
+        t_call = t_first
+        if mt.name == "distjac auto" and t_first > max_call_s:
+            # The first call measured candidates (warm-up); judge auto by a call that reuses the choice.
+            res, t_call = _timed(lambda mt=mt: mt.run(model, x), device)
+            del res
+            r["second_call_s"] = t_call
+        if t_call > max_call_s:
+            r.update(status="skipped", reason=f"too slow: one full call took {t_call:.1f} s > {max_call_s:.0f} s")
+        log(f"   {mt.name:<24} first call {t_first:.3f} s"
+            + (f", auto chose {r['auto_strategy']}" if "auto_strategy" in r else "")
+            + ("" if r["status"] == "ok" else f"  [{r['status'].upper()}: {r['reason']}]"))
+        if r["status"] in ("ok", "mismatch"):
+            live.append(mt)
+        gc.collect()
+    del ref
+    gc.collect()
+
+    # Timed repeats, round robin -------------------------------------------------------
+    for rep in range(repeats):
+        for mt in live:
+            res, t = _timed(lambda mt=mt: mt.run(model, x), device)
+            del res
+            rec["methods"][mt.name]["times_s"].append(t)
+        log(f"   repeat {rep + 1}/{repeats} done")
+
+    # Summary ----------------------------------------------------------------------------
+    for r in rec["methods"].values():
+        if r["times_s"]:
+            r["median_s"] = statistics.median(r["times_s"])
+            r["examples_per_s"] = b / r["median_s"]
+    baselines = {k: r for k, r in rec["methods"].items()
+                 if r["kind"] == "baseline" and r["status"] == "ok" and "examples_per_s" in r}
+    best = max(baselines, key=lambda k: baselines[k]["examples_per_s"], default=None)
+    rec["best_baseline"] = best
+    rec["best_baseline_examples_per_s"] = baselines[best]["examples_per_s"] if best else None
+    for r in rec["methods"].values():
+        r["ratio_to_best_baseline"] = (r["examples_per_s"] / rec["best_baseline_examples_per_s"]
+                                       if best and "examples_per_s" in r else None)
+    return rec
+
+
+# --------------------------------------------------------------------------------------
+# Peers: TensorFlow and JAX, in their own interpreter
+# --------------------------------------------------------------------------------------
+
+
+def export_workload(path: Path, w: Workload, model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor) -> None:
+    """The npz a peer rebuilds the workload from (layout: :mod:`distjac.bench.peers`)."""
+    arrays: dict[str, np.ndarray] = {"x": x.detach().cpu().numpy(), "reference": reference.detach().cpu().numpy()}
+    if w.kind == "mlp":
+        linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+        for i, lin in enumerate(linears):
+            arrays[f"w{i}"] = lin.weight.detach().cpu().numpy()
+            arrays[f"b{i}"] = lin.bias.detach().cpu().numpy()
+    elif w.kind == "convnet":
+        conv = next(m for m in model if isinstance(m, torch.nn.Conv2d))
+        lin = next(m for m in model if isinstance(m, torch.nn.Linear))
+        arrays.update(conv_w=conv.weight.detach().cpu().numpy(), conv_b=conv.bias.detach().cpu().numpy(),
+                      lin_w=lin.weight.detach().cpu().numpy(), lin_b=lin.bias.detach().cpu().numpy())
+    np.savez(path, **arrays)
+
+
+def run_peers(workloads: dict[str, Workload], npz: dict[str, Path], *, python: str, device: torch.device,
+              threads: int, repeats: int, rtol: float, max_call_s: float, workdir: Path,
+              peers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run peers.py under ``python``; its OUT.json, or ``{"error": ...}`` if it failed."""
+    spec = {
+        "device": "gpu" if device.type == "cuda" else "cpu", "threads": threads, "repeats": repeats,
+        "rtol": rtol, "atol_scale": ATOL_SCALE, "max_call_s": max_call_s,
+        "workloads": [{"name": name, "kind": w.kind, "npz": str(npz[name]),
+                       **({"activation": w.activation} if w.activation else {})}
+                      for name, w in workloads.items() if name in npz],
+    }
+    if peers is not None:
+        spec["peers"] = list(peers)
+    spec_path, out_path = workdir / "peers_spec.json", workdir / "peers_out.json"
+    spec_path.write_text(json.dumps(spec))
+    timeout = max(PEER_TIMEOUT_FLOOR_S, 4 * max_call_s * (repeats + 2) * len(spec["workloads"]))
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the peers' interpreter has its own site-packages
+    try:
+        proc = subprocess.run([python, str(PEERS_SCRIPT), str(spec_path), str(out_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=None, timeout=timeout, text=True)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    if proc.returncode != 0 or not out_path.exists():
+        return {"error": f"{python} {PEERS_SCRIPT.name} exited with status {proc.returncode}"}
+    return json.loads(out_path.read_text())
+
+
+def _peer_records(peers: dict[str, Any], python: str) -> list[dict[str, Any]]:
+    records = []
+    if "error" in peers:
+        return [{"workload": None, "method": "peers", "kind": "peer", "status": "error", "reason": peers["error"],
+                 "times_s": []}]
+    where = f"{peers.get('python', python)}"
+    for wname, wl in peers.get("workloads", {}).items():
+        for pname, p in wl.get("peers", {}).items():
+            rec = {"workload": wname, "method": pname, "kind": "peer", "status": p.get("status", "error"),
+                   "reason": p.get("reason"), "times_s": list(p.get("times_s") or []), "batch": wl.get("batch"),
+                   "peer_python": where}
+            for key in ("first_call_s", "max_abs_err", "median_s", "examples_per_s"):
+                if p.get(key) is not None:
+                    rec[key] = p[key]
+            records.append(rec)
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# Records, table and plot
+# --------------------------------------------------------------------------------------
+
+
+def _workload_records(name: str, rec: dict) -> list[dict[str, Any]]:
+    out = []
+    for mname, r in rec["methods"].items():
+        out.append({"workload": name, "method": mname, "batch": rec["batch"], **r})
+    return out
+
+
+def _add_ratios(result: dict[str, Any]) -> None:
+    """Each record's ratio to its workload's best torch baseline (same run)."""
+    for name, wl in result["workloads"].items():
+        best = wl.get("best_baseline_examples_per_s")
+        for r in result["records"]:
+            if r["workload"] == name:
+                eps = r.get("examples_per_s")
+                r["ratio_to_best_baseline"] = eps / best if best and eps else None
+
+
+def markdown(result: dict[str, Any]) -> str:
+    names = list(result["workloads"])
+    cfg = result["config"]
+    lines = [f"### Kernels ({cfg['device']}, {cfg['threads']} threads, median of {cfg['repeats']})", "",
+             machine_line(result), f"Command: `{result.get('command')}`", ""]
+    header = "| method | " + " | ".join(f"{k} (B={result['workloads'][k]['batch']})" for k in names) + " |"
+    lines += [header, "|---|" + "---:|" * len(names)]
+    notes: list[str] = []
+    order: list[str] = []
+    for r in result["records"]:
+        if r["workload"] in names and r["method"] not in order:
+            order.append(r["method"])
+    index = {(r["workload"], r["method"]): r for r in result["records"]}
+    for mname in order:
+        cells = []
+        for k in names:
+            r = index.get((k, mname))
+            if r is None:
+                cells.append("—")
+                continue
+            if r.get("examples_per_s"):
+                cell = f"{r['examples_per_s']:,.0f}"
+                if r.get("ratio_to_best_baseline") is not None:
+                    cell += f" ({r['ratio_to_best_baseline']:.2f}x)"
+                if result["workloads"][k].get("best_baseline") == mname:
+                    cell = f"**{cell}**"
+            else:
+                cell = r["status"]
+            if r["status"] != "ok":
+                notes.append(f"{k} {mname}: {r['status']}: {r['reason']}")
+                cell += f" [{len(notes)}]"
+            cells.append(cell)
+        kind = next((index[(k, mname)]["kind"] for k in names if (k, mname) in index), "")
+        label = f"{mname} (peer)" if kind == "peer" else mname
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("examples/s; in parentheses the ratio to the best torch.func/autograd baseline of the "
+                 "workload (bold), measured in the same run.")
+    for k in names:
+        wl = result["workloads"][k]
+        auto = index.get((k, "distjac auto"), {})
+        first = auto.get("first_call_s")
+        lines.append(f"- {k} ({wl['description']}): auto chose `{wl.get('auto_strategy', 'n/a')}`"
+                     + (f" (first call, measuring included: {first:.2f} s)" if first is not None else ""))
+    for r in result["records"]:
+        if r["workload"] is None:
+            notes.append(f"peers: {r['status']}: {r['reason']}")
+    for i, note in enumerate(notes, 1):
+        lines.append(f"- [{i}] {note}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
+    """kernels.png: examples/s of every method per workload (log scale), the best torch
+    baseline marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["workloads"])
+    methods: list[str] = []
+    for r in result["records"]:
+        if r["workload"] in names and r.get("examples_per_s") and r["method"] not in methods:
+            methods.append(r["method"])
+    if not methods:
+        return []
+    index = {(r["workload"], r["method"]): r for r in result["records"]}
+    fig, ax = plt.subplots(figsize=(max(8, 1.9 * len(names) + 0.35 * len(methods)), 5))
+    width = 0.8 / len(methods)
+    cmap = plt.get_cmap("tab20")
+    for j, mname in enumerate(methods):
+        xs, ys = [], []
+        for i, k in enumerate(names):
+            r = index.get((k, mname))
+            if r and r.get("examples_per_s"):
+                xs.append(i - 0.4 + (j + 0.5) * width)
+                ys.append(r["examples_per_s"])
+        kind = next((index[(k, mname)]["kind"] for k in names if (k, mname) in index), "")
+        ax.bar(xs, ys, width, label=mname + (" (peer)" if kind == "peer" else ""), color=cmap(j % 20),
+               hatch="//" if kind == "peer" else None, edgecolor="black" if kind == "distjac" else None)
+    for i, k in enumerate(names):
+        best = result["workloads"][k].get("best_baseline_examples_per_s")
+        if best:
+            ax.hlines(best, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(names)), [f"{k}\nB={result['workloads'][k]['batch']}" for k in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("examples/s (log)")
+    cfg = result["config"]
+    ax.set_title(f"Per-example Jacobians, {cfg['device']}, {cfg['threads']} threads "
+                 "(dashed: best torch baseline)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(out_dir / "kernels.png", dpi=110)
+    plt.close(fig)
+    return ["kernels.png"]
+
+
+# --------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------
+
+
+def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[str] = tuple(WORKLOADS),
+        methods: Sequence[str] | None = None, repeats: int | None = None, threads: int = 2,
+        device: str = "cpu", rtol: float = DEFAULT_RTOL, max_call_s: float = DEFAULT_MAX_CALL_S,
+        peer_python: str | None = None, peers: bool = True, plots: bool = True) -> dict[str, Any]:
+    """Run the kernels suite; write ``kernels.json``, ``kernels.md`` and ``kernels.png``
+    under ``out_dir``; return the result document.
+
+    ``size="tiny"`` uses small batches (a smoke run in seconds). ``peer_python``: the
+    interpreter that runs the TensorFlow/JAX peers (default: this one); ``peers=False``
+    leaves them out.
+    """
+    quick = size == "tiny"
+    repeats = repeats if repeats is not None else (1 if quick else 5)
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise ValueError(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
+    known = [mt.name for mt in METHODS]
+    if methods is not None and (bad := [m for m in methods if m not in known]):
+        raise ValueError(f"unknown method(s) {bad}; choose from {known}")
+    if repeats < 1 or threads < 1:
+        raise ValueError("repeats and threads must be >= 1")
+    chosen = METHODS if methods is None else [mt for mt in METHODS if mt.name in methods]
+    dev = torch.device(device)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    peer_python = peer_python or sys.executable
+    config = {"size": size, "repeats": repeats, "threads": threads, "device": str(dev), "rtol": rtol,
+              "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "workloads": list(workloads),
+              "methods": [mt.name for mt in chosen], "reference": REFERENCE,
+              "peers": peers, "peer_python": peer_python if peers else None,
+              "timing": "wall clock per call (device synchronised), median of repeats; repeats interleaved "
+                        "across methods; results may be views"}
+    result = new_result(SUITE, config, str(dev))
+    result["workloads"] = {}
+    _log(machine_line(result))
+    t0 = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="distjac-bench-") as tmp:
+            npz: dict[str, Path] = {}
+            for name in workloads:
+                export = Path(tmp) / f"{name}.npz" if peers else None
+                rec = bench_workload(WORKLOADS[name], chosen, quick=quick, repeats=repeats, rtol=rtol,
+                                     max_call_s=max_call_s, device=dev, log=_log, export=export)
+                if export is not None:
+                    npz[name] = export
+                result["records"] += _workload_records(name, rec)
+                result["workloads"][name] = {k: v for k, v in rec.items() if k != "methods"}
+            if peers:
+                _log(f"\n== peers (TensorFlow, JAX) under {peer_python}")
+                out = run_peers({k: WORKLOADS[k] for k in workloads}, npz, python=peer_python, device=dev,
+                                threads=threads, repeats=repeats, rtol=rtol, max_call_s=max_call_s,
+                                workdir=Path(tmp))
+                result["peers"] = {k: v for k, v in out.items() if k != "workloads"}
+                result["records"] += _peer_records(out, peer_python)
+    finally:
+        torch.set_num_threads(saved_threads)
+    _add_ratios(result)
+    result["total_s"] = time.perf_counter() - t0
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    table = markdown(result)
+    return write_outputs(result, Path(out_dir), table, plot, plots=plots)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kernels")
+    g.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
+    g.add_argument("--methods", default=None,
+                   help="comma-separated subset of method names (default: all): "
+                   + ", ".join(mt.name for mt in METHODS))
+    g.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and the peers' cores)")
+    g.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of the check")
+    g.add_argument("--max-call-s", type=float, default=DEFAULT_MAX_CALL_S,
+                   help="skip a method whose single call would take longer (seconds)")
+    g.add_argument("--peer-python", default=None,
+                   help="interpreter with TensorFlow and/or JAX for the peers (default: this one)")
+    g.add_argument("--no-peers", action="store_true", help="leave the TensorFlow/JAX peers out")
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return run(args.out, size=args.size, workloads=args.workloads.split(","),
+               methods=None if args.methods is None else args.methods.split(","), repeats=args.repeats,
+               threads=args.threads, device=args.device, rtol=args.rtol, max_call_s=args.max_call_s,
+               peer_python=args.peer_python, peers=not args.no_peers, plots=not args.no_plots)
