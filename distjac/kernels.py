@@ -694,7 +694,8 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
     rows_cap = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
     sample = min(rows_cap, max(16, AUTO_SAMPLE_ELEMENTS // per_row))
     # Heavy rows (the sample was cut by Jacobian size): blocks would multiply the number of
-    # passes for little cache gain, so only the mode is measured, as unblocked loops.
+    # passes for little gain, so no block sizes are tried; on a CPU only unblocked loops
+    # are (see below), while a GPU wants the large kernels of a vectorized pass.
     heavy = sample < rows_cap
     pilot = min(sample, max(16, sample // AUTO_PILOT_FRACTION))
     xs = x[:sample].detach()
@@ -709,9 +710,11 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
         return out
 
     hows = _hows(modes, {"rev": m, "fwd": n})
-    if heavy:
+    if heavy and x.device.type == "cpu":
         # Each pass is big enough to amortize its overhead, and a small sample flatters
-        # vmap (its working set grows with the batch): only loops are candidates.
+        # vmap (its working set outgrows the caches as the batch grows): only loops are
+        # candidates. (Measured on an H200, the same rule cost W2 and W3 9x and 25x: a GPU
+        # keeps vectorized candidates.)
         hows = [h for h in hows if not h.vectorize]
     stage1 = timed(hows, xs[:pilot])
     if not stage1:

@@ -522,6 +522,19 @@ def test_cuda_matches_cpu(mode):
     assert torch.equal(seed.cpu(), torch.tensor(SEED_FIRST))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none found")
+def test_auto_keeps_vectorized_candidates_on_cuda():
+    """Heavy rows (W3: 512 x 512 per example) measure only loops on a CPU; on a GPU a loop
+    of 512 passes was 25x slower than one vectorized pass (H200), so auto must vectorize."""
+    clear_caches()
+    x = torch.randn(1024, 512, device="cuda")
+    s = choose_strategy(cube, x, mode="auto")
+    assert s.vectorize, s
+    assert_close(distjac.batch_jacobian(cube, x[:4], mode="auto").cpu(),
+                 reference_batch_jacobian(cube, x[:4].cpu()))
+
+
 def test_explicit_parallel_iterations_is_honoured():
     """TF runs exactly parallel_iterations rows per pass; the budget does not override it."""
     fn, x = _model("conv")

@@ -605,13 +605,17 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
         raise ValueError("repeats and threads must be >= 1")
     chosen = METHODS if methods is None else [mt for mt in METHODS if mt.name in methods]
     dev = torch.device(device)
-    saved_threads = torch.get_num_threads()
+    saved = (torch.get_num_threads(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.set_num_threads(threads)
+    # Full float32 on a GPU, as the peers run (JAX "highest", TF32 off in TF): torch's
+    # default lets cuDNN convolutions use TF32, whose ~1e-3 relative error fails the check
+    # of modes that take another convolution path (measured on an H200: W4 fwd vs rev).
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     peer_python = peer_python or sys.executable
     config = {"size": size, "repeats": repeats, "threads": threads, "device": str(dev), "rtol": rtol,
               "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "workloads": list(workloads),
               "methods": [mt.name for mt in chosen], "reference": REFERENCE,
-              "peers": peers, "peer_python": peer_python if peers else None,
+              "peers": peers, "peer_python": peer_python if peers else None, "tf32": False,
               "timing": "wall clock per call (device synchronised), median of repeats; repeats interleaved "
                         "across methods; results may be views"}
     result = new_result(SUITE, config, str(dev))
@@ -637,7 +641,8 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
                 result["peers"] = {k: v for k, v in out.items() if k != "workloads"}
                 result["records"] += _peer_records(out, peer_python)
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[1:]
     _add_ratios(result)
     result["total_s"] = time.perf_counter() - t0
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
