@@ -1,0 +1,189 @@
+"""``distjac bench``: each suite in a tiny configuration, its outputs' shape checked.
+
+The numbers are not checked (speed is measured by the benchmarks, never by tests); what is
+checked is that every suite checks correctness before timing, writes one JSON record per
+measurement with the machine, versions and config, a Markdown table and its plots, and
+that the CLI reports bad arguments as usage errors. The scaling and memory suites run a
+real Ray instance (and a real multi-node ``ray.cluster_utils.Cluster``) and real jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distjac.bench import kernels, memory, scaling
+from distjac.cli import main as cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MATPLOTLIB = True
+except ImportError:  # the plot extra is optional; the test extra installs it
+    HAVE_MATPLOTLIB = False
+
+
+def _common_shape(doc: dict, suite: str, out: Path, plots: list[str]) -> None:
+    assert doc["suite"] == suite
+    for key in ("cpu_model", "logical_cores", "mem_total_bytes", "platform", "device"):
+        assert key in doc["machine"], key
+    assert doc["versions"]["torch"] and doc["versions"]["numpy"] and doc["versions"]["pyarrow"]
+    assert doc["versions"]["ray"] and doc["versions"]["distjac"]
+    assert isinstance(doc["config"], dict) and doc["records"]
+    assert json.loads((out / f"{suite}.json").read_text())["records"] == json.loads(json.dumps(doc["records"]))
+    table = (out / f"{suite}.md").read_text()
+    assert table.startswith("### ") and "| " in table and "Machine:" in table
+    if HAVE_MATPLOTLIB:
+        assert doc["files"]["plots"] == plots
+        for name in plots:
+            assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    else:
+        assert doc["files"]["plots"] == [] and "matplotlib" in doc["plots_skipped"]
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+def test_kernels_tiny(tmp_path, keep_threads):
+    torch.set_num_threads(1)
+    doc = kernels.run(tmp_path, size="tiny", workloads=["W1", "W3"], repeats=2)
+    assert torch.get_num_threads() == 1, "run() restores the caller's thread count"
+    _common_shape(doc, "kernels", tmp_path, ["kernels.png"])
+    assert doc["config"]["repeats"] == 2 and doc["config"]["threads"] == 2 and doc["config"]["tf32"] is False
+
+    torch_methods = [m.name for m in kernels.METHODS]
+    for w in ("W1", "W3"):
+        wl = doc["workloads"][w]
+        assert wl["best_baseline"] in torch_methods and wl["best_baseline_examples_per_s"] > 0
+        assert "/" in wl["auto_strategy"]
+        mine = {r["method"]: r for r in doc["records"] if r["workload"] == w and r["kind"] != "peer"}
+        assert list(mine) == torch_methods
+        for name, r in mine.items():
+            assert r["status"] == "ok", (w, name, r["reason"])  # tiny sizes: all run, all match
+            assert len(r["times_s"]) == 2 and r["examples_per_s"] > 0 and r["max_rel_err"] < 1e-4
+            assert r["ratio_to_best_baseline"] > 0
+        assert mine[wl["best_baseline"]]["ratio_to_best_baseline"] == pytest.approx(1.0)
+        # The peers ran in this interpreter: where TF or JAX is missing they are skipped
+        # with the reason, never silently left out.
+        peers = {r["method"]: r for r in doc["records"] if r["workload"] == w and r["kind"] == "peer"}
+        assert set(peers) == {"tf.function pfor", "tf.function loop", "jax jit(vmap(jacrev))",
+                              "jax jit(vmap(jacfwd))"}
+        for r in peers.values():
+            assert r["status"] in ("ok", "skipped"), r
+            if r["status"] == "skipped":
+                assert "not importable" in r["reason"]
+            else:
+                assert r["examples_per_s"] > 0 and r["ratio_to_best_baseline"] > 0
+    table = (tmp_path / "kernels.md").read_text()
+    assert "| distjac auto |" in table and "(peer)" in table and "auto chose" in table
+
+
+def test_kernels_cli(tmp_path, capsys, keep_threads):
+    rc = cli(["bench", "kernels", "--size", "tiny", "--workloads", "W3", "--methods", "distjac rev,vmap(jacrev)",
+              "--repeats", "1", "--no-peers", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "| distjac rev |" in captured.out and "| vmap(jacrev) |" in captured.out
+    assert "wrote" in captured.err and "kernels.json" in captured.err
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    assert [(r["workload"], r["method"]) for r in doc["records"]] == [("W3", "distjac rev"), ("W3", "vmap(jacrev)")]
+    assert doc["files"]["plots"] == [] and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nonsense"], "unknown suite(s) nonsense"),
+    (["bench", "kernels", "--workloads", "W9"], "unknown workload(s) ['W9']"),
+    (["bench", "kernels", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "scaling", "--variants", "gather,scatter"], "unknown variant ['scatter']"),
+    (["bench", "--size", "huge"], "invalid choice: 'huge'"),
+])
+def test_bench_usage_errors(argv, message, tmp_path, capsys):
+    assert cli([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not list(tmp_path.iterdir()), "a usage error writes nothing"
+
+
+# --------------------------------------------------------------------------------------
+# scaling and memory: real Ray, real jobs
+# --------------------------------------------------------------------------------------
+
+
+def _scaling_records(doc: dict) -> dict:
+    return {(r["topology"], r["variant"], r["workers"]): r for r in doc["records"]}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_scaling_tiny_local(tmp_path, keep_threads):
+    doc = scaling.run(tmp_path, size="tiny", rows=2400, shard_size=300, workers=[1, 2], topologies=["local"],
+                      variants=["gather", "write+frobenius"], tmp_dir=str(tmp_path))
+    _common_shape(doc, "scaling", tmp_path, ["scaling_throughput.png", "scaling_breakdown.png"])
+    recs = _scaling_records(doc)
+    assert set(recs) == {("local", "write+frobenius", 0), ("local", "gather", 1), ("local", "gather", 2),
+                         ("local", "write+frobenius", 1), ("local", "write+frobenius", 2)}
+    for key, r in recs.items():
+        assert r["status"] == "ok" and r["rows"] == 2400 and r["shards"] == 8, key
+        assert r["check_max_rel_err"] < 1e-4, key  # checked against the in-process kernel first
+        assert len(r["times_s"]) == 1 and r["rows_per_s"] > 0
+        b = r["breakdown_s_per_shard"]
+        assert list(b) == list(scaling.STAGES) and b["compute_s"] > 0 and b["to_host_s"] == 0
+        if r["variant"] == "gather":
+            assert b["gather_s"] > 0 and b["write_s"] == 0 and r["gather_gbps"] > 0
+        else:
+            assert b["write_s"] > 0 and b["gather_s"] == 0
+        if r["workers"] >= 1:
+            assert r["efficiency"] == pytest.approx(r["rows_per_s"] / (r["workers"] * recs[
+                ("local", r["variant"], 1)]["rows_per_s"]))
+    assert recs[("local", "gather", 1)]["efficiency"] == pytest.approx(1.0)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("distjac-scaling-")], "parts are cleaned up"
+    table = (tmp_path / "scaling.md").read_text()
+    assert "| local | gather | 2 |" in table and "in-process, 1 thread" in table
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_scaling_tiny_cluster(tmp_path, keep_threads):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray connection is already open in this process")
+    doc = scaling.run(tmp_path, size="tiny", rows=1200, shard_size=300, workers=[1, 2], topologies=["cluster"],
+                      variants=["write"], plots=False, tmp_dir=str(tmp_path))
+    recs = _scaling_records(doc)
+    assert set(recs) == {("cluster", "write", 1), ("cluster", "write", 2)}
+    assert recs[("cluster", "write", 2)]["nodes"] == 2, "one worker on each one-CPU node"
+    assert all(r["check_max_rel_err"] < 1e-4 and r["breakdown_s_per_shard"]["write_s"] > 0 for r in recs.values())
+    assert not ray.is_initialized(), "the suite disconnects and stops its cluster"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_memory_tiny(tmp_path):
+    doc = memory.run(tmp_path, size="tiny", rows=[1000, 3000], shard_size=500, workers=2, tmp_dir=str(tmp_path))
+    _common_shape(doc, "memory", tmp_path, ["memory.png"])
+    assert [(r["mode"], r["rows"]) for r in doc["records"]] == [
+        ("engine", 1000), ("engine", 3000), ("in-process", 1000), ("in-process", 3000)]
+    for r in doc["records"]:
+        assert r["shards"] == r["rows"] // 500 and r["bytes_written"] > r["rows"] * 512
+        # torch alone is over 100 MiB resident in any process that imported it
+        assert r["driver_peak_rss_bytes"] > 100 * 2**20 and r["worker_peak_rss_bytes"] > 100 * 2**20
+        if r["mode"] == "in-process":  # the driver is its own worker
+            assert r["worker_peak_rss_bytes"] <= r["driver_peak_rss_bytes"]
+    table = (tmp_path / "memory.md").read_text()
+    assert "| engine | 3,000 |" in table and "driver peak" in table
