@@ -507,7 +507,8 @@ def run_job(
         reused, adopted and recomputed shards, seconds, rows/s, bytes written,
         per-worker figures and ``timing``: each computed shard's seconds per stage
         (read, compute, to host, Arrow, write on the worker; wait on the driver), their
-        totals and the workers' peak resident memory.
+        totals and the workers' peak resident memory; and the driver's own peak
+        resident memory.
 
     Raises:
         JobInputError (ConfigError, SourceError, OutputExistsError, ...): the job cannot
@@ -614,6 +615,7 @@ def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo]
         "bytes_written": sum(p.bytes for p in computed.values()),
         "workers": workers,
         "timing": _timing_summary(computed, timings),
+        "driver_peak_rss_bytes": peak_rss_bytes(),  # this process only, not the Ray daemons it started
     }
     if error is not None:
         report["error"] = f"{type(error).__name__}: {error}"

@@ -607,15 +607,16 @@ def _hows(modes: Sequence[str], rows_of: dict) -> list[Strategy]:
 
 
 def _time_strategy(
-    fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str, *, bar: float = math.inf
+    fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str, *, bar: float = math.inf,
+    runs: int = 2,
 ) -> float:
     """Seconds per example of strategy ``s`` on the sample ``xs``.
 
-    The best of two runs; the second is skipped when the first is already ``AUTO_KEEP``
+    The best of ``runs`` runs; later ones are skipped when one is already ``AUTO_KEEP``
     times slower than ``bar`` (the best so far), since it cannot win.
     """
     best = math.inf
-    for _ in range(2):
+    for _ in range(runs):
         _sync(xs.device)
         t0 = time.perf_counter()
         _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape)
@@ -680,10 +681,13 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
 def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
     """Measure, once per (function, shape), how to compute this batch Jacobian fastest.
 
-    Stage one times each way of computing (mode x loop/vmap/chunked vmap) on a small pilot
-    block; stage two times the ways within AUTO_KEEP of the best over a few block sizes
-    on a larger sample. Both stages use the first rows of the batch; candidates that fail
-    (no vmap rule, no forward derivative) are simply not chosen.
+    Stage one times each way of computing (mode x loop/vmap/chunked vmap; on a CPU,
+    reverse mode only as a loop) on a small pilot block; stage two times the ways within
+    AUTO_KEEP of the best over a few block sizes on a larger sample; stage three times
+    the two best again. Stages one to three use the first rows of the batch; stage four
+    (when the batch is larger than the sample) times the chosen block size against one
+    pass over the whole batch. Candidates that fail (no vmap rule, no forward
+    derivative) are simply not chosen.
     """
     key = _shape_key(x) + (tuple(modes),)
     cached = _CHOICES.get(fn, key)
@@ -710,6 +714,13 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
         return out
 
     hows = _hows(modes, {"rev": m, "fwd": n})
+    if x.device.type == "cpu":
+        # On a CPU, reverse mode vectorized over output rows never beat the row loop in our
+        # measurements (2 cores, docs/benchmarks.md: the loop was 1.8x vmap(jacrev) on W1,
+        # 10x on W3, level on W4): the same FLOPs with a working set C times larger, and
+        # its pass-count saving matters only where the whole call takes milliseconds. A
+        # small sample, whose working set still fits the caches, flatters it.
+        hows = [h for h in hows if h.mode == "fwd" or not h.vectorize]
     if heavy and x.device.type == "cpu":
         # Each pass is big enough to amortize its overhead, and a small sample flatters
         # vmap (its working set outgrows the caches as the batch grows): only loops are
@@ -736,8 +747,35 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
             best = replace(keep[0][2], block=sample)
         if heavy or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
+        elif best.block is not None:
+            best = _blocked_or_whole(fn, x, probe, best, m, n, call)
     _CHOICES.put(fn, key, best)
     return best
+
+
+def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str) -> Strategy:
+    """Stage four, when the batch is larger than the sample: the chosen block size against
+    one pass over the whole batch (within the memory budget), timed once each on the
+    batch itself. A sample cannot show how a pass scales past its own size: on W2 (2
+    cores) blocks of 2,048 measured best on the sample but ran at half the speed of one
+    pass over the 8,192 examples."""
+    try:
+        whole = fit_to_budget(
+            replace(best, block=None), b=x.shape[0], m=m, n=n, act_bytes=probe.act_bytes,
+            itemsize=x.element_size(), budget=default_memory_budget(x.device), call=call,
+        )
+    except MemoryBudgetError:
+        return best  # the call itself will say what does not fit
+    if whole.block is not None and whole.block <= best.block:
+        return best  # the budget allows no larger pass
+    xs = x.detach()
+    times = {}
+    for c in (best, whole):
+        try:
+            times[c] = _time_strategy(fn, xs, c, probe.out_shape, call, runs=1)
+        except (VectorizationError, RuntimeError):
+            continue
+    return min(times, key=times.get) if times else best
 
 
 # --------------------------------------------------------------------------------------

@@ -181,8 +181,10 @@ def test_memory_tiny(tmp_path):
         ("engine", 1000), ("engine", 3000), ("in-process", 1000), ("in-process", 3000)]
     for r in doc["records"]:
         assert r["shards"] == r["rows"] // 500 and r["bytes_written"] > r["rows"] * 512
+        assert r["check_max_rel_err"] < 1e-4  # the job's result was checked too
         # torch alone is over 100 MiB resident in any process that imported it
         assert r["driver_peak_rss_bytes"] > 100 * 2**20 and r["worker_peak_rss_bytes"] > 100 * 2**20
+        assert r["driver_and_ray_peak_rss_bytes"] >= r["driver_peak_rss_bytes"]
         if r["mode"] == "in-process":  # the driver is its own worker
             assert r["worker_peak_rss_bytes"] <= r["driver_peak_rss_bytes"]
     table = (tmp_path / "memory.md").read_text()

@@ -3,11 +3,17 @@ rows grow.
 
 Each measurement is one ``distjac run`` in a fresh process (so nothing of an earlier run
 counts): the scaling suite's synthetic dataset and MLP (16 -> 64 -> 8), written to Arrow
-parts, with the same shard size at every row count. The driver's peak comes from the
-kernel (``os.wait4``'s ``ru_maxrss`` of the child); each worker reports its own peak
-(``getrusage``) with every part it writes, and the job report keeps the largest per
-worker. Streaming to parts, neither should grow with the rows: the driver holds the
-manifest and at most ``parallel_iterations`` receipts, a worker one shard.
+parts, with the same shard size at every row count. The driver reports its own peak
+(``getrusage``) in the job report, and each worker its own with every part it writes (the
+report keeps the largest per worker). The kernel's figure for the child (``os.wait4``'s
+``ru_maxrss``) is kept too, as ``driver_and_ray_peak_rss_bytes``: it is the largest of the
+driver and the processes it waited for, which in engine mode include the local Ray
+instance's daemons (the raylet maps the object store), so it is not the driver's alone.
+
+Streaming to parts, neither the driver nor a worker should grow with the rows: the driver
+holds the manifest and at most ``parallel_iterations`` receipts, a worker one shard. Each
+job's output is then checked: sampled rows against ``distjac.batch_jacobian`` in this
+process.
 
 Modes: ``engine`` runs the shards on N local Ray workers (the driver only schedules and
 records); ``in-process`` (``--workers 0``) computes them in the driver, which then is its
@@ -33,8 +39,10 @@ from typing import Any
 
 import yaml
 
+from distjac.io.sink import read_result
+
 from .common import log, machine_line, median, new_result, write_outputs
-from .scaling import MODEL_SIZES
+from .scaling import MODEL_SIZES, check_sample, sample_rows, synthetic_rows
 
 SUITE = "memory"
 MODES = ("engine", "in-process")
@@ -72,11 +80,17 @@ def run_job_measured(rows: int, *, shard_size: int, workers: int, device: str, t
     if proc.returncode != 0:
         raise RuntimeError(f"distjac run of {rows:,} rows failed (exit {proc.returncode}): {stderr.strip()[-500:]}")
     report = json.loads(stdout)
+    # What was measured must also be right: sampled rows against the in-process kernel.
+    idx = sample_rows(rows)
+    check_err = check_sample("write", read_result(out, rows=idx), synthetic_rows(rows)[idx], idx)
     peaks = report["timing"]["worker_peak_rss_bytes"]
     factor = 1 if sys.platform == "darwin" else 1024
-    return {"driver_peak_rss_bytes": usage.ru_maxrss * factor, "worker_peak_rss_bytes": max(peaks.values()),
+    return {"driver_peak_rss_bytes": report["driver_peak_rss_bytes"],
+            "driver_and_ray_peak_rss_bytes": usage.ru_maxrss * factor,
+            "worker_peak_rss_bytes": max(peaks.values()),
             "workers_seen": len(peaks), "wall_s": wall, "rows_per_s": report["rows_per_s"],
-            "shards": report["shards"], "bytes_written": report["bytes_written"], "out": out}
+            "shards": report["shards"], "bytes_written": report["bytes_written"], "check_max_rel_err": check_err,
+            "out": out}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -84,14 +98,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"### Memory (MLP {'-'.join(map(str, MODEL_SIZES))}, Arrow parts, shards of {cfg['shard_size']:,} "
              f"rows, {cfg['workers']} Ray workers in engine mode)", "", machine_line(result),
              f"Command: `{result.get('command')}`", "",
-             "| mode | rows | shards | written | driver peak RSS | worker peak RSS | rows/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mode | rows | shards | written | driver peak RSS | worker peak RSS | driver + Ray daemons | rows/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['mode']} | {r['rows']:,} | {r['status']}: {r['reason']} | | | | | |")
+            continue
         lines.append(f"| {r['mode']} | {r['rows']:,} | {r['shards']} | {r['bytes_written'] / 2**20:,.0f} MiB | "
                      f"{r['driver_peak_rss_bytes'] / 2**20:,.0f} MiB | {r['worker_peak_rss_bytes'] / 2**20:,.0f} MiB"
-                     f" | {r['rows_per_s']:,.0f} |")
+                     f" | {r['driver_and_ray_peak_rss_bytes'] / 2**20:,.0f} MiB | {r['rows_per_s']:,.0f} |")
     for mode in cfg["modes"]:
-        mine = [r for r in result["records"] if r["mode"] == mode]
+        mine = [r for r in result["records"] if r["mode"] == mode and r["status"] == "ok"]
         if len(mine) >= 2:
             a, b = mine[0], mine[-1]
             lines.append(f"- {mode}: {b['rows'] / a['rows']:.0f}x the rows: driver peak "
@@ -110,7 +127,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
         return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode, marker in zip(result["config"]["modes"], "os"):
-        mine = [r for r in result["records"] if r["mode"] == mode]
+        mine = [r for r in result["records"] if r["mode"] == mode and r["status"] == "ok"]
         if not mine:
             continue
         rows = [r["rows"] for r in mine]
@@ -159,11 +176,19 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: Sequence[int] |
             n = workers if mode == "engine" else 0
             for r in rows:
                 log(f"   {mode} {r:,} rows ...")
-                runs = [run_job_measured(r, shard_size=shard_size, workers=n, device=device, tmp=Path(tmp))
-                        for _ in range(repeats)]
+                try:
+                    runs = [run_job_measured(r, shard_size=shard_size, workers=n, device=device, tmp=Path(tmp))
+                            for _ in range(repeats)]
+                except (RuntimeError, AssertionError) as err:  # recorded, and the other sizes still run
+                    log(f"      error: {err}")
+                    result["records"].append({"mode": mode, "rows": r, "workers": n, "status": "error",
+                                              "reason": str(err)[:500]})
+                    continue
                 rec = {"mode": mode, "rows": r, "workers": n, "shards": runs[0]["shards"],
-                       "bytes_written": runs[0]["bytes_written"], "status": "ok"}
-                for key in ("driver_peak_rss_bytes", "worker_peak_rss_bytes", "wall_s", "rows_per_s"):
+                       "bytes_written": runs[0]["bytes_written"], "status": "ok",
+                       "check_max_rel_err": max(x["check_max_rel_err"] for x in runs)}
+                for key in ("driver_peak_rss_bytes", "driver_and_ray_peak_rss_bytes", "worker_peak_rss_bytes",
+                            "wall_s", "rows_per_s"):
                     rec[key] = median([x[key] for x in runs])
                     rec[key + "_runs"] = [x[key] for x in runs]
                 for x in runs:

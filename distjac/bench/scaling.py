@@ -95,19 +95,19 @@ def _job_spec(out: Path, rows: int, shard_size: int, variant: str, device: str, 
     })
 
 
-def _synthetic_rows(rows: int) -> torch.Tensor:
+def synthetic_rows(rows: int) -> torch.Tensor:
     from distjac.io.sources import open_source
 
     spec = _job_spec(Path("unused"), rows, rows, "gather", "cpu", 1, None)
     return open_source(spec.data).read(0, rows)
 
 
-def _check_rows(rows: int) -> np.ndarray:
+def sample_rows(rows: int) -> np.ndarray:
     rng = np.random.default_rng(1)
     return np.unique(np.concatenate([[0, rows // 2, rows - 1], rng.integers(0, rows, CHECK_ROWS)]))
 
 
-def _check(variant: str, result: Any, x_rows: torch.Tensor, idx: np.ndarray) -> float:
+def check_sample(variant: str, result: Any, x_rows: torch.Tensor, idx: np.ndarray) -> float:
     """Largest relative error of sampled rows against the in-process kernel; raises if
     it is off (nothing is timed on a wrong result)."""
     ref = distjac.batch_jacobian(_model(), x_rows, mode="rev")
@@ -160,8 +160,8 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
     from distjac.io.sink import read_result
     from distjac.jobs import run_job
 
-    idx = _check_rows(rows)
-    x_check = _synthetic_rows(rows)[idx] if x is None else x[idx]
+    idx = sample_rows(rows)
+    x_check = synthetic_rows(rows)[idx] if x is None else x[idx]
     rec: dict[str, Any] = {"topology": kind, "variant": variant, "workers": workers, "rows": rows,
                            "shard_size": shard_size, "times_s": [], "status": "ok"}
     warm_rows = min(rows, 2 * max(workers, 1) * shard_size)
@@ -191,7 +191,7 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
             one(warm_rows, "warmup")
             wall, totals, shards, res, view, out = one(rows, "check")
             got = res[torch.as_tensor(idx)] if variant == "gather" else read_result(view, rows=idx)
-            rec["check_max_rel_err"] = _check(variant, got, x_check, idx)
+            rec["check_max_rel_err"] = check_sample(variant, got, x_check, idx)
             del res, got
             shutil.rmtree(out, ignore_errors=True)
             runs = []
@@ -215,6 +215,20 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
     wall, totals, shards = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     rec["shards"] = shards
     rec["breakdown_s_per_shard"] = {k: totals.get(k, 0.0) / max(shards, 1) for k in STAGES}
+    return rec
+
+
+def _measure_or_record(kind: str, variant: str, workers: int, **kw) -> dict[str, Any]:
+    """_measure, or a record of why it could not (the other configurations still run)."""
+    try:
+        rec = _measure(kind, variant, workers, **kw)
+    except Exception as err:  # reported in the table and the JSON, never hidden
+        status = "mismatch" if isinstance(err, AssertionError) else "error"
+        log(f"      {status}: {type(err).__name__}: {err}")
+        return {"topology": kind, "variant": variant, "workers": workers, "rows": kw["rows"],
+                "shard_size": kw["shard_size"], "times_s": [], "status": status,
+                "reason": f"{type(err).__name__}: {str(err)[:300]}"}
+    log(f"      {rec['rows_per_s']:,.0f} rows/s")
     return rec
 
 
@@ -305,8 +319,8 @@ def markdown(result: dict[str, Any]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result["records"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['topology']} | {r['variant']} | {r['workers']} | | {r['status']}: "
-                         f"{r.get('reason')} | | | |")
+            lines.append(f"| {r['topology']} | {r['variant']} | {r['workers']} | | {r['status']} | | | "
+                         f"{r.get('reason')} |")
             continue
         b = r["breakdown_s_per_shard"]
         parts = " / ".join(f"{1e3 * b[k]:.0f}" for k in STAGES)
@@ -408,24 +422,24 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: int | None = No
     result = new_result(SUITE, config, device)
     log(machine_line(result))
     t0 = time.perf_counter()
-    x = _synthetic_rows(rows) if "gather" in variants else None
+    x = synthetic_rows(rows) if "gather" in variants else None
     with tempfile.TemporaryDirectory(prefix="distjac-scaling-", dir=tmp_dir) as tmp:
         if in_process and "local" in topologies:
             for variant in variants:
                 if variant != "gather":
                     log(f"   in-process {variant} ...")
-                    result["records"].append(_measure("local", variant, 0, rows=rows, shard_size=shard_size,
-                                                      repeats=repeats, device=device, address=None, x=None,
-                                                      tmp=Path(tmp)))
+                    result["records"].append(_measure_or_record(
+                        "local", variant, 0, rows=rows, shard_size=shard_size, repeats=repeats, device=device,
+                        address=None, x=None, tmp=Path(tmp)))
         for topo in topologies:
             holder = _LocalRay(max(workers)) if topo == "local" else _OneMachineCluster(max(workers))
             with holder:
                 for variant in variants:
                     for n in workers:
                         log(f"   {topo} {variant} {n} worker(s) ...")
-                        rec = _measure(topo, variant, n, rows=rows, shard_size=shard_size, repeats=repeats,
-                                       device=device, address=holder.address, x=x, tmp=Path(tmp))
-                        log(f"      {rec['rows_per_s']:,.0f} rows/s")
+                        rec = _measure_or_record(topo, variant, n, rows=rows, shard_size=shard_size,
+                                                 repeats=repeats, device=device, address=holder.address, x=x,
+                                                 tmp=Path(tmp))
                         result["records"].append(rec)
     _efficiency(result["records"])
     result["total_s"] = time.perf_counter() - t0
