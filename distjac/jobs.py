@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from . import arrow as arrow_mod
+from .arrow import JACOBIAN_COLUMN, ROW_COLUMN
 from .config import JacobianSpec, JobSpec, ModelSpec, build_model
 from .errors import ConfigError, DistjacError, ResultError, ShardError
 from .io.sink import (
@@ -257,9 +258,12 @@ class PartSink:
     """Writes a worker's Jacobian record batch as a job's part: the ``sink`` of the
     engine's ``JacobianWorker.compute(..., sink=)`` seam.
 
-    ``write(batch, task)`` reduces the batch if the job asks for reductions, converts to
-    the job's storage dtype, writes the part and returns ``PartInfo.to_dict()``.
-    ``task`` needs ``shard``, ``start`` and ``stop``.
+    ``prepare(jac)`` (called by the worker right after the kernel, on its device) turns a
+    shard's Jacobian into the values to store: the reductions if the job asks for them.
+    ``write(batch, task)`` takes the worker's record batch (reduced already, or a full
+    Jacobian that it reduces), converts to the job's storage dtype, writes the part and
+    returns ``PartInfo.to_dict()`` with the shard's ``timing``. ``task`` needs
+    ``shard``, ``start`` and ``stop``.
     """
 
     out_dir: str
@@ -268,15 +272,25 @@ class PartSink:
     jacobian: JacobianSpec
     in_ndim: int
 
+    def prepare(self, jac: torch.Tensor) -> dict[str, Any]:
+        """``to_record_batch``'s values for a shard's Jacobian: the reductions when the job
+        asks for them, computed where ``jac`` is (on a GPU, before anything is copied to
+        the host), else the Jacobian itself."""
+        if self.jacobian.reduce:
+            return {"reductions": reduce_block(jac, self.jacobian.reduce, self.in_ndim)}
+        return {"jacobian": jac}
+
     def write(self, batch, task) -> dict[str, Any]:
         t0 = time.perf_counter()
-        rows, values = arrow_mod.from_record_batch(batch)
-        jac = torch.from_numpy(values.copy() if not values.flags.writeable else values)
-        if self.jacobian.reduce:
-            out = arrow_mod.to_record_batch(rows, reductions=reduce_block(jac, self.jacobian.reduce, self.in_ndim),
-                                            dtype=self.jacobian.dtype)
-        else:
-            out = arrow_mod.to_record_batch(rows, jacobian=jac, dtype=self.jacobian.dtype)
+        if JACOBIAN_COLUMN in batch.schema.names:
+            rows, values = arrow_mod.from_record_batch(batch)
+            jac = torch.from_numpy(values.copy() if not values.flags.writeable else values)
+            out = arrow_mod.to_record_batch(rows, dtype=self.jacobian.dtype, **self.prepare(jac))
+        else:  # reduced by the worker (prepare): only the storage dtype is left to apply
+            rows = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
+            reductions = {name: torch.from_numpy(batch.column(name).to_numpy(zero_copy_only=False).copy())
+                          for name in self.jacobian.reduce}
+            out = arrow_mod.to_record_batch(rows, reductions=reductions, dtype=self.jacobian.dtype)
         out = arrow_mod.with_metadata(out, arrow_mod.schema_metadata(batch.schema))  # the worker's annotation
         part = write_part(self.out_dir, task.shard, task.start, task.stop, out, self.format,
                           metadata={"spec_hash": self.spec_hash})

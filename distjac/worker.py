@@ -250,8 +250,19 @@ class RemoteShardError(Exception):
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far, in bytes (getrusage's ru_maxrss: KiB
-    on Linux, bytes on macOS)."""
+    """This process's peak resident memory so far, in bytes.
+
+    On Linux, ``VmHWM`` of /proc/self/status: the peak of this program's own memory map.
+    Not ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent at fork
+    and exec (a worker spawned by a 2 GiB process would report at least 2 GiB). Elsewhere
+    ``ru_maxrss`` (bytes on macOS, KiB on other systems)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -434,16 +445,21 @@ class JacobianWorker:
                 experimental_use_pfor=options["use_pfor"], unconnected_gradients="zero",
                 max_memory=self.max_memory,
             )
+            # A sink that reduces (a job's PartSink) does it here, on the worker's device,
+            # so only the reductions cross to the host and into Arrow.
+            values = sink.prepare(jac) if hasattr(sink, "prepare") else {"jacobian": jac}
+            del jac
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t2 = time.perf_counter()
-            if self.device.type != "cpu":
-                jac = jac.contiguous().cpu()  # one device-side copy at most, one transfer
+            if self.device.type != "cpu":  # one device-side copy at most, one transfer
+                values = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.contiguous().cpu())
+                          for k, v in values.items()}
             t3 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                batch = arrow.to_record_batch(range(task.start, task.stop), jac, dtype=None)
-            del jac
+                batch = arrow.to_record_batch(range(task.start, task.stop), dtype=None, **values)
+            del values
             t4 = time.perf_counter()
         except Exception as err:
             raise self._fail(err, task, "shard") from None

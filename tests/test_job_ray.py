@@ -311,6 +311,25 @@ def test_reduction_job_equals_in_process_reductions(engine, tmp_path):
     assert report["bytes_written"] < 2000 * (8 + 4 * 4) + 7 * 4096
 
 
+@pytest.mark.gpu
+def test_gpu_worker_reduces_before_the_host_copy(tmp_path):
+    """A reduced job on a GPU worker: the reductions are computed on the device, so what
+    crosses to the host per shard is a few floats per row, not the Jacobians."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    spec = job_spec(tmp_path / "out", model={"kwargs": {"sizes": [8, 16, 8]}},
+                    jacobian={"reduce": ["frobenius", "trace"]}, engine={"device": "cuda", "num_workers": 1})
+    with distjac.Engine(num_workers=1, device="cuda", progress=False) as eng:
+        report = eng.run(spec)
+    assert report["computed_shards"] == 7
+    got = distjac.read_result(spec.output.path)
+    want = reduce_block(torch.from_numpy(reference(spec)), ["frobenius", "trace"], in_ndim=1)
+    for name in ("frobenius", "trace"):
+        np.testing.assert_allclose(got[name], want[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    annotation = arrow_mod.annotation(ipc.open_file(os.path.join(spec.output.path, "part-00000.arrow")).schema)
+    assert annotation["device"].startswith("cuda")
+
+
 def test_tensor_source_job_in_the_compute_dtype(engine, tmp_path):
     """An in-memory tensor (float32) computed in float64: each task carries only its rows."""
     x = torch.randn(700, 8, generator=torch.Generator().manual_seed(5))

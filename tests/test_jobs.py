@@ -203,8 +203,10 @@ def test_custom_executor_gets_picklable_descriptors(tmp_path):
     np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-6, atol=1e-7)
 
 
-def test_engine_seam_part_sink(tmp_path):
-    """The engine's worker computes a Jacobian batch itself and hands it to job.part_sink()."""
+@pytest.mark.parametrize("reduced_by_worker", [False, True])
+def test_engine_seam_part_sink(tmp_path, reduced_by_worker):
+    """The engine's worker computes a Jacobian batch itself and hands it to job.part_sink(),
+    either whole or reduced where it was computed (``sink.prepare``, as the Ray worker does)."""
     spec = tiny_spec(tmp_path / "out", model={"kwargs": {"sizes": [3, 3]}}, jacobian={"reduce": ["trace"]})
     job = prepare_job(spec)
     model = build_model(spec.model)
@@ -213,7 +215,10 @@ def test_engine_seam_part_sink(tmp_path):
     def engine_like(descriptors):
         for d in descriptors:
             x = reader.read(d.start, d.stop)
-            batch = arrow_mod.to_record_batch(range(d.start, d.stop), distjac.batch_jacobian(model, x), dtype=None)
+            jac = distjac.batch_jacobian(model, x)
+            values = sink.prepare(jac) if reduced_by_worker else {"jacobian": jac}
+            assert list(values) == (["reductions"] if reduced_by_worker else ["jacobian"])
+            batch = arrow_mod.to_record_batch(range(d.start, d.stop), dtype=None, **values)
             task = type("Task", (), {"shard": d.index, "start": d.start, "stop": d.stop})
             yield sink.write(batch, task)
 

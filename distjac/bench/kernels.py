@@ -28,7 +28,8 @@ Procedure, per workload:
 3. Every method then runs once on the full batch (the check, which is also the warm-up;
    for distjac auto this first call measures and caches its choice, reported separately
    as ``first_call_s``), then ``repeats`` timed calls, interleaved across methods (round
-   robin) so that drift from other load on the machine hits every method alike.
+   robin, each round starting one method later) so that drift from other load on the
+   machine hits every method alike and no method always runs after the same one.
 4. The median time gives examples/s; the ratio is to the best torch baseline that ran and
    matched on the same workload, in the same run.
 
@@ -368,7 +369,11 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
 
     # Timed repeats, round robin -------------------------------------------------------
     for rep in range(repeats):
-        for mt in live:
+        # Each round starts one method later, so that no method always follows the same
+        # one (on this VM, a call right after another's 1 GiB result was freed pays
+        # different page-fault costs).
+        shift = rep % max(1, len(live))
+        for mt in live[shift:] + live[:shift]:
             res, t = _timed(lambda mt=mt: mt.run(model, x), device)
             del res
             rec["methods"][mt.name]["times_s"].append(t)
