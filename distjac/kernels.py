@@ -716,8 +716,8 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
     hows = _hows(modes, {"rev": m, "fwd": n})
     if x.device.type == "cpu":
         # On a CPU, reverse mode vectorized over output rows never beat the row loop in our
-        # measurements (2 cores, docs/benchmarks.md: the loop was 1.8x vmap(jacrev) on W1,
-        # 10x on W3, level on W4): the same FLOPs with a working set C times larger, and
+        # measurements (2 cores, docs/benchmarks.md: the loop was 1.5-1.8x vmap(jacrev) on
+        # W1, 5-10x on W3, level on W4): the same FLOPs with a working set C times larger, and
         # its pass-count saving matters only where the whole call takes milliseconds. A
         # small sample, whose working set still fits the caches, flatters it.
         hows = [h for h in hows if h.mode == "fwd" or not h.vectorize]

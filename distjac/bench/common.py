@@ -27,16 +27,21 @@ def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
     return out
 
 
-def meminfo(key: str) -> int | None:
-    """A /proc/meminfo field in bytes (None off Linux)."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """A ``key: N kB`` field of a /proc file (meminfo, self/status) in bytes; None off Linux."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo field in bytes (None off Linux)."""
+    return proc_bytes("/proc/meminfo", key)
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:

@@ -64,7 +64,7 @@ from distjac import models
 from distjac.kernels import choose_strategy, clear_caches
 
 from .common import log as _log
-from .common import machine_line, meminfo, new_result, write_outputs
+from .common import machine_line, meminfo, new_result, proc_bytes, write_outputs
 
 SUITE = "kernels"
 PEERS_SCRIPT = Path(__file__).with_name("peers.py")
@@ -215,14 +215,7 @@ def _reset_peak_rss() -> bool:
 
 
 def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", key)
 
 
 def _sync(device: torch.device) -> None:

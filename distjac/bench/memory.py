@@ -132,6 +132,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
                     label=f"{mode}: worker (largest)")
     rows = result["config"]["rows"]
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(rows, [f"{r:,}" for r in rows], fontsize=8)
     ax.set_xlabel("rows (log)")
     ax.set_ylabel("peak RSS (MiB)")
