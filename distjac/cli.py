@@ -226,11 +226,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats is not None and args.repeats < 1:
         raise _UsageError("distjac bench: --repeats must be >= 1")
     modules = {"kernels": kernels, "scaling": scaling, "memory": memory}
-    for name in suites:
+    for name in suites:  # every suite's arguments first: a bad one runs and writes nothing
         try:
-            result = modules[name].run_from_args(args)
+            modules[name].check_args(args)
         except ValueError as e:
             raise _UsageError(f"distjac bench {name}: {e}") from e
+    for name in suites:
+        result = modules[name].run_from_args(args)
         print((Path(args.out) / result["files"]["markdown"]).read_text())
         written = [result["files"]["json"], result["files"]["markdown"], *result["files"]["plots"]]
         note = f" ({result['plots_skipped']})" if result.get("plots_skipped") else ""

@@ -11,9 +11,11 @@ per-shard function workers run.
                               v
                      _report.json, _SUCCESS, report dict
 
-An *executor* is any callable ``executor(descriptors) -> Iterable[PartInfo]`` that runs
-:func:`compute_shard` on every descriptor (in any order, anywhere) and yields each
-shard's PartInfo as it finishes; it raises (a ShardError) when a shard fails for good.
+An *executor* is any callable ``executor(descriptors) -> Iterable[PartInfo | dict]`` that
+runs :func:`compute_shard` on every descriptor (in any order, anywhere) and yields each
+shard's PartInfo as it finishes (or ``PartInfo.to_dict()``, optionally with the shard's
+``timing`` by stage, which the report keeps); it raises (a ShardError) when a shard fails
+for good.
 :func:`sequential_executor` runs them one by one in this process; the Ray engine runs
 them remotely with at most ``engine.parallel_iterations`` in flight. A descriptor is a
 small picklable value: the source (paths and metadata, never data), the model spec, the
@@ -230,10 +232,10 @@ def _compute_shard_timed(desc: ShardDescriptor, model: Any, device: Any) -> tupl
     return replace(part, seconds=time.perf_counter() - t0), timing
 
 
-Executor = Callable[[Sequence[ShardDescriptor]], Iterable[PartInfo]]
+Executor = Callable[[Sequence[ShardDescriptor]], Iterable["PartInfo | dict[str, Any]"]]
 
 
-def sequential_executor(descriptors: Sequence[ShardDescriptor]) -> Iterable[PartInfo]:
+def sequential_executor(descriptors: Sequence[ShardDescriptor]) -> Iterable[dict[str, Any]]:
     """Run every shard in this process, one after the other (engine.num_workers: 0).
     Yields each part as a dict with its ``timing`` (see :data:`WORKER_STAGES`)."""
     for desc in descriptors:

@@ -664,7 +664,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
         if user_fixed or b * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
         else:
-            s = _measured_choice(fn, x, probe, modes, m, n, call)
+            s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory)
     else:
         s = Strategy(mode)
     if user_fixed:
@@ -678,7 +678,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
     )
 
 
-def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
+def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = None) -> Strategy:
     """Measure, once per (function, shape), how to compute this batch Jacobian fastest.
 
     Stage one times each way of computing (mode x loop/vmap/chunked vmap; on a CPU,
@@ -748,21 +748,23 @@ def _measured_choice(fn, x, probe, modes, m, n, call) -> Strategy:
         if heavy or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
         elif best.block is not None:
-            best = _blocked_or_whole(fn, x, probe, best, m, n, call)
+            best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory)
     _CHOICES.put(fn, key, best)
     return best
 
 
-def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str) -> Strategy:
+def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, max_memory: int | None) -> Strategy:
     """Stage four, when the batch is larger than the sample: the chosen block size against
-    one pass over the whole batch (within the memory budget), timed once each on the
-    batch itself. A sample cannot show how a pass scales past its own size: on W2 (2
-    cores) blocks of 2,048 measured best on the sample but ran at half the speed of one
-    pass over the 8,192 examples."""
+    one pass over the whole batch (as large as ``max_memory``, or the default budget,
+    allows), timed once each on the batch itself: two extra calls, once per (fn, shape).
+    A sample cannot show how a pass scales past its own size: on W2 (2 cores) blocks of
+    2,048 measured best on the sample but ran at half the speed of one pass over the
+    8,192 examples."""
     try:
         whole = fit_to_budget(
             replace(best, block=None), b=x.shape[0], m=m, n=n, act_bytes=probe.act_bytes,
-            itemsize=x.element_size(), budget=default_memory_budget(x.device), call=call,
+            itemsize=x.element_size(),
+            budget=max_memory if max_memory is not None else default_memory_budget(x.device), call=call,
         )
     except MemoryBudgetError:
         return best  # the call itself will say what does not fit

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import resource
 import site
 import socket
 import sys
@@ -255,7 +254,8 @@ def peak_rss_bytes() -> int:
     On Linux, ``VmHWM`` of /proc/self/status: the peak of this program's own memory map.
     Not ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent at fork
     and exec (a worker spawned by a 2 GiB process would report at least 2 GiB). Elsewhere
-    ``ru_maxrss`` (bytes on macOS, KiB on other systems)."""
+    ``ru_maxrss`` (bytes on macOS, KiB on other systems). Either is the peak since the
+    process started: a long-lived process (a notebook, a worker) reports earlier work too."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -263,6 +263,8 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    import resource  # Unix only; imported here so that the module imports anywhere
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -110,6 +110,11 @@ def test_kernels_cli(tmp_path, capsys, keep_threads):
     (["bench", "kernels", "--repeats", "0"], "--repeats must be >= 1"),
     (["bench", "scaling", "--variants", "gather,scatter"], "unknown variant ['scatter']"),
     (["bench", "--size", "huge"], "invalid choice: 'huge'"),
+    # a later suite's bad argument stops the run before the first suite writes anything
+    (["bench", "kernels", "scaling", "--variants", "x"], "unknown variant ['x']"),
+    (["bench", "memory", "--memory-rows", "0,100"], "must be >= 1"),
+    (["bench", "scaling", "--workers", "1,two"], "comma-separated integers"),
+    (["bench", "kernels", "--device", "meta"], "the suites run on cpu or cuda"),
 ])
 def test_bench_usage_errors(argv, message, tmp_path, capsys):
     assert cli([*argv, "--out", str(tmp_path)]) == 2

@@ -287,9 +287,11 @@ def test_run_equals_batch_jacobian(engine, tmp_path, fmt):
     timing = report["timing"]
     assert [s["shard"] for s in timing["shards"]] == list(range(7))
     for s in timing["shards"]:
-        stages = sum(s[k] for k in ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s"))
-        assert stages == pytest.approx(manifest["parts"][str(s["shard"])]["seconds"], rel=1e-6)
+        assert s["worker"] == manifest["parts"][str(s["shard"])]["worker"] and s["rows"] in (300, 200)
         assert s["compute_s"] > 0 and s["write_s"] > 0 and s["wait_s"] >= 0 and s["to_host_s"] == 0
+    # The driver waited at least as long as the slowest shard's own work took.
+    assert report["run_seconds"] >= max(
+        sum(s[k] for k in ("read_s", "compute_s", "arrow_s", "write_s")) for s in timing["shards"])
     assert set(timing["worker_peak_rss_bytes"]) == writers
     assert all(peak > 50 * 2**20 for peak in timing["worker_peak_rss_bytes"].values())  # torch alone is more
 

@@ -7,6 +7,8 @@ import os
 import pickle
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc  # noqa: F401 - pa.ipc
 import pytest
 import torch
 from job_helpers import reference, tiny_spec, write_arrow, write_parquet
@@ -227,6 +229,42 @@ def test_engine_seam_part_sink(tmp_path, reduced_by_worker):
     np.testing.assert_allclose(distjac.read_result(spec.output.path)["trace"],
                                reduce_block(full, ["trace"], 1)["trace"].numpy(), rtol=1e-6)
     assert isinstance(sink, PartSink)
+
+
+def test_worker_reduces_before_arrow_when_the_sink_reduces(tmp_path):
+    """The Ray worker's compute (called here outside Ray) asks a reducing sink to reduce the
+    shard where it was computed: the record batch it hands to the sink holds the
+    reductions, never the Jacobians (on a GPU, only they cross to the host)."""
+    from distjac.worker import JacobianWorker, ShardTask, function_key, serialize_function
+
+    spec = tiny_spec(tmp_path / "out", model={"kwargs": {"sizes": [3, 3]}}, jacobian={"reduce": ["trace"]})
+    job = prepare_job(spec)
+    os.makedirs(job.out_dir)
+    model = build_model(spec.model).requires_grad_(False)
+    seen = []
+
+    class Spy:
+        def __init__(self, sink):
+            self.sink = sink
+
+        def prepare(self, jac):
+            return self.sink.prepare(jac)
+
+        def write(self, batch, task):
+            seen.append(batch.schema.names)
+            return self.sink.write(batch, task)
+
+    blob = serialize_function(model)
+    worker = JacobianWorker(device="cpu", num_threads=1)
+    task = ShardTask(0, 0, 16, source=job.reader())
+    options = {"mode": "rev", "chunk_size": None, "use_pfor": True, "call": "test"}
+    part = worker.compute(function_key(blob), [blob], task, options, sink=Spy(job.part_sink()))
+    assert seen == [["row", "trace"]], "reduced on the worker, before Arrow"
+    assert part["rows"] == 16 and part["timing"]["to_host_s"] == 0 and part["timing"]["compute_s"] > 0
+    x = job.reader().read(0, 16)
+    want = reduce_block(distjac.batch_jacobian(model, x), ["trace"], 1)["trace"].numpy()
+    got = pa.ipc.open_file(os.path.join(job.out_dir, part["file"])).read_all().column("trace").to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_compute_shard_with_a_given_model(tmp_path):

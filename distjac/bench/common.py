@@ -88,6 +88,23 @@ def new_result(suite: str, config: dict[str, Any], device: str = "cpu") -> dict[
     }
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here; ValueError saying what is wrong otherwise."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({err}); use cpu or cuda[:i]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: the suites run on cpu or cuda[:i]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: torch sees no CUDA device here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 

@@ -63,8 +63,8 @@ import distjac
 from distjac import models
 from distjac.kernels import choose_strategy, clear_caches
 
+from .common import check_device, machine_line, meminfo, new_result, proc_bytes, write_outputs
 from .common import log as _log
-from .common import machine_line, meminfo, new_result, proc_bytes, write_outputs
 
 SUITE = "kernels"
 PEERS_SCRIPT = Path(__file__).with_name("peers.py")
@@ -427,6 +427,10 @@ def run_peers(workloads: dict[str, Workload], npz: dict[str, Path], *, python: s
     timeout = max(PEER_TIMEOUT_FLOOR_S, 4 * max_call_s * (repeats + 2) * len(spec["workloads"]))
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the peers' interpreter has its own site-packages
+    if device.type == "cuda" and device.index is not None:
+        # The peers take "the GPU": make it the one torch runs on.
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[device.index] if device.index < len(visible) else str(device.index)
     try:
         proc = subprocess.run([python, str(PEERS_SCRIPT), str(spec_path), str(out_path)], env=env,
                               stdout=subprocess.PIPE, stderr=None, timeout=timeout, text=True)
@@ -593,14 +597,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     """
     quick = size == "tiny"
     repeats = repeats if repeats is not None else (1 if quick else 5)
-    bad = [w for w in workloads if w not in WORKLOADS]
-    if bad:
-        raise ValueError(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
-    known = [mt.name for mt in METHODS]
-    if methods is not None and (bad := [m for m in methods if m not in known]):
-        raise ValueError(f"unknown method(s) {bad}; choose from {known}")
-    if repeats < 1 or threads < 1:
-        raise ValueError("repeats and threads must be >= 1")
+    _check(workloads, methods, repeats, threads, device)
     chosen = METHODS if methods is None else [mt for mt in METHODS if mt.name in methods]
     dev = torch.device(device)
     saved = (torch.get_num_threads(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
@@ -646,6 +643,25 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     table = markdown(result)
     return write_outputs(result, Path(out_dir), table, plot, plots=plots)
+
+
+def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int, threads: int,
+           device: str) -> None:
+    if bad := [w for w in workloads if w not in WORKLOADS]:
+        raise ValueError(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
+    known = [mt.name for mt in METHODS]
+    if methods is not None and (bad := [m for m in methods if m not in known]):
+        raise ValueError(f"unknown method(s) {bad}; choose from {known}")
+    if repeats < 1 or threads < 1:
+        raise ValueError("repeats and threads must be >= 1")
+    check_device(device)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The CLI's arguments for this suite; ValueError saying what is wrong (before any
+    suite runs, so a bad argument writes nothing)."""
+    _check(args.workloads.split(","), None if args.methods is None else args.methods.split(","),
+           1 if args.repeats is None else args.repeats, args.threads, args.device)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

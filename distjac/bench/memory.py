@@ -41,7 +41,7 @@ import yaml
 
 from distjac.io.sink import read_result
 
-from .common import log, machine_line, median, new_result, write_outputs
+from .common import check_device, log, machine_line, median, new_result, write_outputs
 from .scaling import MODEL_SIZES, check_sample, sample_rows, synthetic_rows
 
 SUITE = "memory"
@@ -151,15 +151,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: Sequence[int] |
         repeats: int | None = None, device: str = "cpu", plots: bool = True,
         tmp_dir: str | None = None) -> dict[str, Any]:
     """Run the memory suite; write ``memory.json``, ``memory.md`` and ``memory.png``."""
-    preset = PRESETS[size]
-    rows = sorted(rows or preset["rows"])
-    shard_size = shard_size or preset["shard_size"]
-    workers = workers or preset["workers"]
-    repeats = repeats or preset["repeats"]
-    if bad := [m for m in modes if m not in MODES]:
-        raise ValueError(f"unknown mode {bad}; choose from {list(MODES)}")
-    if any(r < 1 for r in rows) or shard_size < 1 or workers < 1 or repeats < 1:
-        raise ValueError("rows, shard_size, workers and repeats must be >= 1")
+    rows, shard_size, workers, repeats = _resolve(size, rows, shard_size, workers, modes, repeats, device)
     config = {"size": size, "rows": rows, "shard_size": shard_size, "workers": workers, "modes": list(modes),
               "repeats": repeats, "device": device, "model": f"distjac.models.mlp({MODEL_SIZES})",
               "measure": "VmHWM (peak of the process's own memory map) of the `distjac run` driver, from its "
@@ -175,10 +167,11 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: Sequence[int] |
                 try:
                     runs = [run_job_measured(r, shard_size=shard_size, workers=n, device=device, tmp=Path(tmp))
                             for _ in range(repeats)]
-                except (RuntimeError, AssertionError) as err:  # recorded, and the other sizes still run
-                    log(f"      error: {err}")
-                    result["records"].append({"mode": mode, "rows": r, "workers": n, "status": "error",
-                                              "reason": str(err)[:500]})
+                except Exception as err:  # recorded (what failed and why), and the other sizes still run
+                    status = "mismatch" if isinstance(err, AssertionError) else "error"
+                    log(f"      {status}: {type(err).__name__}: {err}")
+                    result["records"].append({"mode": mode, "rows": r, "workers": n, "status": status,
+                                              "reason": f"{type(err).__name__}: {str(err)[:500]}"})
                     continue
                 rec = {"mode": mode, "rows": r, "workers": n, "shards": runs[0]["shards"],
                        "bytes_written": runs[0]["bytes_written"], "status": "ok",
@@ -195,6 +188,36 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: Sequence[int] |
     return write_outputs(result, Path(out_dir), markdown(result), plot, plots=plots)
 
 
+def _resolve(size, rows, shard_size, workers, modes, repeats, device):
+    """The preset's values where none are given; ValueError for values that cannot run."""
+    preset = PRESETS[size]
+    rows = sorted(preset["rows"] if rows is None else rows)
+    shard_size = preset["shard_size"] if shard_size is None else shard_size
+    workers = preset["workers"] if workers is None else workers
+    repeats = preset["repeats"] if repeats is None else repeats
+    if bad := [m for m in modes if m not in MODES]:
+        raise ValueError(f"unknown mode {bad}; choose from {list(MODES)}")
+    if not rows or any(r < 1 for r in rows) or shard_size < 1 or workers < 1 or repeats < 1:
+        raise ValueError("--memory-rows, --shard-size, --memory-workers and --repeats must be >= 1")
+    check_device(device)
+    return rows, shard_size, workers, repeats
+
+
+def _rows_arg(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(r) for r in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--memory-rows {text!r}: give comma-separated integers") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The CLI's arguments for this suite; ValueError saying what is wrong."""
+    _resolve(args.size, _rows_arg(args.memory_rows), args.shard_size, args.memory_workers, args.modes.split(","),
+             args.repeats, args.device)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory")
     g.add_argument("--memory-rows", default=None, help="comma-separated row counts (full: 250k, 500k, 1M, 2M)")
@@ -203,6 +226,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    rows = [int(r) for r in args.memory_rows.split(",")] if args.memory_rows else None
-    return run(args.out, size=args.size, rows=rows, shard_size=args.shard_size, workers=args.memory_workers,
+    return run(args.out, size=args.size, rows=_rows_arg(args.memory_rows), shard_size=args.shard_size,
+               workers=args.memory_workers,
                modes=args.modes.split(","), repeats=args.repeats, device=args.device, plots=not args.no_plots)

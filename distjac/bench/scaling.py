@@ -57,7 +57,7 @@ import distjac
 from distjac.models import mlp
 from distjac.reduce import reduce_block
 
-from .common import log, machine_line, median, new_result, write_outputs
+from .common import check_device, log, machine_line, median, new_result, write_outputs
 
 SUITE = "scaling"
 MODEL_SIZES = [16, 64, 8]
@@ -192,12 +192,15 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
             torch.set_num_threads(1)
             rec["nodes"] = 1
         try:
-            one(warm_rows, "warmup")
-            wall, totals, shards, res, view, out = one(rows, "check")
-            got = res[torch.as_tensor(idx)] if variant == "gather" else read_result(view, rows=idx)
-            rec["check_max_rel_err"] = check_sample(variant, got, x_check, idx)
-            del res, got
+            *_, out = one(warm_rows, "warmup")
             shutil.rmtree(out, ignore_errors=True)
+            wall, totals, shards, res, view, out = one(rows, "check")
+            try:
+                got = res[torch.as_tensor(idx)] if variant == "gather" else read_result(view, rows=idx)
+                rec["check_max_rel_err"] = check_sample(variant, got, x_check, idx)
+                del res, got
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
             runs = []
             for _ in range(repeats):
                 wall, totals, shards, res, view, out = one(rows, "timed")
@@ -417,17 +420,8 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: int | None = No
     The job variants' parts go to a temporary folder under ``tmp_dir`` (default: the
     system's), deleted after each run; at full size one run writes about 1 GB.
     """
-    preset = PRESETS[size]
-    rows = rows or preset["rows"]
-    shard_size = shard_size or preset["shard_size"]
-    repeats = repeats or preset["repeats"]
-    workers = sorted(set(workers or preset["workers"] or default_workers()))
-    if any(w < 1 for w in workers) or rows < 1 or shard_size < 1 or repeats < 1:
-        raise ValueError("workers, rows, shard_size and repeats must be >= 1")
-    if bad := [t for t in topologies if t not in TOPOLOGIES]:
-        raise ValueError(f"unknown topology {bad}; choose from {list(TOPOLOGIES)}")
-    if bad := [v for v in variants if v not in VARIANTS]:
-        raise ValueError(f"unknown variant {bad}; choose from {list(VARIANTS)}")
+    rows, shard_size, repeats, workers = _resolve(size, rows, shard_size, repeats, workers, topologies, variants,
+                                                  device)
     config = {"size": size, "rows": rows, "shard_size": shard_size, "repeats": repeats, "workers": workers,
               "topologies": list(topologies), "variants": list(variants), "device": device,
               "model": f"distjac.models.mlp({MODEL_SIZES})", "mode": "rev", "in_process": in_process,
@@ -459,6 +453,38 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: int | None = No
     return write_outputs(result, Path(out_dir), markdown(result), plot, plots=plots)
 
 
+def _resolve(size, rows, shard_size, repeats, workers, topologies, variants, device):
+    """The preset's values where none are given; ValueError for values that cannot run."""
+    preset = PRESETS[size]
+    rows = preset["rows"] if rows is None else rows
+    shard_size = preset["shard_size"] if shard_size is None else shard_size
+    repeats = preset["repeats"] if repeats is None else repeats
+    workers = sorted(set(preset["workers"] or default_workers() if workers is None else workers))
+    if not workers or any(w < 1 for w in workers) or rows < 1 or shard_size < 1 or repeats < 1:
+        raise ValueError("--workers, --rows, --shard-size and --repeats must be >= 1")
+    if bad := [t for t in topologies if t not in TOPOLOGIES]:
+        raise ValueError(f"unknown topology {bad}; choose from {list(TOPOLOGIES)}")
+    if bad := [v for v in variants if v not in VARIANTS]:
+        raise ValueError(f"unknown variant {bad}; choose from {list(VARIANTS)}")
+    check_device(device)
+    return rows, shard_size, repeats, workers
+
+
+def _workers_arg(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--workers {text!r}: give comma-separated integers, e.g. 1,2,4") from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The CLI's arguments for this suite; ValueError saying what is wrong."""
+    _resolve(args.size, args.rows, args.shard_size, args.repeats, _workers_arg(args.workers),
+             args.topologies.split(","), args.variants.split(","), args.device)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scaling")
     g.add_argument("--rows", type=int, default=None, help="rows of the synthetic dataset (full: 2,000,000)")
@@ -469,7 +495,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else None
-    return run(args.out, size=args.size, rows=args.rows, shard_size=args.shard_size, workers=workers,
+    return run(args.out, size=args.size, rows=args.rows, shard_size=args.shard_size, workers=_workers_arg(args.workers),
                topologies=args.topologies.split(","), variants=args.variants.split(","), repeats=args.repeats,
                device=args.device, plots=not args.no_plots)
