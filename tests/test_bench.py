@@ -192,7 +192,8 @@ def test_memory_tiny(tmp_path):
         assert r["check_max_rel_err"] < 1e-4  # the job's result was checked too
         # torch alone is over 100 MiB resident in any process that imported it
         assert r["driver_peak_rss_bytes"] > 100 * 2**20 and r["worker_peak_rss_bytes"] > 100 * 2**20
-        if r["mode"] == "in-process":  # the driver is its own worker
-            assert r["worker_peak_rss_bytes"] <= r["driver_peak_rss_bytes"]
+        if r["mode"] == "in-process":  # the driver is its own worker, read a little later
+            # (VmHWM can lose a few pages that glibc hands back with madvise: not strictly monotonic)
+            assert r["worker_peak_rss_bytes"] <= 1.02 * r["driver_peak_rss_bytes"]
     table = (tmp_path / "memory.md").read_text()
     assert "| engine | 3,000 |" in table and "driver peak" in table
