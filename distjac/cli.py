@@ -22,7 +22,9 @@ adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -278,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         _report_error(str(e), e, debug)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`distjac ... | head`): stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except KeyboardInterrupt as e:
         _report_error("distjac: interrupted; finished shards are kept, run the job again to resume.", e, debug)
         return 130
