@@ -60,7 +60,7 @@ from .io.sink import (
 from .io.sources import Source, open_source
 from .plan import ShardPlan, format_bytes, make_plan
 from .reduce import check_reductions, reduce_block
-from .worker import peak_rss_bytes
+from .worker import peak_rss_bytes, values_to_host
 
 __all__ = [
     "CastSource",
@@ -154,6 +154,14 @@ def get_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
 WORKER_STAGES = ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s")
 
 
+def stored_values(jac: torch.Tensor, jacobian: JacobianSpec, in_ndim: int) -> dict[str, Any]:
+    """``to_record_batch``'s values for a shard's Jacobian: the job's reductions, computed
+    where ``jac`` is (on a GPU, before anything is copied to the host), or the Jacobian."""
+    if jacobian.reduce:
+        return {"reductions": reduce_block(jac, jacobian.reduce, in_ndim)}
+    return {"jacobian": jac}
+
+
 def _shard_record_batch_timed(desc: ShardDescriptor, model: Any, device: Any) -> tuple[Any, dict[str, float]]:
     from .kernels import batch_jacobian
 
@@ -164,14 +172,11 @@ def _shard_record_batch_timed(desc: ShardDescriptor, model: Any, device: Any) ->
     t1 = time.perf_counter()
     jac = batch_jacobian(fn, x, mode=desc.jacobian.mode, parallel_iterations=desc.jacobian.chunk_size,
                          unconnected_gradients="zero")
-    values = ({"reductions": reduce_block(jac, desc.jacobian.reduce, desc.in_ndim)} if desc.jacobian.reduce
-              else {"jacobian": jac})
+    values = stored_values(jac, desc.jacobian, desc.in_ndim)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t2 = time.perf_counter()
-    if dev.type != "cpu":
-        values = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.contiguous().cpu())
-                  for k, v in values.items()}
+    values = values_to_host(values)
     t3 = time.perf_counter()
     batch = arrow_mod.to_record_batch(range(desc.start, desc.stop), dtype=desc.jacobian.dtype, **values)
     t4 = time.perf_counter()
@@ -275,12 +280,8 @@ class PartSink:
     in_ndim: int
 
     def prepare(self, jac: torch.Tensor) -> dict[str, Any]:
-        """``to_record_batch``'s values for a shard's Jacobian: the reductions when the job
-        asks for them, computed where ``jac`` is (on a GPU, before anything is copied to
-        the host), else the Jacobian itself."""
-        if self.jacobian.reduce:
-            return {"reductions": reduce_block(jac, self.jacobian.reduce, self.in_ndim)}
-        return {"jacobian": jac}
+        """What the worker stores of a shard's Jacobian (:func:`stored_values`)."""
+        return stored_values(jac, self.jacobian, self.in_ndim)
 
     def write(self, batch, task) -> dict[str, Any]:
         t0 = time.perf_counter()

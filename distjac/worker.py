@@ -248,6 +248,16 @@ class RemoteShardError(Exception):
                                      self.pid, self.tb, self.phase))
 
 
+def values_to_host(values: dict[str, Any]) -> dict[str, Any]:
+    """``to_record_batch``'s values (a ``jacobian`` tensor or a dict of ``reductions``)
+    on the host: one device-side copy at most and one transfer per tensor off a GPU;
+    CPU tensors as they are."""
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device.type == "cpu" else t.contiguous().cpu()
+
+    return {k: ({n: host(t) for n, t in v.items()} if isinstance(v, dict) else host(v)) for k, v in values.items()}
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far, in bytes.
 
@@ -454,9 +464,7 @@ class JacobianWorker:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t2 = time.perf_counter()
-            if self.device.type != "cpu":  # one device-side copy at most, one transfer
-                values = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.contiguous().cpu())
-                          for k, v in values.items()}
+            values = values_to_host(values)
             t3 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
