@@ -171,10 +171,9 @@ def test_empty_part_round_trip(tmp_path):
     info = {"rows": 0, "input_shape": [3], "output_shape": [2], "format": "arrow", "dtype": "float32"}
     m, _ = open_output(out, "h", [], info)
     m.flush()
-    m.release()
     assert distjac.read_result(out).shape == (0, 2, 3)
     os.makedirs(tmp_path / "p")
-    batch = arrow_mod.to_record_batch(range(0, 0), torch.zeros(0, 2, 3))
+    batch = arrow_mod.to_record_batch(range(0, 0), reductions={"frobenius": torch.zeros(0)})
     part = write_part(str(tmp_path / "p"), 0, 0, 0, batch, "parquet", metadata={"spec_hash": "h"})
     from distjac.io.sink import check_part
 
@@ -260,7 +259,6 @@ def _null_output(tmp_path, batch, info):
     out = str(tmp_path / "o")
     m, _ = open_output(out, "h", [(0, 4)], {"rows": 4, "format": "arrow", **info})
     m.record(write_part(out, 0, 0, 4, batch, metadata={"spec_hash": "h"}), save=True)
-    m.release()
     return out
 
 
