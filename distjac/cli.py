@@ -186,7 +186,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             else:
                 state = f"resumes: {len(m.parts)} of {len(m.shards)} shards finished"
         except Exception:
-            state = "holds an unreadable manifest; run needs --overwrite"
+            state = "holds an unreadable or inconsistent manifest; run `distjac repair` (or --overwrite)"
     if args.json:
         print(json.dumps({**job.summary(), "output_state": state}, indent=1))
     else:

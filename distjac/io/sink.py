@@ -559,6 +559,9 @@ class Manifest:
     def record(self, part: PartInfo, *, save: bool | None = None) -> None:
         """Record a finished part; ``save=None`` saves at most every MANIFEST_SAVE_INTERVAL_S."""
         start, stop = self.shards[part.shard]
+        if part.file != part_name(part.shard, self.format):
+            raise ValueError(f"Manifest.record: part {part.file!r} is not shard {part.shard}'s part name "
+                             f"({part_name(part.shard, self.format)}).")
         if (part.start, part.stop) != (start, stop):
             raise ValueError(
                 f"Manifest.record: part {part.file} covers [{part.start}, {part.stop}) but shard "
@@ -970,9 +973,9 @@ def open_output(
             if kind == "part" and name not in planned:
                 _unlink(os.path.join(out_dir, name))  # a distjac part of another plan (its schema says so)
         events["adopted"] = manifest.adopt_orphans(rejected=events["dropped"])
-        if not manifest.complete:
-            manifest.clear_success()
     manifest.save()
+    if not manifest.complete:
+        manifest.clear_success()  # a marker left by a run whose manifest was lost
     _fsync_dir(os.path.dirname(out_dir))
     return manifest, events
 
