@@ -380,3 +380,47 @@ def test_a_finished_job_on_a_read_only_output_writes_nothing(tmp_path):
         os.chmod(out, 0o755)
     assert r.returncode == 0, r.stderr
     assert _snapshot(out) == before
+
+
+def test_overwrite_of_a_distjac_output_with_a_foreign_file_deletes_nothing(tmp_path):
+    out = tmp_path / "o"
+    run_job(tiny_spec(out))
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(OutputExistsError, match=r"\(notes\.txt\); distjac deletes only files"):
+        run_job(tiny_spec(out, jacobian={"dtype": "float64"}, output={"overwrite": True}))
+    assert _snapshot(out) == before
+
+
+def test_a_lock_held_in_this_process_refuses_a_run_and_is_removed_after(tmp_path):
+    import pickle
+
+    from distjac.errors import OutputLockedError
+    from distjac.io.sink import LOCK_NAME, lock_output
+
+    out = tmp_path / "o"
+    spec = tiny_spec(out)
+    with lock_output(out):
+        with pytest.raises(OutputLockedError, match=rf"pid {os.getpid()}") as info:
+            run_job(spec)
+        assert json.load(open(out / LOCK_NAME))["pid"] == os.getpid()
+    err = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(err, OutputExistsError) and err.holder == info.value.holder
+    run_job(spec)
+    assert not (out / LOCK_NAME).exists()  # removed when the run ends
+
+
+def test_repair_sets_an_unreadable_manifest_aside(tmp_path):
+    out = tmp_path / "o"
+    spec = tiny_spec(out)
+    run_job(spec)
+    (out / MANIFEST_NAME).write_text("not json")
+    with pytest.raises(ResultError, match=r"not a readable distjac manifest.*distjac repair"):
+        run_job(spec)
+    assert (out / MANIFEST_NAME).read_text() == "not json"  # a run refuses and keeps it
+    from distjac.io.sink import repair_output
+
+    s = repair_output(out)
+    assert s["rebuilt"] and s["complete"] and s["set_aside"].startswith("._manifest.json.invalid-")
+    assert (out / s["set_aside"]).read_text() == "not json"
+    np.testing.assert_allclose(distjac.read_result(out), reference(spec), rtol=1e-6, atol=1e-7)
