@@ -1197,7 +1197,9 @@ def _selection(rows: Any, n: int) -> tuple[int, int] | np.ndarray:
     return idx
 
 
-def read_result(path: str | os.PathLike, rows: Any = None, *, verify: bool = True) -> np.ndarray | dict[str, np.ndarray]:
+def read_result(
+    path: str | os.PathLike, rows: Any = None, *, verify: bool = True,
+) -> np.ndarray | dict[str, np.ndarray]:
     """Read a job's output as numpy.
 
     Args:
@@ -1273,7 +1275,9 @@ def _column_shapes(manifest: Manifest, columns: Sequence[str]) -> dict[str, tupl
     return {columns[0]: (shape, dtype)}
 
 
-def iter_result(path: str | os.PathLike, *, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | dict[str, np.ndarray]]]:
+def iter_result(
+    path: str | os.PathLike, *, verify: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray | dict[str, np.ndarray]]]:
     """(row ids, values) of every finished part in row order, memory-mapped for Arrow IPC:
     a way through outputs larger than memory. Each part is verified as by read_result."""
     manifest = Manifest.load(os.fspath(path))
