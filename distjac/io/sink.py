@@ -60,8 +60,6 @@ finished job verifies it and writes nothing.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -77,7 +75,9 @@ import numpy as np
 import pyarrow as pa
 
 from .. import arrow as arrow_mod
-from ..errors import OutputExistsError, OutputLockedError, ResultError
+from ..errors import OutputExistsError, ResultError
+from . import lock as _lock
+from .lock import LOCK_NAME, OutputLock
 
 __all__ = [
     "MANIFEST_NAME",
@@ -102,7 +102,6 @@ __all__ = [
 MANIFEST_NAME = "_manifest.json"
 SUCCESS_NAME = "_SUCCESS"
 REPORT_NAME = "_report.json"
-LOCK_NAME = ".distjac.lock"
 PART_EXTENSIONS = {"arrow": ".arrow", "parquet": ".parquet"}
 MANIFEST_VERSION = 1
 # The driver rewrites the manifest at most this often while shards finish: a rewrite is
@@ -121,8 +120,6 @@ _PART_RE = re.compile(r"^part-(\d{5,})\.(arrow|parquet)$")
 _TEMP_RE = re.compile(r"^\.(part-\d{5,}\.(?:arrow|parquet)|_manifest\.json|_SUCCESS|_report\.json)"
                       r"\.tmp-\d+-[0-9a-f]+$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-# errno values of a directory distjac may read but not write.
-_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 _HASH_BLOCK = 8 << 20
 
 
@@ -679,128 +676,27 @@ def _unlink(path: str) -> None:
 # -----------------------------------------------------------------------------------------
 
 
-class OutputLock:
-    """The exclusive lock of an output directory, held by one run; see :func:`lock_output`.
-
-    ``read_only`` is true when the directory cannot be written (nothing was locked, and
-    nothing can be written there by anyone who cannot write it either).
-    """
-
-    def __init__(self, path: str, fd: int | None, *, read_only: bool = False):
-        self.path = path
-        self._fd = fd
-        self.read_only = read_only
-
-    def release(self) -> None:
-        """Remove the lock file and drop the lock. Removing it while locked is safe: a run
-        that opened the old file finds, once it holds the lock, that the path names
-        another file (or none) and tries again (see :func:`lock_output`)."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        os.close(fd)
-
-    def __enter__(self) -> OutputLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _holder(fd: int) -> tuple[str, dict[str, Any]]:
-    try:
-        d = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        d = d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        d = {}
-    if not d.get("pid"):
-        return "holder unknown", d
-    return f"host {d.get('host')}, pid {d.get('pid')}, started {d.get('started')}", d
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_output(out_dir: str | os.PathLike) -> OutputLock:
-    """Take the output directory's exclusive lock for one run (creating the directory).
+    """Take the output directory's exclusive lock for one run (NOTE [the output lock]).
+
+    A directory holding files distjac did not write is refused first, before anything
+    (the lock file included) is written into it.
 
     Raises:
+        OutputExistsError: the directory holds files distjac did not write.
         OutputLockedError: another run holds it; the message names its host and pid.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    path = os.path.join(out_dir, LOCK_NAME)
-    if os.path.isdir(out_dir):  # refuse a directory of other files before writing anything into it
+    if os.path.isdir(out_dir):
         foreign = [n for n, k in _classify(out_dir, _listdir(out_dir), _load_valid(out_dir)[0]).items()
                    if k == "foreign"]
         if foreign:
             raise _foreign_error(out_dir, sorted(foreign))
-    for _ in range(100):
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            if e.errno in _READ_ONLY_ERRNOS:
-                return OutputLock(path, None, read_only=True)
-            raise
-        _try_flock(out_dir, path, fd)
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            from .. import __version__
-
-            holder = {"distjac": __version__, "host": socket.gethostname(), "pid": os.getpid(),
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
-            return OutputLock(path, fd)
-        os.close(fd)  # the holder released (and removed) the file between our open and flock
-    raise OutputLockedError(f"output.path {out_dir!r}: could not take the lock {path} (it kept changing).")
-
-
-def _try_flock(out_dir: str, path: str, fd: int) -> None:
-    """flock ``fd`` exclusively, or raise OutputLockedError naming the holder (closing ``fd``)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        who, d = _holder(fd)
-        os.close(fd)
-        raise OutputLockedError(
-            f"output.path {out_dir!r} is in use by another run ({who}); wait for it to finish or stop it, "
-            f"or choose another output.path.", who) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            os.close(fd)
-            raise
-        # No locks on this file system: honour a recorded holder that is alive on this host.
-        who, d = _holder(fd)
-        same_host = d.get("host") == socket.gethostname()
-        if d.get("pid") and (not same_host or _pid_alive(int(d["pid"]))):
-            os.close(fd)
-            raise OutputLockedError(
-                f"output.path {out_dir!r} is in use by another run ({who}; the file system has no locks, so "
-                f"distjac cannot tell whether it is alive{'' if same_host else ' on another host'}); wait "
-                f"for it, or delete {path} if no run is using the output.", who) from None
+    return _lock.acquire(out_dir)
 
 
 # -----------------------------------------------------------------------------------------
-# what is ours (NOTE [what distjac may delete]), opening an output, repairing one
+# what is ours (NOTE [what distjac may delete]), opening an output
 # -----------------------------------------------------------------------------------------
 
 
@@ -1010,121 +906,6 @@ def _resume(manifest: Manifest, info: dict[str, Any], events: dict[str, Any], re
     return manifest, events
 
 
-def repair_output(path: str | os.PathLike) -> dict[str, Any]:
-    """Rebuild or check an output's manifest from its parts (``distjac repair``).
-
-    With a valid manifest: recorded parts are re-hashed (a bad one is dropped from the
-    manifest, its file kept) and unrecorded parts adopted once their content checksum
-    verifies. Without one (missing, unreadable or inconsistent; an unreadable one is set
-    aside under a hidden name): the plan and what readers need are read from the parts'
-    own metadata, and each part is checked against its content checksum. Nothing is
-    deleted; ``_SUCCESS`` is removed unless every shard is recorded.
-
-    Returns:
-        A summary: path, spec_hash, rebuilt, shards, finished, missing, rejected
-        ([{file, problem}]), set_aside, complete.
-
-    Raises:
-        ResultError: no part verifies (nothing to rebuild from), the parts disagree on
-            their spec or plan, or the directory cannot be written.
-        OutputLockedError: a run holds the output.
-    """
-    out_dir = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(out_dir):
-        raise ResultError(f"distjac repair: {out_dir!r} is not a directory.")
-    with lock_output(out_dir) as lock:
-        if lock.read_only or not os.access(out_dir, os.W_OK):
-            raise ResultError(f"distjac repair: {out_dir!r} cannot be written.")
-        manifest, problem = _load_valid(out_dir)
-        rejected: list[tuple[str, str]] = []
-        set_aside = None
-        if manifest is not None:
-            for shard, why in manifest.verify(full=True, drop=False):
-                rejected.append((manifest.parts.pop(shard).file, why))
-            adopted_bad: list[tuple[int, str]] = []
-            manifest.adopt_orphans(delete=False, rejected=adopted_bad)
-            rejected += [(part_name(s, manifest.format), why) for s, why in adopted_bad]
-        else:
-            manifest, rejected = _rebuild_from_parts(out_dir)
-            if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
-                set_aside = _set_aside(out_dir, MANIFEST_NAME)
-        manifest.save()
-        if not manifest.complete:
-            manifest.clear_success()
-        elif not os.path.exists(os.path.join(out_dir, SUCCESS_NAME)):
-            manifest.mark_success()
-        return {"path": out_dir, "spec_hash": manifest.spec_hash, "rebuilt": problem is not None,
-                "previous_problem": problem, "shards": len(manifest.shards), "finished": len(manifest.parts),
-                "missing": manifest.missing(), "rejected": [{"file": f, "problem": w} for f, w in rejected],
-                "set_aside": set_aside, "complete": manifest.complete}
-
-
-def _rebuild_from_parts(out_dir: str) -> tuple[Manifest, list[tuple[str, str]]]:
-    """A manifest from the parts' metadata (plan, shapes, dtype, columns) and their checks."""
-    good: dict[str, tuple[dict[str, str], pa.Schema]] = {}
-    rejected: list[tuple[str, str]] = []
-    for name in sorted(_listdir(out_dir)):
-        m = _PART_RE.match(name)
-        if not m:
-            continue
-        meta, problem = check_part(os.path.join(out_dir, name), m.group(2))
-        if problem is None and meta.get(META_PREFIX + "rows") is None:
-            problem = "carries no plan (written by an older distjac)"
-        if problem is not None:
-            rejected.append((name, problem))
-        else:
-            good[name] = (meta, _part_schema(os.path.join(out_dir, name), m.group(2)))
-    if not good:
-        raise ResultError(f"distjac repair: no part in {out_dir!r} verifies against its content checksum, so "
-                          f"there is nothing to rebuild the manifest from"
-                          f"{' (' + '; '.join(f'{f}: {w}' for f, w in rejected[:3]) + ')' if rejected else ''}.")
-    specs = {(meta[META_PREFIX + "spec_hash"], meta[META_PREFIX + "rows"]) for meta, _ in good.values()}
-    exts = {os.path.splitext(n)[1] for n in good}
-    if len(specs) > 1 or len(exts) > 1:
-        raise ResultError(f"distjac repair: the parts of {out_dir!r} belong to several jobs or formats "
-                          f"(spec hash and rows {sorted(specs)}, {sorted(exts)}); move the ones you do not "
-                          f"want away first.")
-    name0, (meta0, schema0) = next(iter(good.items()))
-    fmt = _PART_RE.match(name0).group(2)
-    spec_hash, rows = meta0[META_PREFIX + "spec_hash"], int(meta0[META_PREFIX + "rows"])
-    i, a, b = (int(meta0[META_PREFIX + k]) for k in ("shard", "start", "stop"))
-    shard_size = a // i if i else b - a
-    shards = [(s, min(rows, s + shard_size)) for s in range(0, rows, shard_size)] if shard_size else []
-    manifest = Manifest(out_dir=out_dir, spec_hash=spec_hash, shards=shards,
-                        info=_info_from_part(schema0, meta0, fmt, rows, shard_size))
-    for name, (meta, _) in good.items():
-        shard = int(meta[META_PREFIX + "shard"])
-        rng = (int(meta[META_PREFIX + "start"]), int(meta[META_PREFIX + "stop"]))
-        if shard >= len(shards) or shards[shard] != rng or name != part_name(shard, fmt):
-            rejected.append((name, f"its shard {shard} [{rng[0]}, {rng[1]}) is not in the parts' plan"))
-            continue
-        digest, size = file_checksum(os.path.join(out_dir, name))
-        manifest.parts[shard] = PartInfo(shard, name, *rng, rng[1] - rng[0], digest, size, worker="repaired")
-    return manifest, rejected
-
-
-def _part_schema(path: str, fmt: str) -> pa.Schema:
-    return _open_part(path, fmt).schema
-
-
-def _info_from_part(schema: pa.Schema, meta: dict[str, str], fmt: str, rows: int, shard_size: int) -> dict:
-    """What readers need, as far as a part's schema and metadata tell (``repaired``: the
-    rest, such as the spec, is restored by the next run of the job)."""
-    values = [n for n in schema.names if n != arrow_mod.ROW_COLUMN]
-    info: dict[str, Any] = {"rows": rows, "format": fmt, "shard_size": shard_size, "repaired": True,
-                            "columns": [arrow_mod.ROW_COLUMN, *values]}
-    tinfo = arrow_mod.tensor_info(schema.field(values[0]).type) if values else None
-    if values == [arrow_mod.JACOBIAN_COLUMN] and tinfo is not None:
-        shape, dtype = tinfo
-        in_ndim = int(meta.get(META_PREFIX + "in_ndim", 0))
-        info.update(reduce=None, dtype=np.dtype(dtype).name, output_shape=list(shape[: len(shape) - in_ndim]),
-                    input_shape=list(shape[len(shape) - in_ndim:]))
-    else:
-        info.update(reduce=values, dtype=np.dtype(schema.field(values[0]).type.to_pandas_dtype()).name,
-                    output_shape=None, input_shape=None)
-    return info
-
-
 # -----------------------------------------------------------------------------------------
 # reading results
 # -----------------------------------------------------------------------------------------
@@ -1315,3 +1096,6 @@ def inspect_output(path: str | os.PathLike, *, verify: bool = True) -> dict[str,
         "complete": manifest.complete and not bad,
         "success_marker": os.path.exists(os.path.join(out_dir, SUCCESS_NAME)),
     }
+
+
+from .repair import repair_output  # noqa: E402 - repair builds on this module's internals
