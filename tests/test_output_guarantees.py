@@ -359,10 +359,13 @@ def _config(tmp_path, spec):
     return str(cfg)
 
 
-def test_a_finished_job_on_a_read_only_output_writes_nothing(tmp_path):
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_finished_job_on_a_read_only_output_writes_nothing(tmp_path, finished):
     out = tmp_path / "o"
     spec = tiny_spec(out)
     run_job(spec)
+    if not finished:
+        os.unlink(out / "part-00003.arrow")
     cfg = _config(tmp_path, spec)
     before = _snapshot(out)
     cmd = [sys.executable, "-m", "distjac.cli", "run", cfg, "--workers", "0", "--no-progress"]
@@ -378,7 +381,10 @@ def test_a_finished_job_on_a_read_only_output_writes_nothing(tmp_path):
         r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     finally:
         os.chmod(out, 0o755)
-    assert r.returncode == 0, r.stderr
+    if finished:
+        assert r.returncode == 0, r.stderr
+    else:  # refused before any work: it cannot be resumed where it cannot be written
+        assert r.returncode == 2 and "cannot be written and its output is not finished" in r.stderr, r.stderr
     assert _snapshot(out) == before
 
 
