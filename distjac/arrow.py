@@ -14,6 +14,7 @@ places rows by id, and a reader can check that a dataset covers every row exactl
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "ROW_COLUMN",
     "arrow_dtype",
     "column_values",
+    "content_sha256",
     "from_record_batch",
     "schema_metadata",
     "tensor_info",
@@ -168,12 +170,73 @@ def column_values(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
         raise TypeError(f"column_values: {col.type} is not a tensor column.")
     shape, _ = info
     if col.null_count:
-        raise ValueError(f"column_values: the column has {col.null_count} null rows; tensors cannot be null.")
-    storage = col.storage if isinstance(col, pa.ExtensionArray) else col
-    flat = storage
-    while pa.types.is_fixed_size_list(flat.type):
-        flat = flat.flatten()  # honours the array's offset
+        raise ValueError(f"column_values: row {first_null_row(col)} is null (the column has {col.null_count} "
+                         f"null rows); tensors cannot be null.")
+    flat = _flat_values(col)
+    if flat.null_count:
+        raise ValueError(f"column_values: row {first_null_row(col)} holds a null value inside its tensor "
+                         f"({flat.null_count} null values in the column); tensors cannot hold nulls.")
     return flat.to_numpy(zero_copy_only=False).reshape(len(col), *shape)
+
+
+def _flat_values(col: pa.Array) -> pa.Array:
+    """The primitive values of a tensor-like array, in row-major order (offset honoured)."""
+    flat = col.storage if isinstance(col, pa.ExtensionArray) else col
+    while pa.types.is_fixed_size_list(flat.type):
+        flat = flat.flatten()  # honours the array's offset; null rows' values are kept
+    return flat
+
+
+def first_null_row(col: pa.Array | pa.ChunkedArray) -> int | None:
+    """Index of the first row that is null or (for a tensor column) holds a null value."""
+    offset = 0
+    for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+        rows = []
+        if chunk.null_count:
+            rows.append(int(np.argmax(chunk.is_null().to_numpy(zero_copy_only=False))))
+        if tensor_info(chunk.type) is not None:
+            flat = _flat_values(chunk)
+            if flat.null_count and len(chunk):
+                at = int(np.argmax(flat.is_null().to_numpy(zero_copy_only=False)))
+                rows.append(at // max(1, len(flat) // len(chunk)))
+        if rows:
+            return offset + min(rows)
+        offset += len(chunk)
+    return None
+
+
+# The content digest's version: bump it when what is hashed changes (old digests then no
+# longer verify, and their parts are recomputed rather than trusted).
+CONTENT_DIGEST_VERSION = b"distjac-content-v1"
+
+
+def content_sha256(batch: pa.RecordBatch | pa.Table, header: bytes = b"") -> str:
+    """SHA-256 of a batch's content: ``header``, then every column's name, value type,
+    null count and values, in order. Independent of the file format (Arrow IPC and Parquet
+    round trips give the same digest) and of how a Table is chunked.
+
+    One pass over the bytes: numeric and tensor columns are hashed from their numpy view
+    (zero-copy for one chunk without nulls); other columns (strings, kept ids) from their
+    Python values.
+    """
+    h = hashlib.sha256(CONTENT_DIGEST_VERSION)
+    h.update(len(header).to_bytes(8, "little") + header)
+    for name, col in zip(batch.schema.names, batch.columns):
+        info = tensor_info(col.type)
+        typ = f"tensor{info[0]}:{np.dtype(info[1]).name}" if info is not None else str(col.type)
+        h.update(f"\0{name}\0{typ}\0".encode())
+        chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+        nulls = 0
+        for chunk in chunks:
+            flat = _flat_values(chunk) if info is not None else chunk
+            nulls += chunk.null_count + (flat.null_count if info is not None else 0)
+            if pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type):
+                values = np.ascontiguousarray(flat.to_numpy(zero_copy_only=False))
+                h.update(memoryview(values).cast("B"))
+            else:
+                h.update(json.dumps(flat.to_pylist(), default=str).encode())
+        h.update(f"\0nulls={nulls}\0rows={len(col)}".encode())
+    return h.hexdigest()
 
 
 def with_metadata(batch: pa.RecordBatch, metadata: dict[str, str]) -> pa.RecordBatch:

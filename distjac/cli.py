@@ -6,6 +6,7 @@
                        [--no-progress] [--overwrite]
     distjac plan CONFIG [--set ...] [--json]       dry run: shapes, shard plan, bytes, memory
     distjac inspect PATH [--json] [--quick]        rows, shapes, finished/missing shards, checksums
+    distjac repair PATH [--json]                   rebuild a lost or damaged manifest from the parts
     distjac bench [SUITE ...] [--size tiny|full] [--out DIR] ...
                                                    kernels, scaling, memory: JSON, Markdown, plots
     distjac --version
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="distjac", description="Per-example Jacobians of a model over a dataset, "
                 "from one process to a Ray cluster.", parents=[common])
     p.add_argument("--version", action="version", version=f"distjac {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect,bench}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect,repair,bench}", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], help="run a job (resumes an unfinished one)",
                          description="Run a job from a YAML config; an unfinished output of the same "
@@ -84,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     insp.add_argument("path", metavar="PATH", help="an output directory (a job's output.path)")
     insp.add_argument("--json", action="store_true", help="print the summary as JSON")
     insp.add_argument("--quick", action="store_true", help="check sizes only, not SHA-256 checksums")
+
+    rep = sub.add_parser("repair", parents=[common], help="rebuild an output's manifest from its parts",
+                         description="Rebuild a lost, unreadable or inconsistent _manifest.json from the "
+                         "parts' own checksummed metadata (or re-check a valid one). Parts that fail their "
+                         "checks are reported, never deleted. Exit 1 when a part failed.")
+    rep.add_argument("path", metavar="PATH", help="an output directory (a job's output.path)")
+    rep.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmark suites: kernels, scaling, memory",
                            description="Run benchmark suites side by side and write <out>/<suite>.json, "
@@ -178,7 +186,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             else:
                 state = f"resumes: {len(m.parts)} of {len(m.shards)} shards finished"
         except Exception:
-            state = "holds an unreadable manifest; run needs --overwrite"
+            state = "holds an unreadable or inconsistent manifest; run `distjac repair` (or --overwrite)"
     if args.json:
         print(json.dumps({**job.summary(), "output_state": state}, indent=1))
     else:
@@ -217,6 +225,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         width = max(len(k) for k, _ in lines)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
     return EXIT_OK if s["complete"] else EXIT_FAILED
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from .errors import ResultError
+    from .io.sink import repair_output
+
+    try:
+        s = repair_output(args.path)
+    except ResultError as e:
+        raise _UsageError(str(e)) from e
+    if args.json:
+        print(json.dumps(s, indent=1))
+    else:
+        what = "rebuilt from the parts" if s["rebuilt"] else "checked"
+        print(f"distjac repair: {s['path']}: manifest {what}; {s['finished']} of {s['shards']} shards recorded"
+              + (f", missing: {_ranges(s['missing'])} (run the job again to compute them)" if s["missing"] else ""))
+        if s["set_aside"]:
+            print(f"  the unreadable manifest was kept as {s['set_aside']}")
+        for r in s["rejected"]:
+            print(f"  not recorded: {r['file']}: {r['problem']}")
+    return EXIT_FAILED if s["rejected"] else EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -273,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise _UsageError("distjac: give a command: run, plan, inspect or bench (see distjac --help)")
-        command = {"run": _cmd_run, "plan": _cmd_plan, "inspect": _cmd_inspect, "bench": _cmd_bench}[args.command]
+        command = {"run": _cmd_run, "plan": _cmd_plan, "inspect": _cmd_inspect, "repair": _cmd_repair,
+                   "bench": _cmd_bench}[args.command]
         return command(args)
     except SystemExit as e:  # --help and --version
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
@@ -298,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def argv_command(argv: Sequence[str]) -> str:
     for a in argv:
-        if a in ("run", "plan", "inspect", "bench"):
+        if a in ("run", "plan", "inspect", "repair", "bench"):
             return a
     return ""
 

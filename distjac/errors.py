@@ -23,7 +23,9 @@ Every error subclasses the built-in it refines, so ``except ValueError`` keeps w
     │   ├── SourceDtypeError(DtypeError)
     │   │                             input values of a dtype that cannot be differentiated
     │   └── OutputExistsError(FileExistsError)
-    │                                 the output holds another job's results; --overwrite replaces it
+    │       │                         the output holds another job's results (or files distjac did
+    │       │                         not write); --overwrite replaces only distjac's own files
+    │       └── OutputLockedError     another run holds the output's lock (names its host and pid)
     └── ResultError(RuntimeError)     an output dataset that is not a distjac result, or misses rows
 
 The CLI exits with status 2 for every ``JobInputError`` (the job never started) and 1 for
@@ -44,6 +46,7 @@ __all__ = [
     "MemoryBudgetError",
     "OptionError",
     "OutputExistsError",
+    "OutputLockedError",
     "ResultError",
     "ShapeError",
     "ShardError",
@@ -140,6 +143,22 @@ class SourceDtypeError(JobInputError, DtypeError):
 
 class OutputExistsError(JobInputError, FileExistsError):
     """The output directory holds results of another job (or other files)."""
+
+
+class OutputLockedError(OutputExistsError):
+    """Another run holds the output directory's lock.
+
+    Attributes:
+        holder: what the holder wrote into the lock file ("host ... pid ... started ..."),
+            or "" when it is unknown.
+    """
+
+    def __init__(self, message: str, holder: str = ""):
+        super().__init__(message)
+        self.holder = holder
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.holder))
 
 
 class ResultError(DistjacError, RuntimeError):

@@ -53,6 +53,7 @@ from .io.sink import (
     Manifest,
     PartInfo,
     _atomic_write,
+    lock_output,
     open_output,
     part_name,
     write_part,
@@ -223,7 +224,7 @@ def _compute_shard_timed(desc: ShardDescriptor, model: Any, device: Any) -> tupl
         batch, timing = _shard_record_batch_timed(desc, model, device)
         t1 = time.perf_counter()
         part = write_part(desc.out_dir, desc.index, desc.start, desc.stop, batch, desc.format,
-                          metadata={"spec_hash": desc.spec_hash})
+                          metadata=part_metadata(desc.spec_hash, desc.source.num_rows, desc.in_ndim))
         timing["write_s"] = time.perf_counter() - t1
         timing["peak_rss_bytes"] = peak_rss_bytes()
     except ShardError:
@@ -235,6 +236,15 @@ def _compute_shard_timed(desc: ShardDescriptor, model: Any, device: Any) -> tupl
             shard=desc.index, start=desc.start, stop=desc.stop, node=host,
         ) from e
     return replace(part, seconds=time.perf_counter() - t0), timing
+
+
+def part_metadata(spec_hash: str, rows: int | None, in_ndim: int) -> dict[str, str]:
+    """What a part's schema records of its job besides its shard: the spec hash, and the
+    job's rows and input rank, from which ``distjac repair`` rebuilds a lost manifest."""
+    meta = {"spec_hash": spec_hash, "in_ndim": str(in_ndim)}
+    if rows is not None and rows >= 0:
+        meta["rows"] = str(rows)
+    return meta
 
 
 Executor = Callable[[Sequence[ShardDescriptor]], Iterable["PartInfo | dict[str, Any]"]]
@@ -278,6 +288,7 @@ class PartSink:
     spec_hash: str
     jacobian: JacobianSpec
     in_ndim: int
+    rows: int = -1  # the job's rows (for part_metadata); -1: unknown
 
     def prepare(self, jac: torch.Tensor) -> dict[str, Any]:
         """What the worker stores of a shard's Jacobian (:func:`stored_values`)."""
@@ -296,7 +307,7 @@ class PartSink:
             out = arrow_mod.to_record_batch(rows, reductions=reductions, dtype=self.jacobian.dtype)
         out = arrow_mod.with_metadata(out, arrow_mod.schema_metadata(batch.schema))  # the worker's annotation
         part = write_part(self.out_dir, task.shard, task.start, task.stop, out, self.format,
-                          metadata={"spec_hash": self.spec_hash})
+                          metadata=part_metadata(self.spec_hash, self.rows, self.in_ndim))
         # PartInfo.seconds is the worker's whole time on the shard: its read, compute,
         # to-host and Arrow times (the batch's annotation) plus this reduce and write.
         info = arrow_mod.annotation(batch)
@@ -378,7 +389,8 @@ class PreparedJob:
 
     def part_sink(self) -> PartSink:
         """The sink for the engine's ``JacobianWorker.compute(..., sink=)`` seam."""
-        return PartSink(self.out_dir, self.spec.output.format, self.spec_hash, self.spec.jacobian, len(self.in_shape))
+        return PartSink(self.out_dir, self.spec.output.format, self.spec_hash, self.spec.jacobian, len(self.in_shape),
+                        rows=self.plan.rows)
 
     def reader(self) -> CastSource:
         """The source for the engine's ``ShardTask(source=)``: rows in the compute dtype."""
@@ -534,6 +546,13 @@ def run_job(
     """
     t0 = time.perf_counter()
     job = prepared if prepared is not None else prepare_job(spec, num_workers=num_workers)
+    # NOTE [the output lock] (io/sink.py): one run at a time, from opening the output to _SUCCESS.
+    with lock_output(job.out_dir):
+        return _run_locked(spec, job, executor, progress, t0)
+
+
+def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, progress: bool | None,
+                t0: float) -> dict[str, Any]:
     manifest, events = open_output(
         job.out_dir, job.spec_hash, list(job.plan), job.info(),
         resume=spec.output.resume, overwrite=spec.output.overwrite,
@@ -545,6 +564,9 @@ def run_job(
     t_run = time.perf_counter()
     computed: dict[int, PartInfo] = {}
     timings: dict[int, dict[str, Any]] = {}
+    if events["read_only"]:
+        # A finished, verified output that cannot be written: report it, write nothing.
+        return _report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
     bar = _progress_bar(show, manifest.num_rows, done_rows)
     try:
         for part in (executor or sequential_executor)(descriptors):
@@ -598,6 +620,20 @@ def _timing_summary(computed: dict[int, PartInfo], timings: dict[int, dict[str, 
 def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
                   timings: dict[int, dict[str, Any]], t0: float, t_run: float,
                   *, status: str, error: BaseException | None = None) -> dict[str, Any]:
+    report = _report(job, manifest, events, computed, timings, t0, t_run, status=status, error=error)
+    try:
+        _atomic_write(os.path.join(job.out_dir, REPORT_NAME), json.dumps(report, indent=1).encode())
+    except OSError:
+        if error is None:
+            raise
+    return report
+
+
+def _report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
+            timings: dict[int, dict[str, Any]], t0: float, t_run: float,
+            *, status: str, error: BaseException | None = None) -> dict[str, Any]:
+    from . import __version__
+
     now = time.perf_counter()
     run_s = now - t_run
     rows = sum(p.rows for p in computed.values())
@@ -610,6 +646,7 @@ def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo]
     for w in workers.values():
         w["rows_per_s"] = w["rows"] / w["seconds"] if w["seconds"] > 0 else None
     report = {
+        "distjac": __version__,  # marks the file as distjac's (NOTE [what distjac may delete])
         "status": status,
         "path": job.out_dir,
         "spec_hash": job.spec_hash,
@@ -634,12 +671,11 @@ def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo]
         "timing": _timing_summary(computed, timings),
         "driver_peak_rss_bytes": peak_rss_bytes(),  # this process only, not the Ray daemons it started
     }
+    if events.get("rebuilt"):
+        report["rebuilt_manifest"] = True
+    if events.get("read_only"):
+        report["read_only"] = True
     if error is not None:
         report["error"] = f"{type(error).__name__}: {error}"
-    try:
-        _atomic_write(os.path.join(job.out_dir, REPORT_NAME), json.dumps(report, indent=1).encode())
-    except OSError:
-        if error is None:
-            raise
     return report
 
