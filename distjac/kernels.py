@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.func import jvp, vmap
 
+from . import chain as _chain
 from .errors import CoupledExamplesError, MemoryBudgetError, VectorizationError
 from .options import (
     UnconnectedGradients,
@@ -46,7 +47,10 @@ from .options import (
     parse_mode,
 )
 
-__all__ = ["Decision", "Strategy", "batch_jacobian", "choose_strategy", "graph_batch_jacobian", "graph_jacobian"]
+__all__ = [
+    "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "graph_batch_jacobian",
+    "graph_jacobian", "run_strategy",
+]
 
 # Fraction of the device's free memory used when no max_memory is given: leaves room for
 # the allocator's fragmentation and for whatever else the process holds.
@@ -494,6 +498,7 @@ class _FnCache:
 
 
 _PROBES = _FnCache()
+_CHAINS = _FnCache()  # ChainPlan, or why fn is not a chain of known layers
 _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
 
@@ -501,6 +506,7 @@ _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses
 def clear_caches() -> None:
     """Forget every probed shape and measured auto choice."""
     _PROBES.clear()
+    _CHAINS.clear()
     _CHOICES.clear()
     _FWD_FAILED.clear()
 
@@ -578,6 +584,29 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
     return probe
 
 
+def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple) -> _chain.ChainPlan | str:
+    """The chain strategy's plan for fn on x (NOTE [chains] in chain.py), or why it does
+    not apply; cached like the probe."""
+    if _in_transform():
+        return "inside a torch.func transform"
+    key = _shape_key(fn, x) + (tuple(out_shape),)
+    cached = _CHAINS.get(fn, key)
+    if cached is None:
+        cached = _chain.plan_chain(fn, x, out_shape)
+        _CHAINS.put(fn, key, cached)
+    return cached
+
+
+def _act_bytes(fn: Callable, x: torch.Tensor, probe: _Probe, s: Strategy) -> int:
+    """Per-example working bytes for fit_to_budget: the probe's saved activations, or the
+    chain's working set."""
+    if s.mode == "chain":
+        plan = chain_plan(fn, x, probe.out_shape)
+        if not isinstance(plan, str):
+            return plan.work_bytes(x.element_size())
+    return probe.act_bytes
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes a batch Jacobian may use on ``device`` when no max_memory is given.
 
@@ -612,7 +641,8 @@ def fit_to_budget(
     """Shrink a strategy's chunk (then block) so its vectorized pass fits ``budget`` bytes.
 
     Model: the output (B*M*N) is resident; a block's forward keeps ``act_bytes`` per
-    example; a vectorized pass of C rows over Bb examples holds about C*Bb*(act + (M+N)
+    example (for the chain strategy: its whole working set per example, and only the
+    block is shrunk); a vectorized pass of C rows over Bb examples holds about C*Bb*(act + (M+N)
     * itemsize) bytes of cotangents, intermediate gradients and results.
     """
     out_bytes = b * m * n * itemsize
@@ -622,6 +652,15 @@ def fit_to_budget(
             f"elements) but the memory budget is {_fmt_bytes(budget)}. Pass a larger "
             "max_memory, split the batch, or use distjac.Engine to stream results to disk."
         )
+    if s.mode == "chain":  # act_bytes: the chain's working set per example (ChainPlan.work_bytes)
+        fit = (budget - out_bytes) // max(1, act_bytes)
+        if fit < 1:
+            raise MemoryBudgetError(
+                f"{call}: the chain strategy needs about {_fmt_bytes(act_bytes)} per example beyond "
+                f"the {_fmt_bytes(out_bytes)} result, which exceeds the memory budget of "
+                f"{_fmt_bytes(budget)}. Pass a larger max_memory."
+            )
+        return s if fit >= min(b, s.block or b) else replace(s, block=int(fit))
     rows = m if s.mode == "rev" else n
     per_pass = act_bytes + (m + n) * itemsize  # per (row, example) of one vectorized pass
     block = min(b, s.block or b)
@@ -744,7 +783,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
         # (the user's chunk is the user's choice: TF runs exactly that many rows)
         budget = max_memory if max_memory is not None else default_memory_budget(x.device)
         s = fit_to_budget(
-            s, b=b, m=m, n=n, act_bytes=probe.act_bytes, itemsize=x.element_size(),
+            s, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, s), itemsize=x.element_size(),
             budget=budget, call=call,
         )
     return replace(s, record=replace(record, strategy=str(s)))
@@ -805,6 +844,14 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         # candidates. (Measured on an H200, the same rule cost W2 and W3 9x and 25x: a GPU
         # keeps vectorized candidates.)
         hows = [h for h in hows if not h.vectorize]
+    # The chain of known layers (chain.py) is one more candidate, timed like the others,
+    # wherever it applies (it is exact, so the choice cannot change the result).
+    plan = chain_plan(fn, x, probe.out_shape)
+    if isinstance(plan, str):
+        notes.append(f"chain: not applicable: {plan}")
+    else:
+        notes.append(f"chain: {plan}")
+        hows.append(Strategy("chain", vectorize=False))
     stage1 = timed(hows, xs[:pilot])
     if not stage1:
         best = Strategy(modes[0], vectorize=False)
@@ -845,7 +892,7 @@ def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, m
     8,192 examples."""
     try:
         whole = fit_to_budget(
-            replace(best, block=None), b=x.shape[0], m=m, n=n, act_bytes=probe.act_bytes,
+            replace(best, block=None), b=x.shape[0], m=m, n=n, act_bytes=_act_bytes(fn, x, probe, best),
             itemsize=x.element_size(),
             budget=max_memory if max_memory is not None else default_memory_budget(x.device), call=call,
         )
@@ -869,6 +916,39 @@ def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, m
 # --------------------------------------------------------------------------------------
 
 
+def run_strategy(
+    fn: Callable, x: torch.Tensor, strategy: Strategy, *, max_memory: int | None = None,
+    call: str = "run_strategy(fn, x, strategy)",
+) -> torch.Tensor | None:
+    """Internal (tests, benchmarks): batch_jacobian(fn, x) computed by ``strategy``, e.g.
+    ``Strategy("chain", block=128)``, with its chunk and block fitted to the memory
+    budget as auto's choices are. Same result as every mode.
+
+    Raises:
+        ValueError: a chain strategy for a function that is not a chain of known layers
+            (the message says which layer), or an unknown strategy mode.
+    """
+    x, _, _ = check_functional_call(fn, x, "rev", "none", call)
+    if strategy.mode not in ("rev", "fwd", "chain"):
+        raise ValueError(f"{call}: strategy mode {strategy.mode!r} is not valid; use 'rev', 'fwd' or 'chain'.")
+    if x.shape[0] == 0:
+        return batch_jacobian(fn, x, mode="rev")
+    probe = _probe(fn, x, call)
+    if not probe.connected:
+        return None
+    if strategy.mode == "chain":
+        plan = chain_plan(fn, x, probe.out_shape)
+        if isinstance(plan, str):
+            raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
+    budget = max_memory if max_memory is not None else default_memory_budget(x.device)
+    b, n, m = x.shape[0], math.prod(x.shape[1:]), math.prod(probe.out_shape)
+    s = strategy if strategy.chunk is not None else fit_to_budget(
+        strategy, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, strategy), itemsize=x.element_size(),
+        budget=budget, call=call,
+    )
+    return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape)
+
+
 def _run(
     fn: Callable, x: torch.Tensor, s: Strategy, *, create_graph: bool, call: str,
     out_shape: tuple | None = None,
@@ -880,9 +960,26 @@ def _run(
     block = b if s.block is None else max(1, min(s.block, b))
     out: torch.Tensor | None = None
     pieces: list[torch.Tensor] = []
+    plan = None
+    if s.mode == "chain":
+        assert out_shape is not None, "the chain strategy needs the probed output shape"
+        plan = chain_plan(fn, x, out_shape)
+        if isinstance(plan, str) or create_graph:
+            # The chain computes no autograd history, and applies only to chains of known
+            # layers: reverse mode gives the same result (a loop: the least memory).
+            return _run(fn, x, Strategy("rev", vectorize=False, block=s.block), create_graph=create_graph,
+                        call=call, out_shape=out_shape)
     for b0 in range(0, b, block):
         xb = x[b0:b0 + block]
-        if s.mode == "rev" and _in_transform():
+        if plan is not None:
+            y_shape = tuple(out_shape)
+            m = math.prod(y_shape)
+            jac = _chain.chain_jacobian(fn, plan, xb)
+            if out is None and block < b:
+                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+            if out is not None:
+                out[b0:b0 + block].copy_(jac)
+        elif s.mode == "rev" and _in_transform():
             jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call)
             m = math.prod(y_shape)
             if out is not None:
