@@ -18,6 +18,14 @@ For the functional API the batch may also be cut into blocks of examples, each a
 call of ``fn``. On a CPU a block that fits the cache often runs faster than the whole
 batch; on any device it bounds memory. ``mode="auto"`` chooses the mode, the vectorization
 and the block size, measuring once per (function, shape) where sizes alone do not decide.
+
+NOTE [the chain candidate]
+Where ``fn`` is an ``nn.Sequential`` of layers with known Jacobians, auto also times the
+internal strategy ``Strategy("chain")`` (distjac/chain.py, NOTE [chains]): the product of
+per-layer Jacobians as batched GEMMs. It is exact, computes no autograd history (a result
+that must be differentiable runs reverse mode instead) and is chosen only if it measures
+fastest; ``choose_strategy(fn, x).record`` lists what was timed and why a chain did not
+apply. ``run_strategy(fn, x, Strategy("chain", block=128))`` forces it (tests, benchmarks).
 """
 
 from __future__ import annotations
