@@ -18,6 +18,14 @@ For the functional API the batch may also be cut into blocks of examples, each a
 call of ``fn``. On a CPU a block that fits the cache often runs faster than the whole
 batch; on any device it bounds memory. ``mode="auto"`` chooses the mode, the vectorization
 and the block size, measuring once per (function, shape) where sizes alone do not decide.
+
+NOTE [the chain candidate]
+Where ``fn`` is an ``nn.Sequential`` of layers with known Jacobians, auto also times the
+internal strategy ``Strategy("chain")`` (distjac/chain.py, NOTE [chains]): the product of
+per-layer Jacobians as batched GEMMs. It is exact, computes no autograd history (a result
+that must be differentiable runs reverse mode instead) and is chosen only if it measures
+fastest; ``choose_strategy(fn, x).record`` lists what was timed and why a chain did not
+apply. ``run_strategy(fn, x, Strategy("chain", block=128))`` forces it (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -29,11 +37,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.func import jvp, vmap
 
+from . import chain as _chain
 from .errors import CoupledExamplesError, MemoryBudgetError, VectorizationError
 from .options import (
     UnconnectedGradients,
@@ -46,7 +55,10 @@ from .options import (
     parse_mode,
 )
 
-__all__ = ["Strategy", "batch_jacobian", "choose_strategy", "graph_batch_jacobian", "graph_jacobian"]
+__all__ = [
+    "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "graph_batch_jacobian",
+    "graph_jacobian", "run_strategy",
+]
 
 # Fraction of the device's free memory used when no max_memory is given: leaves room for
 # the allocator's fragmentation and for whatever else the process holds.
@@ -90,10 +102,44 @@ class Strategy:
     vectorize: bool = True
     chunk: int | None = None
     block: int | None = None
+    # How it was chosen (choose_strategy fills it in); not part of the value: two equal
+    # strategies chosen differently compare equal.
+    record: Decision | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
+        if self.mode == "chain":
+            return f"chain/block={self.block or 'all'}"
         how = f"vmap x{self.chunk or 'all'}" if self.vectorize else "loop"
         return f"{self.mode}/{how}/block={self.block or 'all'}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why :func:`choose_strategy` chose what it chose; a pure value that prints.
+
+    Attributes:
+        strategy: the chosen strategy, as text (after fitting the memory budget).
+        how: "explicit" (the mode was given), "sizes" (auto decided from the per-example
+            sizes without measuring), "measured" (auto timed candidates now) or "cached"
+            (a measurement made earlier for the same key).
+        key: what the cached choice is keyed on besides fn (per-example shape, dtype,
+            device, fn's fingerprint, the modes considered and max_memory); None when
+            nothing is cached.
+        times: (candidate, seconds per example) for every candidate timed, in order.
+        notes: candidates left out and why (e.g. "chain: not applicable: ...").
+    """
+
+    strategy: str
+    how: str
+    key: tuple | None = None
+    times: tuple[tuple[str, float], ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"{self.strategy} ({self.how})"]
+        lines += [f"  {name}: {sec * 1e6:.2f} us/example" for name, sec in self.times]
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -110,6 +156,15 @@ def recording_stack() -> list:
     if not hasattr(_state, "stack"):
         _state.stack = []
     return _state.stack
+
+
+def result_is_differentiable(x: torch.Tensor) -> bool:
+    """Whether the functional API's result must itself be differentiable (NOTE [graphs] in
+    tape.py): grad mode is on and either ``x`` requires grad (PyTorch's rule) or a
+    differentiator is active on this thread (TF's rule: a recording tape, or an outer
+    reverse-mode batch_jacobian running ``fn``). One rule for every mode: otherwise the
+    result carries no autograd history, whatever requires grad inside ``fn``."""
+    return torch.is_grad_enabled() and (x.requires_grad or bool(recording_stack()))
 
 
 class _Differentiating:
@@ -451,6 +506,7 @@ class _FnCache:
 
 
 _PROBES = _FnCache()
+_CHAINS = _FnCache()  # ChainPlan, or why fn is not a chain of known layers
 _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
 
@@ -458,12 +514,32 @@ _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses
 def clear_caches() -> None:
     """Forget every probed shape and measured auto choice."""
     _PROBES.clear()
+    _CHAINS.clear()
     _CHOICES.clear()
     _FWD_FAILED.clear()
 
 
-def _shape_key(x: torch.Tensor) -> tuple:
-    return (tuple(x.shape[1:]), x.dtype, x.device.type)
+def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
+    """What a cached fact about ``fn`` on ``x`` depends on, besides fn's identity (which
+    :class:`_FnCache` holds by weak reference, so a new object at a dead one's address
+    never hits): the per-example shape, dtype and device of x, and fn's fingerprint."""
+    return (tuple(x.shape[1:]), x.dtype, str(x.device), _fingerprint(fn))
+
+
+def _fingerprint(fn: Callable) -> tuple:
+    """For an nn.Module (or a bound method of one): the names, shapes, dtypes and devices
+    of its parameters and buffers and every submodule's training flag, so a module whose
+    layers were resized, moved or switched to eval mode is probed and measured afresh.
+    Plain functions: empty (what a closure captures cannot be seen; clear_caches())."""
+    module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    if not isinstance(module, torch.nn.Module):
+        return ()
+    tensors = tuple(
+        (name, tuple(t.shape), t.dtype, str(t.device))
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t is not None
+    )
+    return tensors + (tuple(m.training for m in module.modules()),)
 
 
 def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:
@@ -476,7 +552,7 @@ def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:
 
 
 def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
-    key = _shape_key(x)
+    key = _shape_key(fn, x)
     cached = _PROBES.get(fn, key)
     if cached is not None:
         return cached
@@ -516,6 +592,29 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
     return probe
 
 
+def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple) -> _chain.ChainPlan | str:
+    """The chain strategy's plan for fn on x (NOTE [chains] in chain.py), or why it does
+    not apply; cached like the probe."""
+    if _in_transform():
+        return "inside a torch.func transform"
+    key = _shape_key(fn, x) + (tuple(out_shape),)
+    cached = _CHAINS.get(fn, key)
+    if cached is None:
+        cached = _chain.plan_chain(fn, x, out_shape)
+        _CHAINS.put(fn, key, cached)
+    return cached
+
+
+def _act_bytes(fn: Callable, x: torch.Tensor, probe: _Probe, s: Strategy) -> int:
+    """Per-example working bytes for fit_to_budget: the probe's saved activations, or the
+    chain's working set."""
+    if s.mode == "chain":
+        plan = chain_plan(fn, x, probe.out_shape)
+        if not isinstance(plan, str):
+            return plan.work_bytes(x.element_size())
+    return probe.act_bytes
+
+
 def default_memory_budget(device: torch.device) -> int:
     """Bytes a batch Jacobian may use on ``device`` when no max_memory is given.
 
@@ -550,7 +649,8 @@ def fit_to_budget(
     """Shrink a strategy's chunk (then block) so its vectorized pass fits ``budget`` bytes.
 
     Model: the output (B*M*N) is resident; a block's forward keeps ``act_bytes`` per
-    example; a vectorized pass of C rows over Bb examples holds about C*Bb*(act + (M+N)
+    example (for the chain strategy: its whole working set per example, and only the
+    block is shrunk); a vectorized pass of C rows over Bb examples holds about C*Bb*(act + (M+N)
     * itemsize) bytes of cotangents, intermediate gradients and results.
     """
     out_bytes = b * m * n * itemsize
@@ -560,6 +660,15 @@ def fit_to_budget(
             f"elements) but the memory budget is {_fmt_bytes(budget)}. Pass a larger "
             "max_memory, split the batch, or use distjac.Engine to stream results to disk."
         )
+    if s.mode == "chain":  # act_bytes: the chain's working set per example (ChainPlan.work_bytes)
+        fit = (budget - out_bytes) // max(1, act_bytes)
+        if fit < 1:
+            raise MemoryBudgetError(
+                f"{call}: the chain strategy needs about {_fmt_bytes(act_bytes)} per example beyond "
+                f"the {_fmt_bytes(out_bytes)} result, which exceeds the memory budget of "
+                f"{_fmt_bytes(budget)}. Pass a larger max_memory."
+            )
+        return s if fit >= min(b, s.block or b) else replace(s, block=int(fit))
     rows = m if s.mode == "rev" else n
     per_pass = act_bytes + (m + n) * itemsize  # per (row, example) of one vectorized pass
     block = min(b, s.block or b)
@@ -642,7 +751,11 @@ def choose_strategy(
     max_memory: int | None = None,
     call: str = "batch_jacobian(fn, x)",
 ) -> Strategy:
-    """The strategy :func:`batch_jacobian` would use for ``fn`` on ``x`` (probes fn)."""
+    """The strategy :func:`batch_jacobian` would use for ``fn`` on ``x`` (probes fn).
+
+    Its ``record`` (a :class:`Decision`) says how it was chosen: the candidates timed,
+    those left out and why, and the key a measured choice is cached under.
+    """
     mode = parse_mode(mode, call)
     probe = _probe(fn, x, call)
     return _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
@@ -652,8 +765,9 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
     b = x.shape[0]
     n, m = math.prod(x.shape[1:]), math.prod(probe.out_shape)
     user_fixed = parallel_iterations is not None or not use_pfor
+    record = Decision("", "explicit")
     if mode == "auto":
-        if _FWD_FAILED.get(fn, _shape_key(x)):
+        if _FWD_FAILED.get(fn, _shape_key(fn, x)):
             modes = ["rev"]
         elif n >= AUTO_MODE_RATIO * m:
             modes = ["rev"]
@@ -663,23 +777,29 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
             modes = ["rev", "fwd"]
         if user_fixed or b * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
+            why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
+                   f"{b} x {m} x {n} Jacobian elements: too few to measure" if b >= 2 else "one example")
+            record = Decision("", "sizes", notes=(f"not measured: {why}",))
         else:
             s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory)
+            record = s.record
     else:
         s = Strategy(mode)
     if user_fixed:
         s = replace(s, vectorize=use_pfor, chunk=parallel_iterations, block=None)
-    budget = max_memory if max_memory is not None else default_memory_budget(x.device)
-    if parallel_iterations is not None:
-        return s  # the user's chunk is the user's choice: TF runs exactly that many rows
-    return fit_to_budget(
-        s, b=b, m=m, n=n, act_bytes=probe.act_bytes, itemsize=x.element_size(),
-        budget=budget, call=call,
-    )
+    if parallel_iterations is None:
+        # (the user's chunk is the user's choice: TF runs exactly that many rows)
+        budget = max_memory if max_memory is not None else default_memory_budget(x.device)
+        s = fit_to_budget(
+            s, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, s), itemsize=x.element_size(),
+            budget=budget, call=call,
+        )
+    return replace(s, record=replace(record, strategy=str(s)))
 
 
 def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = None) -> Strategy:
-    """Measure, once per (function, shape), how to compute this batch Jacobian fastest.
+    """Measure, once per (function, shape, max_memory), how to compute this batch Jacobian
+    fastest; the result's ``record`` lists what was timed.
 
     Stage one times each way of computing (mode x loop/vmap/chunked vmap; on a CPU,
     reverse mode only as a loop) on a small pilot block; stage two times the ways within
@@ -689,10 +809,11 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     pass over the whole batch. Candidates that fail (no vmap rule, no forward
     derivative) are simply not chosen.
     """
-    key = _shape_key(x) + (tuple(modes),)
+    # max_memory is part of the key: stage four's whole-batch pass is sized by it.
+    key = _shape_key(fn, x) + (tuple(modes), max_memory)
     cached = _CHOICES.get(fn, key)
     if cached is not None:
-        return cached
+        return replace(cached, record=replace(cached.record, how="cached"))
     b = x.shape[0]
     per_row = max(1, m * n)
     rows_cap = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
@@ -703,14 +824,18 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     heavy = sample < rows_cap
     pilot = min(sample, max(16, sample // AUTO_PILOT_FRACTION))
     xs = x[:sample].detach()
+    log: list[tuple[str, float]] = []
+    notes: list[str] = []
 
     def timed(cands: Sequence[Strategy], rows: torch.Tensor) -> dict[Strategy, float]:
         out: dict[Strategy, float] = {}
         for c in cands:
             try:
                 out[c] = _time_strategy(fn, rows, c, probe.out_shape, call, bar=min(out.values(), default=math.inf))
-            except (VectorizationError, RuntimeError):
+            except (VectorizationError, RuntimeError) as err:
+                notes.append(f"{c}: failed ({type(err).__name__})")
                 continue
+            log.append((f"{c} on {rows.shape[0]} rows", out[c]))
         return out
 
     hows = _hows(modes, {"rev": m, "fwd": n})
@@ -727,6 +852,14 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         # candidates. (Measured on an H200, the same rule cost W2 and W3 9x and 25x: a GPU
         # keeps vectorized candidates.)
         hows = [h for h in hows if not h.vectorize]
+    # The chain of known layers (chain.py) is one more candidate, timed like the others,
+    # wherever it applies (it is exact, so the choice cannot change the result).
+    plan = chain_plan(fn, x, probe.out_shape)
+    if isinstance(plan, str):
+        notes.append(f"chain: not applicable: {plan}")
+    else:
+        notes.append(f"chain: {plan}")
+        hows.append(Strategy("chain", vectorize=False))
     stage1 = timed(hows, xs[:pilot])
     if not stage1:
         best = Strategy(modes[0], vectorize=False)
@@ -739,7 +872,10 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             # Stage three: the two best of stage two once more, best of three runs, since
             # candidates often lie within the noise of a shared machine.
             finalists = sorted(stage2, key=stage2.get)[:2]
-            again = {c: min(stage2[c], _time_strategy(fn, xs, c, probe.out_shape, call)) for c in finalists}
+            again = {}
+            for c in finalists:
+                again[c] = min(stage2[c], _time_strategy(fn, xs, c, probe.out_shape, call))
+                log.append((f"{c} on {xs.shape[0]} rows, best of 3", again[c]))
             # A vectorized pass must win clearly to be chosen over the loop: it holds more
             # memory, and a gain inside the measurement's noise is not a gain.
             best = min(again, key=lambda c: again[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
@@ -748,12 +884,14 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         if heavy or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
         elif best.block is not None:
-            best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory)
+            best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory, log)
+    best = replace(best, record=Decision(str(best), "measured", key, tuple(log), tuple(notes)))
     _CHOICES.put(fn, key, best)
     return best
 
 
-def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, max_memory: int | None) -> Strategy:
+def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, max_memory: int | None,
+                      log: list) -> Strategy:
     """Stage four, when the batch is larger than the sample: the chosen block size against
     one pass over the whole batch (as large as ``max_memory``, or the default budget,
     allows), timed once each on the batch itself: two extra calls, once per (fn, shape).
@@ -762,7 +900,7 @@ def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, m
     8,192 examples."""
     try:
         whole = fit_to_budget(
-            replace(best, block=None), b=x.shape[0], m=m, n=n, act_bytes=probe.act_bytes,
+            replace(best, block=None), b=x.shape[0], m=m, n=n, act_bytes=_act_bytes(fn, x, probe, best),
             itemsize=x.element_size(),
             budget=max_memory if max_memory is not None else default_memory_budget(x.device), call=call,
         )
@@ -777,12 +915,46 @@ def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, m
             times[c] = _time_strategy(fn, xs, c, probe.out_shape, call, runs=1)
         except (VectorizationError, RuntimeError):
             continue
+        log.append((f"{c} on the whole batch of {xs.shape[0]}", times[c]))
     return min(times, key=times.get) if times else best
 
 
 # --------------------------------------------------------------------------------------
 # The functional API
 # --------------------------------------------------------------------------------------
+
+
+def run_strategy(
+    fn: Callable, x: torch.Tensor, strategy: Strategy, *, max_memory: int | None = None,
+    call: str = "run_strategy(fn, x, strategy)",
+) -> torch.Tensor | None:
+    """Internal (tests, benchmarks): batch_jacobian(fn, x) computed by ``strategy``, e.g.
+    ``Strategy("chain", block=128)``, with its chunk and block fitted to the memory
+    budget as auto's choices are. Same result as every mode.
+
+    Raises:
+        ValueError: a chain strategy for a function that is not a chain of known layers
+            (the message says which layer), or an unknown strategy mode.
+    """
+    x, _, _ = check_functional_call(fn, x, "rev", "none", call)
+    if strategy.mode not in ("rev", "fwd", "chain"):
+        raise ValueError(f"{call}: strategy mode {strategy.mode!r} is not valid; use 'rev', 'fwd' or 'chain'.")
+    if x.shape[0] == 0:
+        return batch_jacobian(fn, x, mode="rev")
+    probe = _probe(fn, x, call)
+    if not probe.connected:
+        return None
+    if strategy.mode == "chain":
+        plan = chain_plan(fn, x, probe.out_shape)
+        if isinstance(plan, str):
+            raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
+    budget = max_memory if max_memory is not None else default_memory_budget(x.device)
+    b, n, m = x.shape[0], math.prod(x.shape[1:]), math.prod(probe.out_shape)
+    s = strategy if strategy.chunk is not None else fit_to_budget(
+        strategy, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, strategy), itemsize=x.element_size(),
+        budget=budget, call=call,
+    )
+    return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape)
 
 
 def _run(
@@ -796,15 +968,34 @@ def _run(
     block = b if s.block is None else max(1, min(s.block, b))
     out: torch.Tensor | None = None
     pieces: list[torch.Tensor] = []
+    plan = None
+    if s.mode == "chain":
+        assert out_shape is not None, "the chain strategy needs the probed output shape"
+        plan = chain_plan(fn, x, out_shape)
+        if isinstance(plan, str) or create_graph:
+            # The chain computes no autograd history, and applies only to chains of known
+            # layers: reverse mode gives the same result (a loop: the least memory).
+            return _run(fn, x, Strategy("rev", vectorize=False, block=s.block), create_graph=create_graph,
+                        call=call, out_shape=out_shape)
     for b0 in range(0, b, block):
         xb = x[b0:b0 + block]
-        if s.mode == "rev" and _in_transform():
+        if plan is not None:
+            y_shape = tuple(out_shape)
+            m = math.prod(y_shape)
+            jac = _chain.chain_jacobian(fn, plan, xb)
+            if out is None and block < b:
+                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+            if out is not None:
+                out[b0:b0 + block].copy_(jac)
+        elif s.mode == "rev" and _in_transform():
             jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call)
             m = math.prod(y_shape)
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
         elif s.mode == "rev":
-            xd = xb if create_graph else xb.detach().requires_grad_(True)
+            # With create_graph the graph must reach x itself when x requires grad; when it
+            # does not (a tape records parameters only), a fresh leaf is as good.
+            xd = xb if create_graph and xb.requires_grad else xb.detach().requires_grad_(True)
             with torch.enable_grad(), _Differentiating():
                 y = _check_output(fn(xd), xd, call)
             y_shape = tuple(y.shape[1:])
@@ -822,7 +1013,10 @@ def _run(
             assert out_shape is not None, "forward mode needs the probed output shape"
             y_shape = out_shape
             m = math.prod(y_shape)
-            jac = _forward_block(fn, xb, m, y_shape, chunk=s.chunk, vectorize=s.vectorize, call=call)
+            # Forward mode records autograd history through whatever requires grad in fn
+            # (a Module's parameters): not wanted unless the result must be differentiable.
+            with torch.set_grad_enabled(create_graph):
+                jac = _forward_block(fn, xb, m, y_shape, chunk=s.chunk, vectorize=s.vectorize, call=call)
             if out is None and not create_graph and block < b:
                 out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
             if out is not None:
@@ -874,7 +1068,9 @@ def batch_jacobian(
     Returns:
         A tensor of shape (B, y1..yn, x1..xm) and x's dtype, or None (see
         unconnected_gradients). It may be a non-contiguous view; differentiable when
-        ``x.requires_grad``, so batch_jacobian composes with itself for higher orders.
+        ``x.requires_grad`` (so batch_jacobian composes with itself for higher orders)
+        or a GradientTape is recording, in every mode; otherwise it has no autograd
+        history, even when fn's parameters require grad.
 
     Raises:
         ShapeError, DtypeError, OptionError: bad input, before any work is done.
@@ -901,7 +1097,7 @@ def batch_jacobian(
     check_positive_int(parallel_iterations, "parallel_iterations", call)
     if max_memory is not None:
         check_positive_int(max_memory, "max_memory", call, allow_none=False)
-    create_graph = torch.is_grad_enabled() and x.requires_grad
+    create_graph = result_is_differentiable(x)
 
     if x.shape[0] == 0:
         with torch.enable_grad():
@@ -931,7 +1127,7 @@ def batch_jacobian(
         # Auto chose forward mode but fn cannot run under it (in-place updates of
         # buffers, a tape inside fn, kernels without forward derivatives): reverse
         # mode gives the same result. Remember, so the next call goes straight there.
-        _FWD_FAILED.put(fn, _shape_key(x), True)
+        _FWD_FAILED.put(fn, _shape_key(fn, x), True)
         s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
     if jac is None:

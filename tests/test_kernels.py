@@ -495,7 +495,8 @@ def test_auto_measured_choice_w1_mlp_equals_rev():
     clear_caches()
     auto = distjac.batch_jacobian(fn, x, mode="auto")
     s = choose_strategy(fn, x, mode="auto")  # cached: no second measurement
-    assert s.mode in ("rev", "fwd")
+    assert s.mode in ("rev", "fwd", "chain")  # an MLP in a Sequential is a chain candidate
+    assert s.record.how == "cached" and any(t.startswith("chain/") for t, _ in s.record.times)
     assert choose_strategy(fn, x, mode="auto") == s
     rev = distjac.batch_jacobian(fn, x, mode="rev")
     assert auto.shape == (2048, 32, 64)
@@ -542,3 +543,144 @@ def test_explicit_parallel_iterations_is_honoured():
     assert (s.mode, s.vectorize, s.chunk) == ("fwd", True, 5)
     s = choose_strategy(fn, x, mode="rev", experimental_use_pfor=False)
     assert (s.mode, s.vectorize) == ("rev", False)
+
+
+# --------------------------------------------------------------------------------------
+# Autograd history of the result, the probe cache, the choice cache's key
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_result_has_no_history_when_nothing_differentiates(mode):
+    """Parameters require grad, x does not, no tape records: no mode returns history
+    (forward mode used to return grad_fn=<ViewBackward0>)."""
+    fn = make_mlp((3, 5, 4), seed=5)
+    assert all(p.requires_grad for p in fn.parameters())
+    x = randn(6, 3, seed=6)
+    jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac.grad_fn is None and not jac.requires_grad
+    assert_close(jac, reference_batch_jacobian(fn, x))
+    # also when the batch is cut into blocks (max_memory small enough for a few rows)
+    jac = distjac.batch_jacobian(fn, x, mode=mode, max_memory=6 * 4 * 3 * 4 + 1500)
+    assert jac.grad_fn is None and not jac.requires_grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_module_result_is_differentiable_while_a_tape_records(mode):
+    """TF's rule, the same in every mode: under a recording tape the result is
+    differentiable, here w.r.t. the parameters (x itself is not watched)."""
+    fn = make_mlp((3, 5, 4), seed=5, dtype=torch.float64)
+    x = randn(6, 3, seed=6, dtype=torch.float64)
+    w0 = fn[0].weight
+    with distjac.GradientTape() as tape:
+        jac = distjac.batch_jacobian(fn, x, mode=mode)
+    assert jac.requires_grad
+    (g,) = torch.autograd.grad((jac ** 2).sum(), w0)
+    # reference: torch.func over one example, differentiated w.r.t. the weight
+    single = lambda xi: fn(xi.unsqueeze(0)).squeeze(0)  # noqa: E731
+    ref = torch.func.vmap(torch.func.jacrev(single))(x)
+    (g_ref,) = torch.autograd.grad((ref ** 2).sum(), w0)
+    assert_close(g, g_ref)
+    assert not tape.watched_variables()
+
+
+class _Counting(nn.Module):
+    """Wraps a module; counts calls by the number of rows they get."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_probe_runs_once_per_function_and_shape(mode):
+    from distjac.kernels import PROBE_ROWS
+
+    clear_caches()
+    fn = _Counting(make_mlp((4, 6, 3), seed=2))
+    x = randn(50, 4, seed=3)
+    first = distjac.batch_jacobian(fn, x, mode=mode)
+    assert fn.rows.count(PROBE_ROWS) == 1
+    fn.rows.clear()
+    second = distjac.batch_jacobian(fn, x, mode=mode)
+    choose_strategy(fn, x, mode=mode)
+    assert PROBE_ROWS not in fn.rows, fn.rows  # no second probe
+    assert torch.equal(first, second)
+    # another dtype is another key: probed again
+    distjac.batch_jacobian(fn.double(), x.double(), mode=mode)
+    assert fn.rows.count(PROBE_ROWS) == 1
+
+
+@pytest.mark.parametrize("mode", ["fwd", "auto"])
+def test_probe_cache_follows_a_module_that_changes(mode):
+    """Forward mode trusts the probed output shape: a resized layer, or a switch to
+    eval mode, must be probed afresh (the fingerprint is part of the key)."""
+    clear_caches()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))
+    x = randn(5, 4, seed=4)
+    model.eval()
+    assert distjac.batch_jacobian(model, x, mode=mode).shape == (5, 3, 4)
+    model[0] = nn.Linear(4, 7)
+    jac = distjac.batch_jacobian(model, x, mode=mode)
+    assert_close(jac, reference_batch_jacobian(model, x))
+    fn = _Counting(model).eval()
+    distjac.batch_jacobian(fn, x, mode=mode)
+    fn.rows.clear()
+    fn.train()
+    fn.eval()  # same fingerprint again: cached
+    distjac.batch_jacobian(fn, x, mode=mode)
+    assert fn.rows.count(5) == 1, fn.rows  # the run only (B=5 < PROBE_ROWS: the probe sees 5 too)
+    fn.rows.clear()
+    model[1].train()  # a training flag flipped: probed afresh
+    distjac.batch_jacobian(fn, x, mode="rev")
+    assert fn.rows.count(5) == 2, fn.rows
+
+
+def test_probe_cache_never_aliases_a_dead_function():
+    """Functions made and dropped in a loop often reuse one address; each must get its
+    own probe (forward mode would otherwise return the wrong shape)."""
+    import gc
+
+    x = randn(3, 2, seed=5)
+    for k in range(1, 12):
+        w = randn(k, 2, seed=k)
+        fn = lambda z, w=w: z @ w.T  # noqa: E731
+        jac = distjac.batch_jacobian(fn, x, mode="fwd")
+        assert jac.shape == (3, k, 2)
+        assert torch.equal(jac, w.expand(3, k, 2))
+        del fn
+        gc.collect()
+
+
+def test_choice_cache_is_keyed_on_max_memory(monkeypatch):
+    from distjac import kernels
+
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)  # measure this small fn
+    clear_caches()
+    fn = make_mlp((6, 8, 6), seed=3)
+    x = randn(64, 6, seed=3)
+    big, small = 1 << 30, 1 << 29
+    r1 = choose_strategy(fn, x, mode="auto", max_memory=big).record
+    r2 = choose_strategy(fn, x, mode="auto", max_memory=small).record
+    r3 = choose_strategy(fn, x, mode="auto", max_memory=big).record
+    r4 = choose_strategy(fn, x, mode="auto").record
+    assert (r1.how, r2.how, r3.how, r4.how) == ("measured", "measured", "cached", "measured")
+    assert r1.key[-1] == big and r2.key[-1] == small and r4.key[-1] is None
+    assert r1.key == r3.key and r1.key != r2.key
+    assert r1.times and str(r1).startswith(r1.strategy)
+    jac = distjac.batch_jacobian(fn, x, mode="auto", max_memory=small)
+    assert_close(jac, distjac.batch_jacobian(fn, x, mode="rev"))
+
+
+def test_decision_record_for_explicit_and_size_decided_choices():
+    fn, x = _model("mlp")
+    assert choose_strategy(fn, x, mode="rev").record.how == "explicit"
+    rec = choose_strategy(fn, x, mode="auto").record
+    assert rec.how == "sizes" and "not measured" in rec.notes[0]
+    assert rec.strategy == str(choose_strategy(fn, x, mode="auto"))

@@ -196,6 +196,20 @@ METHODS = [
     Method("grad(is_grads_batched)", "baseline", m_autograd_batched),
     Method("row loop of grad", "baseline", m_row_loop),
 ]
+# Opt-in methods, run only when named in --methods: the chain strategy forced (blocks of
+# 128 examples, the issue's measurement), beside "distjac auto", which may choose it. It
+# applies to W1, W2 and W4 (nn.Sequential chains) and reports an error on W3 (a function).
+CHAIN_BENCH_BLOCK = 128
+
+
+def m_distjac_chain(f, x):
+    from distjac.kernels import Strategy, run_strategy
+
+    return run_strategy(f, x, Strategy("chain", block=CHAIN_BENCH_BLOCK))
+
+
+OPT_IN_METHODS = [Method("distjac chain", "distjac", m_distjac_chain)]
+ALL_METHODS = METHODS + OPT_IN_METHODS
 REFERENCE = "distjac rev"
 
 
@@ -598,7 +612,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     quick = size == "tiny"
     repeats = repeats if repeats is not None else (1 if quick else 5)
     _check(workloads, methods, repeats, threads, device)
-    chosen = METHODS if methods is None else [mt for mt in METHODS if mt.name in methods]
+    chosen = METHODS if methods is None else [mt for mt in ALL_METHODS if mt.name in methods]
     dev = torch.device(device)
     saved = (torch.get_num_threads(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.set_num_threads(threads)
@@ -649,7 +663,7 @@ def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int
            device: str) -> None:
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise ValueError(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
-    known = [mt.name for mt in METHODS]
+    known = [mt.name for mt in ALL_METHODS]
     if methods is not None and (bad := [m for m in methods if m not in known]):
         raise ValueError(f"unknown method(s) {bad}; choose from {known}")
     if repeats < 1 or threads < 1:
@@ -668,8 +682,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kernels")
     g.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated subset of W1,W2,W3,W4")
     g.add_argument("--methods", default=None,
-                   help="comma-separated subset of method names (default: all): "
-                   + ", ".join(mt.name for mt in METHODS))
+                   help="comma-separated subset of method names (default: all but the opt-in ones): "
+                   + ", ".join(mt.name for mt in METHODS) + "; opt-in: "
+                   + ", ".join(mt.name for mt in OPT_IN_METHODS))
     g.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and the peers' cores)")
     g.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of the check")
     g.add_argument("--max-call-s", type=float, default=DEFAULT_MAX_CALL_S,

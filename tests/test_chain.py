@@ -1,0 +1,152 @@
+"""The chain strategy (distjac/chain.py): per-example Jacobians of chains of known layers
+multiplied out, against reverse mode, the float64 per-example loop and finite differences."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import assert_close, check_finite_difference, randn, reference_batch_jacobian
+from torch import nn
+
+import distjac
+from distjac import kernels
+from distjac.chain import plan_chain
+from distjac.kernels import Strategy, choose_strategy, clear_caches, run_strategy
+
+
+def _seeded(build, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+# name -> (builder, per-example input shape); beyond W1-W4: other activations, conv nets
+# with Flatten, LayerNorm, 1-D conv, out > in and in > out, nested Sequentials.
+CHAINS = {
+    "mlp_gelu_out_gt_in": (lambda: nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 4), nn.SiLU(),
+                                                 nn.Linear(4, 11)), (6,)),
+    "deep_mlp_in_gt_out": (lambda: nn.Sequential(nn.Linear(20, 16), nn.ELU(), nn.Linear(16, 16), nn.Softplus(),
+                                                 nn.Linear(16, 12), nn.LeakyReLU(0.2), nn.Linear(12, 3),
+                                                 nn.Sigmoid()), (20,)),
+    "w1_like": (lambda: nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                                      nn.Linear(32, 8)), (16,)),
+    "conv2d_flatten": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2),
+                                             nn.Mish(), nn.Flatten(), nn.Linear(18, 5)), (2, 7, 7)),
+    "conv1d_layernorm": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding="same"), nn.ELU(), nn.LayerNorm(10),
+                                               nn.Flatten(), nn.Dropout(0.3), nn.Linear(40, 6), nn.Softplus()),
+                         (3, 10)),
+    "conv_circular_groups": (lambda: nn.Sequential(nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", groups=2),
+                                                   nn.Hardswish(), nn.Flatten(), nn.Linear(24, 30)), (4, 6)),
+    "layernorm_first": (lambda: nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 3), nn.Tanh()), (5,)),
+    "nested_unflatten": (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1)),
+                                               nn.Sequential(nn.Linear(4, 6), nn.Softsign()), nn.Unflatten(1, (2, 3)),
+                                               nn.LayerNorm([2, 3], elementwise_affine=False), nn.Flatten()), (4,)),
+    "linear_on_sequences": (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 2)),
+                            (3, 5)),
+    "one_linear": (lambda: nn.Sequential(nn.Linear(5, 3)), (5,)),
+    "one_activation": (lambda: nn.Sequential(nn.ReLU6()), (5,)),
+}
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("b", [1, 3, 50])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_chain_equals_rev_at_every_split(name, dtype, b):
+    build, shape = CHAINS[name]
+    fn = _seeded(build).to(dtype)
+    x = randn(b, *shape, seed=b, dtype=dtype)
+    rev = distjac.batch_jacobian(fn, x, mode="rev")
+    jac = run_strategy(fn, x, Strategy("chain"))
+    assert jac.shape == rev.shape and not jac.requires_grad
+    assert_close(jac, rev, rtol=TOL[dtype], atol=TOL[dtype], msg=name)
+    assert_close(run_strategy(fn, x, Strategy("chain", block=2)), rev, rtol=TOL[dtype], atol=TOL[dtype])
+    out_shape = tuple(rev.shape[1:1 + rev.dim() - x.dim()])
+    plan = plan_chain(fn, x, out_shape)
+    from distjac.chain import chain_jacobian
+    for k in range(len(plan.steps) + 1):  # every bracketing gives the same product
+        j = chain_jacobian(fn, replace(plan, split=k), x).reshape(rev.shape)
+        assert_close(j, rev, rtol=TOL[dtype], atol=TOL[dtype], msg=f"{name} split {k}")
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_chain_matches_float64_loop_and_finite_differences(name):
+    build, shape = CHAINS[name]
+    fn = _seeded(build, seed=3).double()
+    x = randn(3, *shape, seed=7, dtype=torch.float64)
+    jac = run_strategy(fn, x, Strategy("chain"))
+    assert_close(jac, reference_batch_jacobian(fn, x))
+    check_finite_difference(fn, x, jac)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)), "Dropout in training mode"),
+    (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).eval(), "BatchNorm1d is not a layer the chain knows"),
+    (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1)).eval(), "Softmax is not a layer the chain knows"),
+    (nn.Linear(3, 3), "Linear is not an nn.Sequential"),
+    (lambda z: z * 2, "function is not an nn.Sequential"),
+])
+def test_chain_not_applicable_says_why(fn, reason):
+    x = randn(4, 3, seed=1)
+    with pytest.raises(ValueError, match=reason):
+        run_strategy(fn, x, Strategy("chain"))
+
+
+def test_chain_not_applicable_for_subclasses_hooks_and_half_types():
+    class MySeq(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    x = randn(4, 3, seed=1)
+    assert "not an nn.Sequential" in plan_chain(MySeq(nn.Linear(3, 3)), x, (3,))
+    hooked = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    hooked[1].register_forward_hook(lambda m, i, o: o * 2)
+    assert "hooks" in plan_chain(hooked, x, (3,))
+    assert "dtype" in plan_chain(nn.Sequential(nn.Linear(3, 3)).half(), x.half(), (3,))
+
+
+def test_chain_in_auto_is_measured_and_recorded(monkeypatch):
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    clear_caches()
+    fn = _seeded(CHAINS["w1_like"][0])
+    x = randn(64, 16, seed=2)
+    jac = distjac.batch_jacobian(fn, x, mode="auto")
+    rec = choose_strategy(fn, x, mode="auto").record
+    assert any(t.startswith("chain/") for t, _ in rec.times), rec
+    assert any(note.startswith("chain: chain of 5") for note in rec.notes), rec
+    assert_close(jac, distjac.batch_jacobian(fn, x, mode="rev"))
+    # not a chain: auto records why and never times it
+    clear_caches()
+    fn.train()
+    fn.append(nn.Dropout(0.5))
+    fn.eval()
+    fn[-1].train()
+    rec = choose_strategy(fn, x, mode="auto").record
+    assert not any(t.startswith("chain/") for t, _ in rec.times)
+    assert any("chain: not applicable: layer 5: Dropout in training mode" in n for n in rec.notes), rec
+
+
+def test_chain_falls_back_to_rev_when_the_result_must_be_differentiable():
+    fn = _seeded(CHAINS["w1_like"][0]).double()
+    x = randn(3, 16, seed=2, dtype=torch.float64).requires_grad_(True)
+    jac = run_strategy(fn, x, Strategy("chain"))
+    assert jac.requires_grad
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+
+def test_chain_respects_max_memory():
+    fn = _seeded(CHAINS["w1_like"][0])
+    x = randn(50, 16, seed=2)
+    rev = distjac.batch_jacobian(fn, x, mode="rev")
+    out_shape = (8,)
+    plan = plan_chain(fn, x, out_shape)
+    result_bytes = 50 * 8 * 16 * 4
+    budget = result_bytes + 5 * plan.work_bytes(4)
+    s = kernels.fit_to_budget(Strategy("chain"), b=50, m=8, n=16, act_bytes=plan.work_bytes(4), itemsize=4,
+                              budget=budget, call="t")
+    assert s.block == 5
+    assert_close(run_strategy(fn, x, Strategy("chain"), max_memory=budget), rev)
+    with pytest.raises(distjac.MemoryBudgetError, match="chain strategy needs"):
+        run_strategy(fn, x, Strategy("chain"), max_memory=result_bytes + 10)
