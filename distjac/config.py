@@ -754,8 +754,8 @@ def find_factory_module(factory: str) -> None:
                     break
         if found is None:
             raise ConfigError(
-                f"config: model.factory={factory!r}: cannot find module {name!r} on this machine's "
-                f"Python path. Check the name, or install the package that defines it."
+                f"config: model.factory={factory!r}: cannot import module {name!r}: it is not on this "
+                f"machine's Python path. Check the name, or install the package that defines it."
             )
         mod = sys.modules.get(name)
         if mod is not None:

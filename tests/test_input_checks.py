@@ -473,7 +473,7 @@ def test_plan_imports_and_calls_nothing_unless_probe(tmp_path, user):
 
 def test_plan_without_probe_still_checks_the_module_exists_and_the_data(tmp_path, user):
     cfg = _config(tmp_path, model={"factory": "usermodelz:mlp", "kwargs": {}})
-    _refused(_cli("plan", cfg, env=user), "cannot find module 'usermodelz'")
+    _refused(_cli("plan", cfg, env=user), "cannot import module 'usermodelz'")
     cfg = _config(tmp_path, data=_data("npy", tmp_path / "nope.npy"))
     _refused(_cli("plan", cfg, env=user), "does not exist")
 
