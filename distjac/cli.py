@@ -4,7 +4,8 @@
 
     distjac run CONFIG [--set key.path=value ...] [--address ADDR] [--workers N]
                        [--no-progress] [--overwrite]
-    distjac plan CONFIG [--set ...] [--json]       dry run: shapes, shard plan, bytes, memory
+    distjac plan CONFIG [--set ...] [--json] [--probe]
+                                                   dry run: checks, shapes, shard plan, bytes
     distjac inspect PATH [--json] [--quick]        rows, shapes, finished/missing shards, checksums
     distjac repair PATH [--json]                   rebuild a lost or damaged manifest from the parts
     distjac bench [SUITE ...] [--size tiny|full] [--out DIR] ...
@@ -18,6 +19,10 @@ missing or corrupted parts). Errors are one or two plain lines on stderr; ``--de
 adds the traceback.
 
 ``--workers 0`` (``engine.num_workers: 0``) runs the job in this process without Ray.
+
+A config is code: ``model.factory`` names a Python callable that ``run`` (and ``plan
+--probe``) imports and calls, so trust a config like a script (NOTE [a config is code] in
+distjac.config). ``plan`` without ``--probe`` imports and calls nothing of it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+
+# Said by `run --help` and `plan --help`; see NOTE [a config is code] in distjac.config.
+_TRUST = ("A config is code: model.factory names a Python callable that is imported and called "
+          "(on this machine and on every worker), so trust a config like a script; "
+          "distjac refuses builtins, standard-library callables and objects that are not a "
+          "Python function or a torch.nn.Module class, but it is no sandbox.")
 
 
 class _UsageError(Exception):
@@ -62,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run a job (resumes an unfinished one)",
                          description="Run a job from a YAML config; an unfinished output of the same "
-                         "spec is resumed.")
+                         "spec is resumed. Every check that needs no shard (config, data, nulls, device, "
+                         "the model's output on two rows, weights) is made before anything is written; "
+                         "a job refused there exits with status 2. " + _TRUST)
     run.add_argument("config", metavar="CONFIG", help="the job's YAML file")
     _add_set(run)
     run.add_argument("--address", help='Ray address: "auto" joins a running cluster, "ray://host:port" a '
@@ -73,9 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the job report as JSON")
 
     plan = sub.add_parser("plan", parents=[common], help="dry run: shapes, shard plan, bytes, memory",
-                          description="Check a job and print its shard plan without running it.")
+                          description="Check a job and print its shard plan without running it. Without "
+                          "--probe nothing of the config runs: the data are opened and checked and the "
+                          "factory's module is looked up, not imported. " + _TRUST)
     plan.add_argument("config", metavar="CONFIG", help="the job's YAML file")
     _add_set(plan)
+    plan.add_argument("--probe", action="store_true", help="import and call model.factory, load the "
+                      "weights and run the model on two rows: output shape, shard plan and bytes (runs "
+                      "the config's code)")
     plan.add_argument("--workers", type=int, metavar="N", help="plan for N workers")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -147,7 +166,7 @@ def _engine_kwargs(spec) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .jobs import run_job
+    from .jobs import check_job, run_job
 
     spec = _load_spec(args)
     if spec.engine.num_workers == 0:
@@ -155,6 +174,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from . import Engine
 
+        # What needs no model, before Ray starts (seconds); Engine.run probes the model.
+        # A local Ray instance (no address) runs its workers here: engine.device must exist.
+        check_job(spec, device_here=spec.engine.address is None)
         with Engine(**_engine_kwargs(spec)) as engine:
             report = engine.run(spec)
     if args.json:
@@ -167,31 +189,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _output_state(out_dir: str, spec_hash: str) -> str:
     import os
 
     from .io.sink import MANIFEST_NAME, Manifest
-    from .jobs import prepare_job
+
+    if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        return "new"
+    try:
+        m = Manifest.load(out_dir)
+    except Exception:
+        return "holds an unreadable or inconsistent manifest; run `distjac repair` (or --overwrite)"
+    if m.spec_hash != spec_hash:
+        return f"holds another spec's results (hash {m.spec_hash}); run needs --overwrite"
+    if m.complete:
+        return f"complete: all {len(m.shards)} shards finished (run verifies them and stops)"
+    return f"resumes: {len(m.parts)} of {len(m.shards)} shards finished"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
+    from .jobs import PROBE_ROWS, check_job, prepare_job
 
     spec = _load_spec(args)
-    job = prepare_job(spec)
-    state = "new"
-    if os.path.exists(os.path.join(job.out_dir, MANIFEST_NAME)):
-        try:
-            m = Manifest.load(job.out_dir)
-            if m.spec_hash != job.spec_hash:
-                state = f"holds another spec's results (hash {m.spec_hash}); run needs --overwrite"
-            elif m.complete:
-                state = f"complete: all {len(m.shards)} shards finished (run verifies them and stops)"
-            else:
-                state = f"resumes: {len(m.parts)} of {len(m.shards)} shards finished"
-        except Exception:
-            state = "holds an unreadable or inconsistent manifest; run `distjac repair` (or --overwrite)"
+    if args.probe:
+        job = prepare_job(spec)
+        state = _output_state(job.out_dir, job.spec_hash)
+        if args.json:
+            print(json.dumps({**job.summary(), "probed": True, "output_state": state}, indent=1))
+        else:
+            print(job)
+            print(f"  {'output now':<15}  {state}")
+        return EXIT_OK
+    source = check_job(spec)  # imports and calls nothing of the config (NOTE [a config is code])
+    out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
+    spec_hash = spec.spec_hash()
+    state = _output_state(out_dir, spec_hash)
+    not_built = (f"not built (plan --probe imports and calls it and runs the model on {PROBE_ROWS} rows, "
+                 f"for the output shape, the shard plan and the bytes)")
     if args.json:
-        print(json.dumps({**job.summary(), "output_state": state}, indent=1))
-    else:
-        print(job)
-        print(f"  {'output now':<15}  {state}")
+        print(json.dumps({"spec_hash": spec_hash, "model": spec.model.factory, "probed": False,
+                          "source": source.describe(), "output": out_dir, "format": spec.output.format,
+                          "output_state": state}, indent=1))
+        return EXIT_OK
+    lines = [("spec hash", spec_hash), ("model", f"{spec.model.factory}: {not_built}"),
+             ("data", source.describe()), ("output", f"{out_dir} ({spec.output.format}, {spec.jacobian.dtype})"),
+             ("output now", state)]
+    print("Job (checked; the model was not built: distjac plan --probe)")
+    print("\n".join(f"  {k:<15}  {v}" for k, v in lines))
     return EXIT_OK
 
 

@@ -22,17 +22,42 @@ dtypes, and the output format. It leaves out what only changes how or where the 
 runs: the engine section (address, workers, device, shard size, retries, progress),
 ``jacobian.chunk_size`` (a memory knob: lowering it after a worker ran out of memory must
 not throw away finished shards) and the output's path, ``resume`` and ``overwrite``.
+
+NOTE [a config is code]
+``model.factory`` names a Python callable that the driver and every worker import and
+call with ``model.kwargs``: running a config runs code, so a config must be trusted like
+a script. What distjac refuses, before it calls anything (see :func:`resolve_factory`):
+a factory that is not a Python function, method or ``functools.partial`` of one, or a
+``torch.nn.Module`` subclass (``os:system`` and other builtins are C functions), and any
+factory defined in the Python standard library (``subprocess:run``); after the call, a
+result that is a class or not callable. This keeps a typo or a pasted config from running
+a shell command; it is not a sandbox: a Python function of any installed package runs
+with the user's rights. ``distjac plan`` imports and calls nothing unless ``--probe``.
+
+NOTE [YAML aliases are bounded]
+A YAML alias (``*name``) makes a node appear again without copying it, so 740 bytes of
+nested aliases (a "billion laughs") describe 10^9 values that anything walking the
+config (the spec hash, a copy, a worker's pickle) expands. ``_load_yaml`` composes the
+node graph, counts its aliases (at most :data:`MAX_YAML_ALIASES`) and the values the
+aliases add when expanded (at most :data:`MAX_YAML_EXPANSION`, counted over the shared
+graph without expanding it), and refuses a recursive alias, before any Python object is
+constructed. A config written out in full is never refused by these limits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib
+import importlib.util
+import inspect
 import json
 import os
+import pickle
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +90,12 @@ DEFAULT_PARALLEL_ITERATIONS = 8
 DEFAULT_MAX_RETRIES = 3
 SPEC_VERSION = 1
 
+# See NOTE [YAML aliases are bounded]. A config uses a handful of anchors at most
+# (shared kwargs); 100 aliases and 100,000 values added by them are far above that and
+# far below what costs memory (100,000 small values: a few MiB, milliseconds to hash).
+MAX_YAML_ALIASES = 100
+MAX_YAML_EXPANSION = 100_000
+
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _CUDA_RE = re.compile(r"^cuda(:\d+)?$")
 
@@ -78,11 +109,17 @@ class ModelSpec:
             mapping a batch to a batch).
         kwargs: keyword arguments of the factory.
         weights: a file for ``torch.load(weights_only=True)`` holding a state dict.
+        weights_key: the key of the state dict in a checkpoint dict such as
+            ``{"model": state_dict, "epoch": 3}`` (null: the file is the state dict, or
+            holds one under ``"state_dict"``).
+
+    See NOTE [a config is code]: the factory is imported and called.
     """
 
     factory: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
+    weights_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,14 +253,15 @@ class JobSpec:
 
         Raises:
             SourceNotFoundError: the file does not exist.
-            ConfigError: the YAML does not parse, or the spec is invalid.
+            ConfigError: the YAML does not parse, holds too many aliases (see NOTE [YAML
+                aliases are bounded]), or the spec is invalid.
         """
         import yaml
 
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f)
+                raw = _load_yaml(f, f"config {path!r}")
         except FileNotFoundError:
             raise SourceNotFoundError(f"config file {path!r} does not exist.") from None
         except IsADirectoryError:
@@ -328,13 +366,16 @@ class JobSpec:
             data.update(shape=list(self.data.shape or ()), seed=self.data.seed, dtype=self.data.dtype or "float32")
         if self.data.kind == "tensor":
             data["tensor"] = _tensor_digest(self.data.tensor)
+        model = {
+            "factory": self.model.factory,
+            "kwargs": json.loads(json.dumps(dict(self.model.kwargs), sort_keys=True, default=repr)),
+            "weights": _abspath(self.model.weights),
+        }
+        if self.model.weights_key is not None:  # only when set: outputs written before it keep their hash
+            model["weights_key"] = self.model.weights_key
         return {
             "version": SPEC_VERSION,
-            "model": {
-                "factory": self.model.factory,
-                "kwargs": json.loads(json.dumps(dict(self.model.kwargs), sort_keys=True, default=repr)),
-                "weights": _abspath(self.model.weights),
-            },
+            "model": model,
             "data": data,
             "jacobian": {
                 "mode": self.jacobian.mode,
@@ -410,7 +451,7 @@ def _apply_override(raw: dict, item: str) -> None:
             f"sections are: {', '.join(_SECTIONS)}."
         )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text, f"--set {item!r}") if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw
@@ -422,6 +463,81 @@ def _apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section or mapping.")
         node = child
     node[parts[-1]] = value
+
+
+@functools.cache
+def _bounded_loader() -> type:
+    """yaml.SafeLoader that counts aliases while composing; see NOTE [YAML aliases are bounded]."""
+    import yaml
+
+    class BoundedSafeLoader(yaml.SafeLoader):
+        where = "config"
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise ConfigError(
+                        f"{self.where} has {self.aliases} aliases; at most {MAX_YAML_ALIASES} are read "
+                        f"(a guard against YAML alias bombs). Write the values out instead of *aliases."
+                    )
+            return super().compose_node(parent, index)
+
+    return BoundedSafeLoader
+
+
+def _load_yaml(stream: Any, where: str) -> Any:
+    """``yaml.safe_load`` with aliases bounded (NOTE [YAML aliases are bounded])."""
+    loader = _bounded_loader()(stream)
+    loader.where = where
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expansion(root: Any, where: str) -> None:
+    """Refuse a composed YAML graph whose aliases add more than MAX_YAML_EXPANSION values
+    once expanded, or that refers to itself. Each distinct node is visited once."""
+    import yaml
+
+    sizes: dict[int, int] = {}  # id(node) -> its expanded size (nodes, itself included)
+    on_path: set[int] = set()
+
+    def children(node):
+        if isinstance(node, yaml.SequenceNode):
+            return node.value
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return ()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:
+            raise ConfigError(
+                f"{where}: an alias refers to itself (a node that contains its own anchor), which "
+                f"a config cannot hold. Remove the recursive *alias."
+            )
+        on_path.add(key)
+        total = 1 + sum(size(child) for child in children(node))
+        on_path.discard(key)
+        sizes[key] = total
+        if total - len(sizes) > MAX_YAML_EXPANSION:
+            raise ConfigError(
+                f"{where}: its aliases (*name) expand to more than {MAX_YAML_EXPANSION:,} values "
+                f"({total:,} at least, from {len(sizes):,} written); a job config needs a handful "
+                f"(a guard against YAML alias bombs). Write the values out, or use fewer aliases."
+            )
+        return total
+
+    size(root)
 
 
 def _abspath(path: str | None) -> str | None:
@@ -487,9 +603,16 @@ def _validate_model(m: ModelSpec) -> None:
         )
     if not isinstance(m.factory, str) or not _FACTORY_RE.match(m.factory):
         raise _bad("model.factory", m.factory, 'give an import path "module:callable", e.g. "distjac.models:mlp"')
+    _refuse_stdlib(m.factory, m.factory.partition(":")[0])
     if not isinstance(m.kwargs, Mapping) or not all(isinstance(k, str) for k in m.kwargs):
         raise _bad("model.kwargs", m.kwargs, "give a mapping of keyword arguments")
     _check_str("model.weights", m.weights, allow_none=True)
+    _check_str("model.weights_key", m.weights_key, allow_none=True)
+    if m.weights_key is not None and m.weights is None:
+        raise ConfigError(
+            f"config: model.weights_key needs model.weights (the checkpoint file whose key "
+            f"{m.weights_key!r} holds the state dict); set model.weights or remove model.weights_key."
+        )
 
 
 def _validate_data(d: DataSpec) -> None:
@@ -589,9 +712,109 @@ def _validate_output(o: OutputSpec) -> None:
 # -------------------------------------------------------------------------------------
 
 
+def _refuse_stdlib(factory: str, module_name: str | None, defined_in: bool = False) -> None:
+    """A factory of the Python standard library (``os:system``, ``subprocess:run``) is
+    never a model: refuse it (NOTE [a config is code])."""
+    top = (module_name or "").split(".")[0]
+    if top == "builtins" or top in sys.stdlib_module_names:
+        where = f"is defined in {module_name!r}" if defined_in else f"names {module_name!r}"
+        raise ConfigError(
+            f"config: model.factory={factory!r} {where}, the Python standard library, not a model "
+            f"builder; name a function or torch.nn.Module class of your code or of a package such as "
+            f"distjac.models. A config is code: trust it like a script."
+        )
+
+
+def find_factory_module(factory: str) -> None:
+    """Check that the factory's module can be imported, without importing it (no module
+    code runs: its spec is looked up along sys.path, as ``import`` would); ConfigError if not.
+
+    A package that is not imported yet is not imported either: its submodules are looked
+    up in the package's folders.
+    """
+    module_name = factory.partition(":")[0]
+    parts = module_name.split(".")
+    search: Any = None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        if name in sys.modules:
+            found = getattr(sys.modules[name], "__spec__", None) or True
+        elif i == 0:
+            try:
+                found = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                found = None
+        else:
+            found = None
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                spec = find(name, search) if find is not None else None
+                if spec is not None:
+                    found = spec
+                    break
+        if found is None:
+            raise ConfigError(
+                f"config: model.factory={factory!r}: cannot import module {name!r}: it is not on this "
+                f"machine's Python path. Check the name, or install the package that defines it."
+            )
+        mod = sys.modules.get(name)
+        if mod is not None:
+            search = getattr(mod, "__path__", None)
+        else:
+            search = getattr(found, "submodule_search_locations", None)
+        if i < len(parts) - 1 and search is None:
+            raise ConfigError(f"config: model.factory={factory!r}: {name!r} is a module, not a package of "
+                              f"{module_name!r}.")
+
+
+def _check_factory(factory: str, obj: Any) -> None:
+    """Refuse what is not a model builder, before calling it (NOTE [a config is code]).
+
+    Accepted: a Python function (or lambda), a method (a classmethod such as
+    ``Net.from_config``), a ``functools.partial`` of one, or a torch.nn.Module subclass;
+    none defined in the standard library.
+    """
+    import torch
+
+    target = obj
+    while isinstance(target, functools.partial):
+        target = target.func
+    func = target.__func__ if inspect.ismethod(target) else target
+    if inspect.isclass(func):
+        if not issubclass(func, torch.nn.Module):
+            raise ConfigError(
+                f"config: model.factory={factory!r} is the class {func.__name__!r}, which is not a "
+                f"torch.nn.Module; name a torch.nn.Module subclass or a function that returns a model."
+            )
+    elif isinstance(func, torch.nn.Module):
+        raise ConfigError(
+            f"config: model.factory={factory!r} is a {type(func).__name__} instance (a model already "
+            f"built); name the function or class that builds it, e.g. {type(func).__name__}."
+        )
+    elif not inspect.isfunction(func):
+        raise ConfigError(
+            f"config: model.factory={factory!r} is a {type(func).__name__} ({func!r:.60}), not a Python "
+            f"function or a torch.nn.Module class; a factory must be one of those (builtins and C "
+            f"functions such as os.system are refused). A config is code: trust it like a script."
+        )
+    _refuse_stdlib(factory, getattr(func, "__module__", None), defined_in=True)
+
+
 def resolve_factory(factory: str) -> Any:
-    """The callable named by ``"module:attr.path"``; ConfigError if it cannot be imported."""
+    """The callable named by ``"module:attr.path"``, checked to be a model builder.
+
+    The module is imported (which runs its code); nothing is called. See NOTE [a config
+    is code] for what is refused.
+
+    Raises:
+        ConfigError: the module cannot be imported, has no such attribute, or the object
+            is not a Python function, method, partial or torch.nn.Module class, or comes
+            from the Python standard library.
+    """
+    if not isinstance(factory, str) or not _FACTORY_RE.match(factory):
+        raise _bad("model.factory", factory, 'give an import path "module:callable", e.g. "distjac.models:mlp"')
     module_name, _, attr_path = factory.partition(":")
+    _refuse_stdlib(factory, module_name)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
@@ -609,6 +832,7 @@ def resolve_factory(factory: str) -> Any:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"config: model.factory={factory!r} is a {type(obj).__name__}, not a callable.")
+    _check_factory(factory, obj)
     return obj
 
 
@@ -619,8 +843,9 @@ def build_model(spec: ModelSpec, *, device: Any = None, dtype: Any = None):
     Jacobian with respect to the inputs is computed).
 
     Raises:
-        ConfigError: the factory cannot be imported or fails with these kwargs, or the
-            weights do not fit the model.
+        ConfigError: the factory cannot be imported, is not a model builder (NOTE [a
+            config is code]), fails with these kwargs or returns something that is not a
+            model; or the weights cannot be read or do not fit the model.
         SourceNotFoundError: the weights file does not exist.
     """
     import torch
@@ -632,33 +857,111 @@ def build_model(spec: ModelSpec, *, device: Any = None, dtype: Any = None):
         raise ConfigError(f"config: model.factory={spec.factory!r} rejected model.kwargs: {e}") from e
     except ValueError as e:
         raise ConfigError(f"config: model.factory={spec.factory!r} failed: {e}") from e
+    if inspect.isclass(model):
+        raise ConfigError(
+            f"config: model.factory={spec.factory!r} returned the class {model.__name__!r}, not a model; "
+            f"return an instance ({model.__name__}(...)), or name the class itself as the factory."
+        )
     if not callable(model):
         raise ConfigError(
             f"config: model.factory={spec.factory!r} returned a {type(model).__name__}, not a callable model."
         )
     if spec.weights is not None:
-        path = os.path.expanduser(spec.weights)
-        if not os.path.exists(path):
-            raise SourceNotFoundError(f"config: model.weights={spec.weights!r}: the file does not exist.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-        if not isinstance(model, torch.nn.Module) or not isinstance(state, Mapping):
-            raise ConfigError(
-                f"config: model.weights={spec.weights!r} must hold a state dict for a torch.nn.Module; "
-                f"got {type(state).__name__} for a {type(model).__name__}."
-            )
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ConfigError(
-                f"config: model.weights={spec.weights!r} do not fit the model: "
-                f"{' '.join(line.strip() for line in first[:3])}"
-            ) from e
+        _load_weights(spec, model)
     if isinstance(model, torch.nn.Module):
         model.eval()
         model.requires_grad_(False)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
     return model
+
+
+def _names(keys: Sequence[str], n: int = 4) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _is_state_dict(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in value.items())
+
+
+def _load_weights(spec: ModelSpec, model: Any) -> None:
+    """Load ``model.weights`` (``model.weights_key`` of it) into ``model``; ConfigError
+    naming what to change when the file, its keys or its shapes do not fit."""
+    import torch
+
+    key = f"config: model.weights={spec.weights!r}"
+    path = os.path.expanduser(spec.weights)
+    if not os.path.exists(path):
+        raise SourceNotFoundError(f"{key}: the file does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        import zipfile
+
+        # torch.save writes a zip archive; anything else failed to unpickle as junk would
+        if "weights only" not in str(e).lower() or not zipfile.is_zipfile(path):
+            raise ConfigError(f"{key} cannot be read by torch.load (UnpicklingError: "
+                              f"{str(e).strip().splitlines()[0]}); give a file saved with "
+                              f"torch.save(model.state_dict(), path).") from e
+        raise ConfigError(
+            f"{key} holds pickled Python objects that torch.load(weights_only=True) refuses (a whole model "
+            f"saved with torch.save(model)?); save model.state_dict() instead: "
+            f"torch.save(model.state_dict(), path)."
+        ) from e
+    except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, OSError
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{key} cannot be read by torch.load ({type(e).__name__}: {first}); give a file "
+                          f"saved with torch.save(model.state_dict(), path).") from e
+    if spec.weights_key is not None:
+        if not isinstance(state, Mapping) or spec.weights_key not in state:
+            keys = f"its keys are: {_names(list(state), 10)}" if isinstance(state, Mapping) else \
+                f"it holds a {type(state).__name__}, not a checkpoint dict"
+            raise ConfigError(f"config: model.weights_key={spec.weights_key!r} is not in {spec.weights!r}; "
+                              f"{keys}.")
+        state = state[spec.weights_key]
+        if not _is_state_dict(state):
+            raise ConfigError(
+                f"config: model.weights_key={spec.weights_key!r} picks a {type(state).__name__} from "
+                f"{spec.weights!r}, not a state dict (a mapping of names to tensors); pick the key that "
+                f"holds model.state_dict()."
+            )
+    elif isinstance(state, Mapping) and _is_state_dict(state.get("state_dict")):
+        state = state["state_dict"]
+    if not isinstance(model, torch.nn.Module) or not isinstance(state, Mapping):
+        raise ConfigError(
+            f"{key} must hold a state dict for a torch.nn.Module; "
+            f"got {type(state).__name__} for a {type(model).__name__}."
+        )
+    if not _is_state_dict(state):
+        inner = [k for k, v in state.items() if _is_state_dict(v)]
+        pick = f"model.weights_key: {inner[0]}" if inner else "model.weights_key: <key>"
+        raise ConfigError(
+            f"{key} holds a checkpoint with keys {_names(list(state))}, not a state dict of tensors; set "
+            f"{pick} to the key that holds model.state_dict()."
+        )
+    expected, given = list(model.state_dict()), list(state)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in given if k not in set(expected)]
+    if missing or unexpected:
+        parts = ([f"missing keys {_names(missing)}"] if missing else []) + \
+            ([f"unexpected keys {_names(unexpected)}"] if unexpected else [])
+        prefix = given[0].split(".")[0] + "." if given and "." in given[0] else None
+        if prefix and all(k.startswith(prefix) for k in given) and \
+                {k[len(prefix):] for k in given} == set(expected):
+            hint = (f"the weights' keys carry the prefix {prefix!r} (saved from a wrapper such as "
+                    f"DistributedDataParallel): save {{k.removeprefix({prefix!r}): v for k, v in "
+                    f"state.items()}} instead.")
+        else:
+            hint = "check model.factory and model.kwargs against the model the weights were saved from."
+        raise ConfigError(f"{key} do not fit the model: {'; '.join(parts)}; {hint}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(
+            f"{key} do not fit the model: {' '.join(line.strip() for line in first[:3])}"
+        ) from e

@@ -23,10 +23,14 @@ Jacobian options and the output location. Workers read, compute and write their 
 shard; the driver only records PartInfos.
 
 NOTE [a job checks everything before any work]
-``prepare_job`` opens the source (files, columns, dtypes), builds the model and runs it
-on one example (so a model that does not fit the data fails here, with the spec's key
-in the message), learns the per-example output shape and checks the reductions against
-it. Only then is the output directory touched, so a bad job leaves nothing on disk.
+``prepare_job`` first makes the checks that run no user code (:func:`check_job`): the
+spec, that engine.device exists where the shards run in this process, the source (files,
+columns, dtypes, nulls) and that the factory's module can be found. Then it builds the
+model and runs it on one or two examples (so a model that does not fit the data, or
+whose output is not a floating tensor (batch, *out), fails here, with the spec's key in
+the message), learns the per-example output shape and checks the reductions against it.
+Only then is the output directory touched, so a bad job leaves nothing on disk and its
+error is a JobInputError (the CLI's exit status 2).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import torch
 
 from . import arrow as arrow_mod
 from .arrow import JACOBIAN_COLUMN, ROW_COLUMN
-from .config import JacobianSpec, JobSpec, ModelSpec, build_model
+from .config import JacobianSpec, JobSpec, ModelSpec, build_model, find_factory_module
 from .errors import ConfigError, DistjacError, ResultError, ShardError
 from .io.sink import (
     REPORT_NAME,
@@ -69,6 +73,7 @@ __all__ = [
     "PartSink",
     "PreparedJob",
     "ShardDescriptor",
+    "check_job",
     "compute_shard",
     "get_model",
     "prepare_job",
@@ -139,7 +144,7 @@ _MODELS: OrderedDict[tuple, Any] = OrderedDict()
 def get_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """The model of ``spec`` on ``device`` in ``dtype``, built once per process."""
     key = (spec.factory, json.dumps(dict(spec.kwargs), sort_keys=True, default=repr), spec.weights,
-           str(device), str(dtype))
+           spec.weights_key, str(device), str(dtype))
     model = _MODELS.get(key)
     if model is None:
         model = build_model(spec, device=device, dtype=dtype)
@@ -433,7 +438,10 @@ class PreparedJob:
 
 
 def _probe_shapes(spec: JobSpec, source: Source) -> tuple[tuple[int, ...], str]:
-    """Build the model on the CPU and run it on one or two rows: (out_shape, compute dtype)."""
+    """Build the model on the CPU and run it on one or two rows: (out_shape, compute dtype).
+
+    The output must be one floating-point tensor (batch, *out) with the input's batch size.
+    """
     model = build_model(spec.model)
     if spec.jacobian.compute_dtype is not None:
         dtype = spec.jacobian.compute_dtype
@@ -445,29 +453,88 @@ def _probe_shapes(spec: JobSpec, source: Source) -> tuple[tuple[int, ...], str]:
         model.to(dtype=tdtype)
     n = min(PROBE_ROWS, source.num_rows)
     x = source.read(0, n).to(tdtype) if n else torch.zeros((1, *source.shape), dtype=tdtype)
+    key = f"config: model.factory={spec.model.factory!r}"
     try:
         with torch.no_grad():
             y = model(x)
     except Exception as e:
         raise ConfigError(
-            f"config: model.factory={spec.model.factory!r} fails on a batch of shape {tuple(x.shape)} "
+            f"{key} fails on a batch of shape {tuple(x.shape)} "
             f"({dtype}) from the data: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
+    if isinstance(y, (tuple, list, dict)):
+        raise ConfigError(
+            f"{key} returns a {type(y).__name__} of {len(y)} values on a batch {tuple(x.shape)}; distjac "
+            f"differentiates one tensor (batch, *out). Wrap the model so that it returns one tensor."
+        )
+    if isinstance(y, torch.Tensor) and (not y.is_floating_point() or y.is_complex()):
+        raise ConfigError(
+            f"{key} returns {str(y.dtype).removeprefix('torch.')} values on a batch {tuple(x.shape)} "
+            f"({dtype}); a Jacobian needs floating-point outputs (float16, bfloat16, float32, float64). "
+            f"Return a floating tensor (integer or bool outputs such as argmax have no gradient)."
+        )
     if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.shape[0] != x.shape[0]:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ConfigError(
-            f"config: model.factory={spec.model.factory!r} maps a batch {tuple(x.shape)} to {got}; it must "
+            f"{key} maps a batch {tuple(x.shape)} to {got}; it must "
             f"return a tensor (batch, *out) with the same batch size and rank >= 2."
         )
     return tuple(y.shape[1:]), dtype
 
 
-def prepare_job(spec: JobSpec, *, num_workers: int | None = None) -> PreparedJob:
+def _check_device_here(device: str) -> None:
+    """ConfigError unless ``device`` (engine.device) exists on this machine."""
+    if not device.startswith("cuda"):
+        return
+    available = torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    index = int(device.partition(":")[2] or 0)
+    if index < count:
+        return
+    have = "no CUDA device" if count == 0 else f"{count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+    raise ConfigError(
+        f"config: engine.device={device!r}, but this machine has {have} (torch {torch.__version__}, "
+        f"torch.cuda.is_available() is {available}); use engine.device 'auto' or 'cpu', or run the job "
+        f"where the GPU is."
+    )
+
+
+def check_job(spec: JobSpec, *, device_here: bool | None = None) -> Source:
+    """The checks of a job that run no user code; returns its opened source.
+
+    Validates the spec, checks that engine.device exists on this machine when the shards
+    run here, opens the source (files, columns, dtypes, nulls; metadata only, see
+    NOTE [tensor columns hold no nulls] in :mod:`distjac.io.sources`) and finds the
+    factory's module without importing it. The factory is neither imported nor called:
+    this is all ``distjac plan`` does without ``--probe``.
+
+    Args:
+        spec: the job.
+        device_here: the shards run on this machine (in this process, or on a local Ray
+            instance), so engine.device must exist here; None: only when
+            ``engine.num_workers`` is 0.
+
+    Raises:
+        ConfigError, SourceError, SourceNotFoundError, SourceDtypeError: the job cannot
+            run; nothing was written.
+    """
+    if not isinstance(spec, JobSpec):
+        raise TypeError(f"check_job(spec): spec must be a distjac.JobSpec, got {type(spec).__name__}.")
+    spec.validate()
+    if device_here if device_here is not None else spec.engine.num_workers == 0:
+        _check_device_here(spec.engine.device)
+    source = open_source(spec.data)
+    find_factory_module(spec.model.factory)
+    return source
+
+
+def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: bool | None = None) -> PreparedJob:
     """Check a job against its inputs and plan it; see NOTE [a job checks everything before any work].
 
     Args:
         spec: the job.
         num_workers: workers to size the default shard for (default: the spec's, or 1).
+        device_here: see :func:`check_job`.
 
     Raises:
         ConfigError, SourceError, SourceNotFoundError, SourceDtypeError: the job cannot
@@ -475,8 +542,7 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None) -> PreparedJob
     """
     if not isinstance(spec, JobSpec):
         raise TypeError(f"prepare_job(spec): spec must be a distjac.JobSpec, got {type(spec).__name__}.")
-    spec.validate()
-    source = open_source(spec.data)
+    source = check_job(spec, device_here=device_here)
     out_shape, compute_dtype = _probe_shapes(spec, source)
     if spec.reductions:
         check_reductions(spec.reductions, out_shape, source.shape)

@@ -118,13 +118,17 @@ def test_missing_input_file_and_wrong_column(tmp_path, capsys):
 
 def test_plan(tmp_path, capsys):
     config = _config(tmp_path)
-    assert main(["plan", config, "--set", "engine.shard_size=10"]) == 0
+    # the shard plan needs the model's output shape: --probe builds and runs the model
+    assert main(["plan", config, "--probe", "--set", "engine.shard_size=10"]) == 0
     out = capsys.readouterr().out
     assert "5 x 10 rows (last 10)" in out and "output now       new" in out
     assert not os.path.exists(tmp_path / "out")
-    assert main(["plan", config, "--json"]) == 0
+    assert main(["plan", config, "--probe", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["plan"]["shards"] == 4 and plan["columns"] == ["row", "jacobian"] and plan["output_state"] == "new"
+    assert main(["plan", config, "--json"]) == 0  # without --probe: checks, no model (tests/test_input_checks.py)
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["probed"] is False and "plan" not in plan and plan["output_state"] == "new"
 
 
 def test_changed_spec_needs_overwrite(tmp_path, capsys):

@@ -18,6 +18,16 @@ A tensor column is an ``arrow.fixed_shape_tensor`` or a (nested) fixed-size list
 floats. A path may name one file or a directory, whose files with the format's
 extension are read in name order as one table.
 
+NOTE [tensor columns hold no nulls]
+A null row, or a null value inside a tensor, has no Jacobian (and would silently read as
+NaN). Opening a Parquet or Arrow source refuses them, naming the first such row, before
+any work: Parquet from the column chunks' statistics (``null_count``, which counts null
+rows and null values alike; written by default), decoding only a row group whose
+statistics report nulls or that has none (``write_statistics=False``: then the check
+reads the column once); Arrow IPC from each record batch's null counts, which the file
+records (memory-mapped, nothing decoded). Only the first ``data.rows`` rows are checked.
+Reading a shard checks again (a file changed after the job started) and names the row.
+
 NOTE [synthetic data does not depend on the plan]
 Row r of a synthetic source is row ``r % block`` of the block ``r // block``, drawn by
 ``numpy.random.default_rng([seed, r // block])``. The block size (1024 rows, fewer for
@@ -223,13 +233,26 @@ class _FileTable(Source):
                 )
             counts.append(nrows)
         total = sum(counts)
+        limit = _limit(rows, total, path)
+        offset = 0
+        for f, n in zip(files, counts):  # NOTE [tensor columns hold no nulls]
+            if offset >= limit:
+                break
+            cls._check_nulls(f, found_column, offset, min(n, limit - offset))
+            offset += n
         return cls(
             files=tuple(zip(files, counts)),
             column=found_column,
-            rows=_limit(rows, total, path),
+            rows=limit,
             shape=tuple(int(s) for s in shape),
             dtype=np.dtype(dtype).name,
         )
+
+    @staticmethod
+    def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
+        """Refuse nulls in the first ``rows`` rows of ``column`` in ``path`` (its rows are the
+        source's rows ``base...``); see NOTE [tensor columns hold no nulls]."""
+        raise NotImplementedError
 
     @staticmethod
     def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
@@ -250,13 +273,14 @@ class _FileTable(Source):
         out = np.empty((stop - start, *self.shape), dtype=self.dtype)
         pos = 0
         for _, path, lo, hi in self._pieces(start, stop):
-            for values in self._read_file(path, lo, hi):
+            for values in self._read_file(path, lo, hi, start + pos - lo):
                 out[pos : pos + len(values)] = values
                 pos += len(values)
         assert pos == stop - start, (pos, start, stop)
         return torch.from_numpy(out)
 
-    def _read_file(self, path: str, lo: int, hi: int):
+    def _read_file(self, path: str, lo: int, hi: int, base: int):
+        """The values of rows [lo, hi) of ``path``, whose row 0 is the source's row ``base``."""
         raise NotImplementedError
 
 
@@ -281,13 +305,31 @@ class ParquetSource(_FileTable):
         except (pa.ArrowInvalid, OSError) as e:
             raise SourceError(f"data: {path!r} is not a readable Parquet file ({e}).") from None
 
-    def _read_file(self, path: str, lo: int, hi: int):
+    @staticmethod
+    def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
+        import pyarrow.parquet as pq
+
+        meta = pq.read_metadata(path)
+        leaves = [i for i in range(meta.num_columns)
+                  if meta.schema.column(i).path.split(".")[0] == column]
+        g_lo = 0
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            if g_lo >= rows:
+                break
+            stats = [group.column(i).statistics for i in leaves]
+            if not all(st is not None and st.has_null_count and st.null_count == 0 for st in stats):
+                table = pq.ParquetFile(path).read_row_group(g, columns=[column])
+                _refuse_nulls(table.column(0), path, column, base + g_lo, stop=rows - g_lo)
+            g_lo += group.num_rows
+
+    def _read_file(self, path: str, lo: int, hi: int, base: int):
         starts = _parquet_row_group_starts(path)
         for g in range(len(starts) - 1):
             g_lo, g_hi = starts[g], starts[g + 1]
             if g_hi <= lo or g_lo >= hi:
                 continue
-            values = _parquet_row_group(path, g, self.column)
+            values = _parquet_row_group(path, g, self.column, base + g_lo)
             yield values[max(lo, g_lo) - g_lo : min(hi, g_hi) - g_lo]
 
 
@@ -302,7 +344,19 @@ class ArrowSource(_FileTable):
         reader = _ipc_reader(path)
         return reader.schema, sum(_ipc_batch_rows(path))
 
-    def _read_file(self, path: str, lo: int, hi: int):
+    @staticmethod
+    def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
+        reader = _ipc_reader(path)
+        b_lo = 0
+        for b, n in enumerate(_ipc_batch_rows(path)):
+            if b_lo >= rows:
+                break
+            batch = reader.get_batch(b)  # a view of the memory map; null counts are in its metadata
+            col = batch.column(batch.schema.get_field_index(column))
+            _refuse_nulls(col, path, column, base + b_lo, stop=rows - b_lo)
+            b_lo += n
+
+    def _read_file(self, path: str, lo: int, hi: int, base: int):
         reader = _ipc_reader(path)
         offsets = np.concatenate([[0], np.cumsum(_ipc_batch_rows(path))])
         first = int(np.searchsorted(offsets, lo, side="right")) - 1
@@ -314,7 +368,9 @@ class ArrowSource(_FileTable):
                 continue
             batch = reader.get_batch(b)  # zero-copy: a view of the memory map
             col = batch.column(batch.schema.get_field_index(self.column))
-            yield arrow_mod.column_values(col.slice(max(lo, b_lo) - b_lo, min(hi, b_hi) - max(lo, b_lo)))
+            col = col.slice(max(lo, b_lo) - b_lo, min(hi, b_hi) - max(lo, b_lo))
+            _refuse_nulls(col, path, self.column, base + max(lo, b_lo))
+            yield arrow_mod.column_values(col)
 
 
 # Per-process caches, keyed by (path, size, mtime) so a rewritten file is read afresh.
@@ -367,11 +423,13 @@ def _parquet_row_group_starts(path: str) -> list[int]:
     return _cached("pq_groups", (path,), make)
 
 
-def _parquet_row_group(path: str, group: int, column: str) -> np.ndarray:
+def _parquet_row_group(path: str, group: int, column: str, base: int) -> np.ndarray:
+    """Row group ``group``'s values (its first row is the source's row ``base``)."""
     import pyarrow.parquet as pq
 
     def make():
         table = pq.ParquetFile(path).read_row_group(group, columns=[column])
+        _refuse_nulls(table.column(0), path, column, base)
         return arrow_mod.column_values(table.column(0))
 
     return _cached("pq_values", (path, group, column), make)
@@ -513,6 +571,46 @@ def _pick_column(schema: pa.Schema, column: str | None, path: str) -> tuple[str,
         )
     _check_dtype(np.dtype(info[1]), repr(path), field.name)
     return field.name, field.type
+
+
+def _first_null(col: pa.Array) -> tuple[str, int] | None:
+    """("a null row" | "a null value", its row) of the first null in a tensor column chunk.
+
+    Null counts come from the array's metadata (or its validity bitmap); only a chunk that
+    has nulls is searched.
+    """
+    arr = col.storage if isinstance(col, pa.ExtensionArray) else col
+    per = 1  # values per row at this nesting level
+    while True:
+        if arr.null_count:
+            index = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+            return ("a null row" if per == 1 else "a null value", index // per)
+        if not pa.types.is_fixed_size_list(arr.type):
+            return None
+        per *= arr.type.list_size
+        arr = arr.flatten()  # honours the offset; no null rows at this level, so rows stay aligned
+
+
+def _refuse_nulls(col: pa.Array | pa.ChunkedArray, path: str, column: str, base: int,
+                  stop: int | None = None) -> None:
+    """SourceError naming the first null row or value of ``col`` (whose row 0 is the
+    source's row ``base``) among its first ``stop`` rows; see NOTE [tensor columns hold no nulls]."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    offset = 0
+    for chunk in chunks:
+        if stop is not None and offset >= stop:
+            return
+        if stop is not None and offset + len(chunk) > stop:
+            chunk = chunk.slice(0, stop - offset)
+        found = _first_null(chunk)
+        if found is not None:
+            what, row = found
+            raise SourceError(
+                f"data: column {column!r} of {path!r} has {what} at row {base + offset + row}; a tensor "
+                f"cannot hold nulls. Drop or fill those rows (pyarrow.compute.drop_null / fill_null) and "
+                f"write the file again, or set data.rows below that row."
+            )
+        offset += len(chunk)
 
 
 def _type_name(typ: pa.DataType) -> str:
