@@ -958,13 +958,14 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
     pending: dict = {}  # ref -> _Flight
     lanes = [deque() for _ in workers]  # per worker slot: its refs in flight, oldest first
     fresh = [True] * len(workers)  # the slot's actor has had no shard in this call yet
+    booting: dict[int, tuple] = {}  # slot -> (info ref of its replacement, since)
     run_times: list[float] = []  # seconds each finished shard ran (as seen by the driver)
     system_errors = _system_errors()
     actor_errors = tuple(e for e in system_errors if issubclass(e, ray.exceptions.RayActorError))
     nxt = 0
 
     def start_head(w: int, now: float) -> None:
-        if lanes[w]:
+        if lanes[w] and w not in booting:  # a replacement's start is not its shard's time
             head = pending[lanes[w][0]]
             if head.started is None:
                 head.started = now
@@ -989,6 +990,7 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
             lanes[w].clear()
             engine._replace_worker(w, actor, reason.split(";")[0])
             fresh[w] = True
+            booting[w] = (workers[w].info.remote(), time.perf_counter())
         else:  # pragma: no cover - its refs left with the first report of its death
             flights = []
         for f in reversed(flights):
@@ -1056,6 +1058,14 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
                     run_times.append(now - flight.started)
                 yield task, result, _Done(worker=w, attempts=attempts[i], wait_s=now - flight.submitted)
                 del result
+            for w, (info_ref, since) in list(booting.items()):
+                if ray.wait([info_ref], timeout=0)[0]:
+                    del booting[w]
+                    start_head(w, time.perf_counter())
+                elif time.perf_counter() - since > engine.startup_timeout and lanes[w]:
+                    del booting[w]
+                    lose_worker(w, workers[w], f"its replacement did not start within "
+                                f"{engine.startup_timeout:g} s (startup_timeout)", None)
             _watch(engine, tasks, pending, lanes, run_times, timeout, lose_worker)
     finally:
         for ref in list(pending):
@@ -1213,7 +1223,9 @@ class _Call:
                 reason, last = f"the probe did not finish within {limit:g} s", err
             except ray.exceptions.RayActorError as err:
                 reason, last = f"its worker died ({type(err).__name__})", err
-            eng._replace_worker(0, actor, reason)
+            if eng._replace_worker(0, actor, reason):
+                with contextlib.suppress(Exception):  # its start is not the probe's time
+                    ray.get(eng._workers[0].info.remote(), timeout=eng.startup_timeout)
         raise ShardError(
             f"{self.call}: probing fn's output shape on rows [{task.start}, {task.stop}) failed "
             f"{eng.max_retries + 1} times ({reason}); max_retries={eng.max_retries}. Check fn on these "
