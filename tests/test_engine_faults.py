@@ -208,10 +208,11 @@ def closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once it is closed
 
 
-def env_for(tmp_path, **extra) -> dict:
+def env_for(tmp_path, ray_tmpdir: bool = True, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
-    env["RAY_TMPDIR"] = str(tmp_path / "raytmp")  # Ray's address file lives under it
+    if ray_tmpdir:  # Ray's address file lives under it (too long a path for Ray's sockets)
+        env["RAY_TMPDIR"] = str(tmp_path / "raytmp")
     env.update(extra)
     return env
 
@@ -288,7 +289,7 @@ def test_cli_json_stays_json_when_a_worker_dies(tmp_path):
                   "kwargs": {"marker": str(tmp_path / "killed"), "sizes": [3, 5, 2]}}
     open(config, "w").write(yaml.safe_dump(d))
     proc = subprocess.Popen([sys.executable, "-m", "distjac.cli", "run", config, "--json"],
-                            env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_for(tmp_path, ray_tmpdir=False), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=200)
