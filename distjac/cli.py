@@ -165,6 +165,14 @@ def _engine_kwargs(spec) -> dict[str, Any]:
             "max_retries": e.max_retries, "progress": e.progress}
 
 
+def _disconnect_ray() -> None:
+    """Close this process's Ray connection, if any (a cluster it joined keeps running)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .jobs import check_job, run_job
 
@@ -177,8 +185,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # What needs no model, before Ray starts (seconds); Engine.run probes the model.
         # A local Ray instance (no address) runs its workers here: engine.device must exist.
         check_job(spec, device_here=spec.engine.address is None)
-        with Engine(**_engine_kwargs(spec)) as engine:
-            report = engine.run(spec)
+        # --json: stdout is the report alone. Ray prints its raylet's messages ("(raylet)
+        # Task ... failed") and the workers' stdout to sys.stdout on the driver: during the
+        # run that is stderr, and the connection is closed (flushing Ray's last lines)
+        # before the report is printed.
+        quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+        with quiet:
+            try:
+                with Engine(**_engine_kwargs(spec)) as engine:
+                    report = engine.run(spec)
+            finally:
+                if args.json:
+                    _disconnect_ray()
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -185,6 +185,9 @@ class EngineSpec:
         parallel_iterations: shards in flight across the cluster.
         max_retries: retries of a shard whose worker or node died.
         progress: show a progress bar; null shows one when stderr is a terminal.
+        shard_timeout_s: seconds a shard may run before its worker is replaced and the
+            shard retried elsewhere; null: 10x the median shard, at least 60 s (600 s
+            for a worker's first shard). Not in the spec hash.
     """
 
     address: str | None = None
@@ -194,6 +197,7 @@ class EngineSpec:
     parallel_iterations: int = DEFAULT_PARALLEL_ITERATIONS
     max_retries: int = DEFAULT_MAX_RETRIES
     progress: bool | None = None
+    shard_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -690,6 +694,9 @@ def _validate_engine(e: EngineSpec) -> None:
     _check_int("engine.max_retries", e.max_retries, minimum=0, allow_none=False)
     if e.progress is not None and not isinstance(e.progress, bool):
         raise _bad("engine.progress", e.progress, "use true, false or null")
+    t = e.shard_timeout_s
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf")):
+        raise _bad("engine.shard_timeout_s", t, "use null or a number of seconds > 0")
     if e.num_workers == 0 and e.address is not None:
         raise ConfigError(
             f"config: engine.num_workers=0 runs the job in this process without Ray, which conflicts "

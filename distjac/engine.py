@@ -30,13 +30,38 @@ otherwise lets Ray do what it always does. It never sets ``RAY_AUTH_MODE`` (doin
 Ray has read its settings breaks the driver's own authentication).
 
 NOTE [retries, never twice]
-Workers are actors with ``max_restarts=max_retries`` and ``max_task_retries=-1``: a
-worker process or node that dies is restarted (elsewhere if its node is gone) and the
-shards it held are re-run by Ray under the same object reference. If an actor is gone for
-good, or a finished result is lost with its node, the driver resubmits the shard itself,
-at most ``max_retries`` times. Every result carries its row ids and the driver places a
-shard exactly once (a bitmap of finished shards); a late duplicate is dropped and
-counted in ``last_stats.duplicates``.
+Workers are actors without Ray's own restarts or task replays (``max_restarts=0``,
+``max_task_retries=0``): the driver alone decides what runs again, so that it can count.
+When a worker dies (its process or node is gone, or the stall watchdog killed it, see
+NOTE [stalled shards]) the driver sees it once, by the actor's identity, however many of
+its shards were in flight: it kills the actor for good (``ray.kill(no_restart=True)``, so
+its CPU or GPU is free), starts one replacement in its slot (Ray places it on a live node)
+and resubmits every shard the worker held. Only the shard it was running (actor calls run
+in order: the oldest in flight) is charged a failure; after ``max_retries`` failures the
+call ends with a ShardError naming it. A finished result lost with its node is
+resubmitted and charged the same way. Every result carries its row ids and the driver
+places a shard exactly once (a bitmap of finished shards); a late duplicate is dropped and
+counted in ``last_stats.duplicates``. (Ray's restarts with ``max_task_retries=-1`` replay
+a task that kills its worker until the restarts run out, out of the driver's sight, and
+left one "failure" per in-flight task to replace: issue 9, item 8.)
+
+NOTE [stalled shards]
+A worker that stops (SIGSTOP, a hung device, fn looping forever) raises nothing. The
+scheduling loop knows when each worker started its current shard (when the shard before
+it on that worker came back) and kills a worker whose shard has run longer than the stall
+timeout: ``shard_timeout_s`` when given, else ``DEFAULT_SHARD_TIMEOUT_FACTOR`` times the
+median time of the call's finished shards, at least ``MIN_SHARD_TIMEOUT_S``; a worker's
+first shard (which also loads fn) and every shard before any finished get
+``FIRST_SHARD_TIMEOUT_S``. The shard is then handled as if its worker had died. A shard
+running ``SLOW_SHARD_FACTOR`` times longer than the median is named in a warning first.
+
+NOTE [address resolution]
+``ray.init(address="auto")`` reads RAY_ADDRESS, else the address file of the latest
+``ray start`` on this machine, else looks for a GCS process; given a stale address it
+retries for minutes, ignoring Ctrl-C. The engine resolves the address the same way
+(:func:`_resolve_address`) and checks with a TCP connection (``connect_timeout``
+seconds) that something listens there before calling ``ray.init``, naming the address
+and where it came from when nothing does.
 """
 
 from __future__ import annotations
@@ -76,6 +101,20 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DEFAULT_STARTUP_TIMEOUT = 180.0
 # How often the scheduling loop wakes to refresh the progress bar when nothing finished.
 _WAIT_TICK_S = 0.5
+# Seconds a cluster's GCS has to accept a TCP connection before ray.init is called (a
+# live GCS answers in milliseconds; see NOTE [address resolution]).
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# The stall timeout (NOTE [stalled shards]): when shard_timeout_s is not given, 10x the
+# median finished shard, at least a minute; a worker's first shard (it also loads fn, which
+# may mean reading a model's weights onto a GPU) and every shard before any finished get
+# ten minutes.
+DEFAULT_SHARD_TIMEOUT_FACTOR = 10.0
+MIN_SHARD_TIMEOUT_S = 60.0
+FIRST_SHARD_TIMEOUT_S = 600.0
+# A shard running this many times longer than the median (and at least SLOW_SHARD_MIN_S,
+# or half the stall timeout if that is shorter) is named in a warning.
+SLOW_SHARD_FACTOR = 3.0
+SLOW_SHARD_MIN_S = 5.0
 
 
 # --------------------------------------------------------------------------------------
@@ -178,7 +217,68 @@ def _preflight_auth(address: str) -> None:
             ) from err
 
 
-def _acquire_ray(address: str | None, min_cpus: int, init_kwargs: dict) -> bool:
+def _resolve_address(address: str) -> tuple[str, str]:
+    """The ``host:port`` that ``ray.init(address)`` would connect to, and where it came
+    from (NOTE [address resolution]).
+
+    Raises:
+        ConnectionError: "auto" and no cluster is recorded or running on this machine.
+    """
+    from ._compat import ray_address_file, running_gcs_addresses
+
+    if address.startswith("ray://"):
+        return address[len("ray://"):].split("/", 1)[0], "the address given"
+    if address != "auto":
+        return address, "the address given"
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env:
+        if env.startswith("ray://"):
+            return env[len("ray://"):].split("/", 1)[0], "RAY_ADDRESS"
+        return env, "RAY_ADDRESS"
+    path = ray_address_file()
+    try:
+        with open(path) as f:
+            recorded = f.read().strip()
+    except OSError:
+        recorded = ""
+    if recorded:
+        return recorded, path
+    found = running_gcs_addresses()
+    if found:
+        return found[0], "a Ray GCS process running on this machine"
+    raise ConnectionError(
+        "distjac.Engine(address='auto'): found no Ray cluster to join: RAY_ADDRESS is not set, "
+        f"{path} does not exist and no Ray GCS process runs on this machine. Start one "
+        "(ray start --head), pass its address (--address HOST:PORT), or leave the address out "
+        "to start a local instance."
+    )
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """Raise ConnectionError unless the cluster's address accepts a TCP connection within
+    ``timeout`` seconds (NOTE [address resolution])."""
+    import socket
+
+    target, origin = _resolve_address(address)
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    hint = ("start it (ray start --head), or pass the address of a running cluster "
+            "(--address HOST:PORT, engine.address, RAY_ADDRESS)")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"distjac.Engine(address={address!r}): {target!r} (from {origin}) "
+                              f"is not a host:port address; {hint}.")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise ConnectionError(
+            f"distjac.Engine(address={address!r}): could not reach the Ray cluster at {target} "
+            f"(from {origin}) within {timeout:g} s ({type(err).__name__}: {err}); {hint}."
+        ) from None
+
+
+def _acquire_ray(address: str | None, min_cpus: int, init_kwargs: dict,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> bool:
     """Connect this process to Ray (or share its connection); True if distjac started it."""
     import ray
 
@@ -191,6 +291,7 @@ def _acquire_ray(address: str | None, min_cpus: int, init_kwargs: dict) -> bool:
         kwargs = dict(logging_level=logging.ERROR, include_dashboard=False)
         kwargs.update(init_kwargs)
         if address is not None:
+            _check_reachable(address, connect_timeout)
             _preflight_auth(address)
         try:
             if address is None:
@@ -315,8 +416,8 @@ class EngineStats:
         rows_per_s: rows / wall_s.
         gather_bytes: bytes copied into the output.
         gather_s: driver seconds spent reading results and copying them into place.
-        retries: shards the driver resubmitted (Ray's own retries are invisible here,
-            but show as a different ``pid`` in ``shards``).
+        retries: shards the driver resubmitted after a worker died or stalled or a
+            result was lost (NOTE [retries, never twice]).
         duplicates: results that arrived for an already placed shard and were dropped.
         shards: per-shard figures, in shard order.
         workers: per-worker figures.
@@ -365,6 +466,16 @@ def _check_device(device: Any, call: str) -> str:
     raise OptionError(f"{call}: device={device!r} is not valid; use one of {', '.join(map(repr, DEVICES))}.")
 
 
+def _check_seconds(value: Any, name: str, call: str, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and value > 0)
+    if not ok:
+        none = "None or " if allow_none else ""
+        raise OptionError(f"{call}: {name}={value!r} is not valid; use {none}a number of seconds > 0.")
+
+
 def _fmt_resources(res: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU")) + "}"
 
@@ -402,7 +513,8 @@ class Engine:
             worker). Not the kernels' knob: that is ``chunk_size``.
         chunk_size: Jacobian rows per vectorized pass on the workers (the kernels'
             ``parallel_iterations``); None lets the kernels fit their memory budget.
-        max_retries: times a shard is run again after its worker or node died (0: never).
+        max_retries: times a shard is run again after its worker or node died or it
+            stalled (0: never). See NOTE [retries, never twice].
         num_cpus_per_worker: CPUs each worker reserves; torch uses that many threads.
         num_gpus_per_worker: GPUs each worker reserves; None: 1 when device is "auto" and
             the cluster has GPUs, or device is "cuda"; else 0.
@@ -410,11 +522,18 @@ class Engine:
         shard_bytes: Jacobian bytes per shard when ``shard_size`` is None.
         progress: show a progress bar (None: when stderr is a terminal).
         startup_timeout: seconds to wait for the workers to start.
+        shard_timeout_s: seconds a shard may run on a worker before the worker is
+            killed and replaced and the shard retried elsewhere; None derives it from the
+            call's finished shards (10x their median, at least 60 s; 600 s for a worker's
+            first shard). See NOTE [stalled shards].
+        connect_timeout: seconds the cluster at ``address`` has to accept a connection
+            before the engine gives up with a ConnectionError (not for ``address=None``).
         ray_init_kwargs: extra keyword arguments for ``ray.init`` (runtime_env, ...).
 
     Raises:
         OptionError: an invalid option, before Ray is started.
-        ConnectionError: the cluster refused the driver (authentication mismatch).
+        ConnectionError: the cluster is unreachable (the error names the address and
+            where it came from) or refused the driver (authentication mismatch).
 
     Example:
         >>> import distjac, torch
@@ -441,6 +560,8 @@ class Engine:
         progress: bool | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         ray_init_kwargs: dict | None = None,
+        shard_timeout_s: float | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ):
         call = "distjac.Engine(...)"
         if address is not None and not isinstance(address, str):
@@ -458,7 +579,10 @@ class Engine:
         for name, value in (("num_cpus_per_worker", num_cpus_per_worker), ("num_gpus_per_worker", num_gpus_per_worker)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise OptionError(f"{call}: {name}={value!r} is not valid; use a number >= 0.")
+        _check_seconds(shard_timeout_s, "shard_timeout_s", call, allow_none=True)
+        _check_seconds(connect_timeout, "connect_timeout", call, allow_none=False)
         self.address = address
+        self.shard_timeout_s = None if shard_timeout_s is None else float(shard_timeout_s)
         self.shard_size = shard_size
         self.parallel_iterations = parallel_iterations
         self.chunk_size = chunk_size
@@ -470,11 +594,12 @@ class Engine:
         self.num_cpus_per_worker = num_cpus_per_worker
         self.last_stats: EngineStats | None = None
         self._retries = self._duplicates = 0  # of the call in progress
+        self.replacements = 0  # workers replaced since the engine started
 
         self._lease = _Lease()
         self._finalizer = weakref.finalize(self, self._lease.release)
         min_cpus = math.ceil((num_workers or 1) * num_cpus_per_worker)
-        self.owns_ray = _acquire_ray(address, min_cpus, dict(ray_init_kwargs or {}))
+        self.owns_ray = _acquire_ray(address, min_cpus, dict(ray_init_kwargs or {}), float(connect_timeout))
         self.owns_local = self.owns_ray and address is None
         self._lease.active = True
         try:
@@ -510,7 +635,7 @@ class Engine:
         worker_device = self.device if self.device != "cuda" else "auto"
         actor = ray.remote(JacobianWorker).options(
             num_cpus=self.num_cpus_per_worker, num_gpus=num_gpus,
-            max_restarts=self.max_retries, max_task_retries=-1,
+            max_restarts=0, max_task_retries=0,  # NOTE [retries, never twice]
             scheduling_strategy="SPREAD",
         )
         self._actor_cls = actor
@@ -572,13 +697,23 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _replace_worker(self, w: int) -> None:
-        """Worker ``w`` died for good (its restarts used up): start a fresh one in its slot."""
+    def _replace_worker(self, w: int, dead, why: str) -> bool:
+        """Kill the actor ``dead`` in slot ``w`` for good (freeing its resources) and start
+        one fresh actor there; nothing if the slot holds another actor already (its
+        death was handled). Returns whether it replaced it."""
+        import ray
+
+        if self._workers[w] is not dead:
+            return False
+        with contextlib.suppress(Exception):
+            ray.kill(dead, no_restart=True)
         fresh = self._actor_cls.remote(*self._worker_args)
         self._workers[w] = fresh
-        self._lease.actors.append(fresh)
+        self._lease.actors = [a for a in self._lease.actors if a is not dead] + [fresh]
         self._infos = None  # asked again before the next call
-        log.warning("distjac.Engine: worker %d died for good; started a replacement.", w)
+        self.replacements += 1
+        log.warning("distjac.Engine: worker %d %s; killed it and started a replacement.", w, why)
+        return True
 
     def _check_open(self, call: str) -> None:
         if not self._lease.active:
@@ -686,6 +821,7 @@ class Engine:
             "call": call,
         }
         in_flight = max(1, spec.engine.parallel_iterations or self.parallel_iterations)
+        timeout = getattr(spec.engine, "shard_timeout_s", None) or self.shard_timeout_s
 
         def executor(descriptors):
             if not descriptors:
@@ -704,7 +840,7 @@ class Engine:
                 tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, source=reader)
                          for d in descriptors]
             for _task, receipt, done in _map_shards(self, shipment, tasks, options, in_flight=in_flight,
-                                                     call=call, sink=sink):
+                                                     call=call, sink=sink, shard_timeout_s=timeout):
                 timing = receipt.get("timing")
                 if isinstance(timing, dict):
                     # Submission to receipt, less the worker's own time: queueing and transfer.
@@ -775,82 +911,198 @@ def _remote_error(err: BaseException, call: str) -> BaseException:
     return err
 
 
+@dataclass
+class _Flight:
+    """One submission of a shard: to which worker (slot and actor), and when it started."""
+
+    index: int
+    worker: int
+    actor: Any
+    submitted: float
+    started: float | None = None  # when it became its worker's oldest shard in flight
+    first: bool = False  # the worker's first shard of the call (it also loads fn)
+    warned: bool = False
+
+
+def _stall_timeout(explicit: float | None, run_times: list[float], first: bool) -> float:
+    """NOTE [stalled shards]."""
+    if explicit is not None:
+        return explicit
+    if first or not run_times:
+        return FIRST_SHARD_TIMEOUT_S
+    return max(MIN_SHARD_TIMEOUT_S, DEFAULT_SHARD_TIMEOUT_FACTOR * float(np.median(run_times)))
+
+
 def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], options: dict, *,
-                in_flight: int, call: str, sink: Any = None):
+                in_flight: int, call: str, sink: Any = None, shard_timeout_s: float | None = None):
     """Run every task on the workers; yield ``(task, result, _Done)`` once per shard.
 
     At most ``in_flight`` shards are out at once, each sent to the least busy worker.
     Results come back in completion order; ``result`` is the record batch (or the sink's
-    receipt). See NOTE [retries, never twice]. Closing the generator early cancels the
-    shards still queued.
+    receipt). See NOTE [retries, never twice] and NOTE [stalled shards]. Closing the
+    generator early cancels the shards still queued.
 
     Raises:
-        ShardError: fn failed on a shard, or a shard was lost more than max_retries times.
+        ShardError: fn failed on a shard, or a shard was lost (its worker died, its result
+            was lost, or it stalled) more than max_retries times.
     """
     import ray
 
-    workers = engine._workers
+    workers = engine._workers  # the engine's list: replacements land in it
+    timeout = engine.shard_timeout_s if shard_timeout_s is None else shard_timeout_s
     n = len(tasks)
     queue = deque(range(n))
     finished = np.zeros(n, dtype=bool)
-    attempts = [0] * n
-    busy = [0] * len(workers)
-    pending: dict = {}  # ref -> (task index, worker index, submitted at)
+    attempts = [0] * n  # submissions
+    failures = [0] * n  # losses charged to the shard
+    pending: dict = {}  # ref -> _Flight
+    lanes = [deque() for _ in workers]  # per worker slot: its refs in flight, oldest first
+    fresh = [True] * len(workers)  # the slot's actor has had no shard in this call yet
+    booting: dict[int, tuple] = {}  # slot -> (info ref of its replacement, since)
+    run_times: list[float] = []  # seconds each finished shard ran (as seen by the driver)
     system_errors = _system_errors()
+    actor_errors = tuple(e for e in system_errors if issubclass(e, ray.exceptions.RayActorError))
     nxt = 0
+
+    def start_head(w: int, now: float) -> None:
+        if lanes[w] and w not in booting:  # a replacement's start is not its shard's time
+            head = pending[lanes[w][0]]
+            if head.started is None:
+                head.started = now
+
+    def charge(i: int, reason: str, err: BaseException | None) -> None:
+        failures[i] += 1
+        if failures[i] > engine.max_retries:
+            task = tasks[i]
+            raise ShardError(
+                f"{call}: shard {task.shard} (rows [{task.start}, {task.stop})) was lost "
+                f"{failures[i]} times ({reason}); max_retries={engine.max_retries}. Check fn on these "
+                "rows and the workers' logs (memory, crashes), or raise max_retries"
+                f"{' or shard_timeout_s' if 'did not finish' in reason else ''}.",
+                shard=task.shard, start=task.start, stop=task.stop, node=None,
+            ) from err
+
+    def lose_worker(w: int, actor, reason: str, err: BaseException | None) -> None:
+        """The worker in slot w is gone (or killed for a stall): replace it once, charge
+        the shard it was running, resubmit everything it held."""
+        if workers[w] is actor:
+            flights = [pending.pop(r) for r in lanes[w]]
+            lanes[w].clear()
+            engine._replace_worker(w, actor, reason.split(";")[0])
+            fresh[w] = True
+            booting[w] = (workers[w].info.remote(), time.perf_counter())
+        else:  # pragma: no cover - its refs left with the first report of its death
+            flights = []
+        for f in reversed(flights):
+            if not finished[f.index]:
+                engine._retries += 1
+                queue.appendleft(f.index)
+        if flights:
+            charge(flights[0].index, reason, err)
+
     try:
         while not finished.all():
             while queue and len(pending) < in_flight:
                 i = queue.popleft()
                 if finished[i]:
                     continue
-                w = min(range(len(workers)), key=lambda j: (busy[j], (j - nxt) % len(workers)))
+                w = min(range(len(workers)), key=lambda j: (len(lanes[j]), (j - nxt) % len(workers)))
                 nxt = (w + 1) % len(workers)
-                ref = workers[w].compute.remote(shipment.key, shipment.box, tasks[i], options, sink)
+                actor = workers[w]
+                ref = actor.compute.remote(shipment.key, shipment.box, tasks[i], options, sink)
                 attempts[i] += 1
-                busy[w] += 1
-                pending[ref] = (i, w, time.perf_counter())
+                now = time.perf_counter()
+                pending[ref] = _Flight(i, w, actor, now, first=fresh[w])
+                fresh[w] = False
+                lanes[w].append(ref)
+                start_head(w, now)
             if not pending:  # pragma: no cover - would be a bug in the loop above
                 missing = int((~finished).sum())
                 raise RuntimeError(f"{call}: internal error: nothing in flight, {missing} shards missing.")
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_TICK_S)
+            now = time.perf_counter()
             for ref in ready:
-                i, w, t_sub = pending.pop(ref)
-                busy[w] -= 1
+                flight = pending.get(ref)
+                if flight is None:  # dropped with a dead worker while we waited
+                    continue
+                i, w = flight.index, flight.worker
                 task = tasks[i]
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
                     error = _remote_error(err, call)
                     raise error from error.__cause__
-                except system_errors as err:
-                    if isinstance(err, getattr(ray.exceptions, "ActorDiedError", ())):
-                        engine._replace_worker(w)
-                    if finished[i]:
-                        continue
-                    if attempts[i] > engine.max_retries:
-                        raise ShardError(
-                            f"{call}: shard {task.shard} (rows [{task.start}, {task.stop})) was lost "
-                            f"{attempts[i]} times (its worker or node died: {type(err).__name__}); "
-                            f"max_retries={engine.max_retries}. Check the workers' logs (memory, crashes "
-                            "in fn) or raise max_retries.",
-                            shard=task.shard, start=task.start, stop=task.stop, node=None,
-                        ) from err
-                    engine._retries += 1
-                    queue.appendleft(i)
+                except actor_errors as err:
+                    lose_worker(w, flight.actor, f"its worker died: {type(err).__name__}", err)
                     continue
+                except system_errors as err:
+                    pending.pop(ref)
+                    with contextlib.suppress(ValueError):
+                        lanes[w].remove(ref)
+                    start_head(w, now)
+                    if not finished[i]:
+                        engine._retries += 1
+                        queue.appendleft(i)
+                        charge(i, f"its result was lost: {type(err).__name__}", err)
+                    continue
+                pending.pop(ref)
+                with contextlib.suppress(ValueError):
+                    lanes[w].remove(ref)
+                start_head(w, now)
                 del ref
                 if finished[i]:
                     engine._duplicates += 1  # a late copy of a shard already yielded
                     continue
                 finished[i] = True
-                yield task, result, _Done(worker=w, attempts=attempts[i], wait_s=time.perf_counter() - t_sub)
+                if flight.started is not None:
+                    run_times.append(now - flight.started)
+                yield task, result, _Done(worker=w, attempts=attempts[i], wait_s=now - flight.submitted)
                 del result
+            for w, (info_ref, since) in list(booting.items()):
+                if ray.wait([info_ref], timeout=0)[0]:
+                    del booting[w]
+                    start_head(w, time.perf_counter())
+                elif time.perf_counter() - since > engine.startup_timeout and lanes[w]:
+                    del booting[w]
+                    lose_worker(w, workers[w], f"its replacement did not start within "
+                                f"{engine.startup_timeout:g} s (startup_timeout)", None)
+            _watch(engine, tasks, pending, lanes, run_times, timeout, lose_worker)
     finally:
         for ref in list(pending):
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
         pending.clear()
+
+
+def _watch(engine: Engine, tasks, pending: dict, lanes, run_times, timeout, lose_worker) -> None:
+    """The stall watchdog (NOTE [stalled shards]): warn about a slow shard, and replace a
+    worker whose shard has run past the stall timeout."""
+    now = time.perf_counter()
+    median = float(np.median(run_times)) if run_times else None
+    for w, lane in enumerate(lanes):
+        if not lane:
+            continue
+        f = pending[lane[0]]
+        if f.started is None:
+            continue
+        running = now - f.started
+        limit = _stall_timeout(timeout, run_times, f.first)
+        task = tasks[f.index]
+        if running > limit:
+            lose_worker(w, f.actor, f"shard {task.shard} did not finish within {limit:g} s; "
+                        "its worker was stopped or fn does not return", None)
+            continue
+        slow = min(max(SLOW_SHARD_FACTOR * (median or 0.0), SLOW_SHARD_MIN_S), limit / 2)
+        if not f.warned and running > slow and (median is not None or timeout is not None):
+            f.warned = True
+            infos = engine._infos or []
+            info = infos[w] if w < len(infos) else {}
+            than = f", {running / median:.0f}x the median shard ({median:.2f} s)" if median else ""
+            log.warning(
+                "distjac: shard %d (rows [%d, %d)) has been running for %.1f s on worker %d (pid %s)%s; "
+                "it is retried elsewhere after %g s (shard_timeout_s).",
+                task.shard, task.start, task.stop, running, w, info.get("pid", "?"), than, limit,
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -893,7 +1145,6 @@ class _Call:
         return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop])
 
     def run(self):
-        import ray
 
         t_start = time.perf_counter()
         eng, x = self.engine, self.x
@@ -906,11 +1157,7 @@ class _Call:
         #    may have no GPU, and never runs the user's model itself).
         b = x.shape[0]
         probe_task = self._task(0, 0, min(b, PROBE_ROWS))
-        try:
-            probe = ray.get(eng._workers[0].probe.remote(shipment.key, shipment.box, probe_task, self.options))
-        except ray.exceptions.RayTaskError as err:
-            error = _remote_error(err, self.call)
-            raise error from error.__cause__
+        probe = self._probe(shipment, probe_task)
         out_shape = tuple(probe["out_shape"])
         jac_shape = (b, *out_shape, *x.shape[1:])
         if not probe["connected"] or b == 0:
@@ -956,6 +1203,35 @@ class _Call:
         wall = time.perf_counter() - t_start
         eng.last_stats = self._stats(plan, shard_stats, infos, wall, gather_s, gather_bytes)
         return self.out if x.device.type == "cpu" else self.out.to(x.device)
+
+    def _probe(self, shipment: _Shipment, task: ShardTask) -> dict:
+        """The probe on worker 0, bounded like a shard (NOTE [stalled shards]): a worker
+        that dies or stalls is replaced and the probe run again, max_retries times."""
+        import ray
+
+        eng = self.engine
+        limit = eng.shard_timeout_s or FIRST_SHARD_TIMEOUT_S
+        for _ in range(eng.max_retries + 1):
+            actor = eng._workers[0]
+            ref = actor.probe.remote(shipment.key, shipment.box, task, self.options)
+            try:
+                return ray.get(ref, timeout=limit)
+            except ray.exceptions.RayTaskError as err:
+                error = _remote_error(err, self.call)
+                raise error from error.__cause__
+            except ray.exceptions.GetTimeoutError as err:
+                reason, last = f"the probe did not finish within {limit:g} s", err
+            except ray.exceptions.RayActorError as err:
+                reason, last = f"its worker died ({type(err).__name__})", err
+            if eng._replace_worker(0, actor, reason):
+                with contextlib.suppress(Exception):  # its start is not the probe's time
+                    ray.get(eng._workers[0].info.remote(), timeout=eng.startup_timeout)
+        raise ShardError(
+            f"{self.call}: probing fn's output shape on rows [{task.start}, {task.stop}) failed "
+            f"{eng.max_retries + 1} times ({reason}); max_retries={eng.max_retries}. Check fn on these "
+            "rows and the workers' logs, or raise max_retries or shard_timeout_s.",
+            shard=task.shard, start=task.start, stop=task.stop, node=None,
+        ) from last
 
     def _place(self, batch, start: int, stop: int) -> int:
         return place_shard(self.out, batch, start, stop, call=self.call)
