@@ -36,9 +36,14 @@ When a worker dies (its process or node is gone, or the stall watchdog killed it
 NOTE [stalled shards]) the driver sees it once, by the actor's identity, however many of
 its shards were in flight: it kills the actor for good (``ray.kill(no_restart=True)``, so
 its CPU or GPU is free), starts one replacement in its slot (Ray places it on a live node)
-and resubmits every shard the worker held. Only the shard it was running (actor calls run
-in order: the oldest in flight) is charged a failure; after ``max_retries`` failures the
-call ends with a ShardError naming it. A finished result lost with its node is
+and resubmits every shard the worker held that had not come back. Which of them killed it
+is not certain: actor calls run in order, but a shard that finished just before the death
+may have lost its reply with the process (seen with a shard that SIGKILLs its worker). So
+every shard lost with a dead worker is charged a failure and becomes a *suspect*: it runs
+alone on a worker until it finishes, so a later death is charged to it alone, and an
+innocent shard is charged at most once. For a stall the oldest shard in flight is the one
+that ran, and it alone is charged. After ``max_retries`` failures the call ends with a
+ShardError naming the shard. A finished result lost with its node is
 resubmitted and charged the same way. Every result carries its row ids and the driver
 places a shard exactly once (a bitmap of finished shards); a late duplicate is dropped and
 counted in ``last_stats.duplicates``. (Ray's restarts with ``max_task_retries=-1`` replay
@@ -940,7 +945,7 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
     At most ``in_flight`` shards are out at once, each sent to the least busy worker.
     Results come back in completion order; ``result`` is the record batch (or the sink's
     receipt). See NOTE [retries, never twice] and NOTE [stalled shards]. Closing the
-    generator early cancels the shards still queued.
+    generator early drops the shards still in flight (their workers finish them).
 
     Raises:
         ShardError: fn failed on a shard, or a shard was lost (its worker died, its result
@@ -958,6 +963,7 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
     pending: dict = {}  # ref -> _Flight
     lanes = [deque() for _ in workers]  # per worker slot: its refs in flight, oldest first
     fresh = [True] * len(workers)  # the slot's actor has had no shard in this call yet
+    suspects: set[int] = set()  # shards in flight on a worker when it died, not finished since
     booting: dict[int, tuple] = {}  # slot -> (info ref of its replacement, since)
     run_times: list[float] = []  # seconds each finished shard ran (as seen by the driver)
     system_errors = _system_errors()
@@ -986,7 +992,10 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
         """The worker in slot w is gone (or killed for a stall): replace it once, charge
         the shard it was running, resubmit everything it held."""
         if workers[w] is actor:
-            flights = [pending.pop(r) for r in lanes[w]]
+            # Shards it finished before it died stay pending: the loop below yields them.
+            # The first one that did not finish is the one it was running.
+            lost = [r for r in lanes[w] if not _finished_ok(r)]
+            flights = [pending.pop(r) for r in lost]
             lanes[w].clear()
             engine._replace_worker(w, actor, reason.split(";")[0])
             fresh[w] = True
@@ -997,16 +1006,33 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
             if not finished[f.index]:
                 engine._retries += 1
                 queue.appendleft(f.index)
-        if flights:
+        if not flights:
+            return
+        if err is None:  # a stall: the oldest shard in flight is the one that ran
             charge(flights[0].index, reason, err)
+            return
+        # A death: the shard that killed it is one of the unfinished ones (the one it ran,
+        # or one that finished as it died, its reply lost with it). Each is charged and
+        # from now on runs alone on a worker until it finishes, so the next death is
+        # unambiguous; an innocent shard is charged at most once (NOTE [retries, never twice]).
+        suspects.update(f.index for f in flights)
+        for f in sorted(flights, key=lambda f: -failures[f.index]):
+            charge(f.index, reason, err)
 
     try:
         while not finished.all():
             while queue and len(pending) < in_flight:
-                i = queue.popleft()
+                i = queue[0]
                 if finished[i]:
+                    queue.popleft()
                     continue
-                w = min(range(len(workers)), key=lambda j: (len(lanes[j]), (j - nxt) % len(workers)))
+                # A suspect shard runs alone on its worker, and nothing joins it there.
+                free = [j for j in range(len(workers)) if not lanes[j] or (
+                    i not in suspects and not any(pending[r].index in suspects for r in lanes[j]))]
+                if not free:
+                    break  # wait for a worker to be free
+                queue.popleft()
+                w = min(free, key=lambda j: (len(lanes[j]), (j - nxt) % len(workers)))
                 nxt = (w + 1) % len(workers)
                 actor = workers[w]
                 ref = actor.compute.remote(shipment.key, shipment.box, tasks[i], options, sink)
@@ -1054,6 +1080,7 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
                     engine._duplicates += 1  # a late copy of a shard already yielded
                     continue
                 finished[i] = True
+                suspects.discard(i)
                 if flight.started is not None:
                     run_times.append(now - flight.started)
                 yield task, result, _Done(worker=w, attempts=attempts[i], wait_s=now - flight.submitted)
@@ -1068,10 +1095,24 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
                                 f"{engine.startup_timeout:g} s (startup_timeout)", None)
             _watch(engine, tasks, pending, lanes, run_times, timeout, lose_worker)
     finally:
-        for ref in list(pending):
-            with contextlib.suppress(Exception):
-                ray.cancel(ref)
+        # Shards still in flight are dropped, not cancelled: their workers finish them and
+        # the results are freed. (Cancelling a queued actor call can leave a gap in Ray's
+        # per-caller sequence numbers, after which the actor refuses every later call for
+        # 30 s with ActorUnavailableError: seen with Ray 2.60 after a failed call.)
         pending.clear()
+
+
+def _finished_ok(ref) -> bool:
+    """Whether the task behind ``ref`` already finished with a result (not an error)."""
+    import ray
+
+    if not ray.wait([ref], timeout=0)[0]:
+        return False
+    try:
+        ray.get(ref, timeout=0)
+    except Exception:
+        return False
+    return True
 
 
 def _watch(engine: Engine, tasks, pending: dict, lanes, run_times, timeout, lose_worker) -> None:
