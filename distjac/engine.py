@@ -741,10 +741,10 @@ class Engine:
         self,
         fn,
         x: torch.Tensor,
+        *,
         mode: str = "auto",
         unconnected_gradients: str | UnconnectedGradients = "none",
         experimental_use_pfor: bool = True,
-        *,
         progress: bool | None = None,
     ) -> torch.Tensor | None:
         """Per-example Jacobians of ``fn`` over ``x``, computed on the workers.
@@ -754,7 +754,7 @@ class Engine:
         is called on blocks of rows (whole shards, or the kernels' blocks), never on one
         example. ``fn`` (a function, or a torch.nn.Module, moved to each worker's device)
         is shipped to the workers once per call, by value when its module is not
-        installed there.
+        installed there. Every argument after ``x`` is keyword-only.
 
         Args:
             fn: the function or module.

@@ -1032,11 +1032,11 @@ def _run(
 def batch_jacobian(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
+    *,
     mode: str = "auto",
     parallel_iterations: int | None = None,
     experimental_use_pfor: bool = True,
     unconnected_gradients: str | UnconnectedGradients = "none",
-    *,
     max_memory: int | None = None,
     check_independence: bool = False,
 ) -> torch.Tensor | None:
@@ -1045,7 +1045,8 @@ def batch_jacobian(
     ``fn`` maps a batch (B, x1..xm) to (B, y1..yn), and row i of its output must depend
     only on row i of its input (as TensorFlow's batch_jacobian assumes). ``fn`` is always
     called on batches (the whole batch or blocks of rows), never on one example, so
-    Python control flow on the batch's values works in every mode.
+    Python control flow on the batch's values works in every mode. Every argument after
+    ``x`` is keyword-only (as in :meth:`distjac.Engine.batch_jacobian`).
 
     Args:
         fn: the function; a torch.nn.Module works too.
