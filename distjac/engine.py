@@ -78,6 +78,7 @@ import time
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,13 @@ import numpy as np
 import torch
 
 from . import arrow
+from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
 from .options import UnconnectedGradients, check_functional_call, check_positive_int
 from .plan import DEFAULT_SHARD_BYTES, SHARDS_PER_WORKER, ShardPlan, format_bytes, make_plan
 from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
 
-__all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats"]
+__all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats", "local_cluster", "ray_connection"]
 
 log = logging.getLogger("distjac")
 
@@ -155,25 +157,6 @@ def _secure_token_file(create: bool) -> Path | None:
     return path
 
 
-@contextlib.contextmanager
-def _loopback_only():
-    """See NOTE [loopback listeners]."""
-    from ray._private import ray_constants
-
-    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    saved_env, saved_flag = os.environ.get(key), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[key] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved_env
-
-
 def _auth_hint() -> str:
     mode = os.environ.get("RAY_AUTH_MODE", "unset")
     return (
@@ -202,13 +185,7 @@ def _preflight_auth(address: str) -> None:
     if address.startswith("ray://"):
         return
     try:
-        from ray._private import services
-        from ray._raylet import GcsClient
-
-        gcs = services.canonicalize_bootstrap_address(address)
-        if gcs is None:
-            return
-        GcsClient(address=gcs).cluster_id  # noqa: B018 - the call is the check
+        gcs_cluster_id(address)
     except Exception as err:
         if _is_auth_failure(err):
             raise ConnectionError(
@@ -224,8 +201,6 @@ def _resolve_address(address: str) -> tuple[str, str]:
     Raises:
         ConnectionError: "auto" and no cluster is recorded or running on this machine.
     """
-    from ._compat import ray_address_file, running_gcs_addresses
-
     if address.startswith("ray://"):
         return address[len("ray://"):].split("/", 1)[0], "the address given"
     if address != "auto":
@@ -301,7 +276,7 @@ def _acquire_ray(address: str | None, min_cpus: int, init_kwargs: dict,
                 else:
                     warnings.warn("distjac.Engine: RAY_AUTH_MODE=disabled, so the local Ray instance "
                                   "runs without token authentication.", stacklevel=4)
-                with _loopback_only():
+                with ray_cluster_mode_off():  # NOTE [loopback listeners]
                     ray.init(address="local", **kwargs)
                 if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
                     _secure_token_file(create=False)
@@ -329,6 +304,60 @@ def _release_ray() -> None:
             _Session.owned = False
             if ray.is_initialized():
                 ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None = None, *, min_cpus: int = 1, ray_init_kwargs: dict | None = None,
+                   connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Iterator[bool]:
+    """Hold this process's Ray connection open across several Engines (benchmarks that
+    build one Engine per measurement pay Ray's start-up once).
+
+    Connects as ``Engine(address=...)`` does (a hardened local instance for None) and
+    counts as one more user of the shared connection: the Ray instance distjac started
+    stops when the last Engine or holder lets go.
+
+    Args:
+        address: as :class:`Engine`'s.
+        min_cpus: CPUs a local instance gets at least.
+        ray_init_kwargs: extra keyword arguments for ``ray.init``.
+        connect_timeout: as :class:`Engine`'s.
+
+    Yields:
+        Whether distjac started the Ray instance (False: it joined one).
+    """
+    owned = _acquire_ray(address, min_cpus, dict(ray_init_kwargs or {}), float(connect_timeout))
+    try:
+        yield owned
+    finally:
+        _release_ray()
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, *, cpus_per_node: int = 1) -> Iterator[str]:
+    """A Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``): a
+    head with no CPUs, so that every worker lands on one of ``nodes`` nodes of
+    ``cpus_per_node`` CPUs each. For benchmarks and tests of multi-node behaviour.
+
+    Yields:
+        The cluster's address, for ``Engine(address=...)`` or :func:`ray_connection`.
+
+    Raises:
+        RuntimeError: this process is already connected to Ray.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        raise RuntimeError("distjac.engine.local_cluster: this process is already connected to Ray; "
+                           "start the cluster in a fresh process.")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
 
 
 class _Lease:

@@ -43,6 +43,7 @@ import torch
 from torch.func import jvp, vmap
 
 from . import chain as _chain
+from ._compat import in_functorch_transform as _in_transform  # inside an outer torch.func transform?
 from .errors import CoupledExamplesError, MemoryBudgetError, VectorizationError
 from .options import (
     UnconnectedGradients,
@@ -398,11 +399,6 @@ def _forward_columns(
         k0 = k1
     jac = cols[0] if len(cols) == 1 else torch.cat(cols, dim=0)  # (N, Bb, M)
     return jac.permute(1, 2, 0)  # (Bb, M, N), a view
-
-
-def _in_transform() -> bool:
-    """Whether we run inside a torch.func transform (jvp, vmap, grad...) of an outer call."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _reverse_block_func(
