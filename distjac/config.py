@@ -64,6 +64,7 @@ from typing import Any
 
 from .errors import ConfigError, SourceNotFoundError
 from .options import MODES
+from .plan import DEFAULT_PARALLEL_ITERATIONS
 
 __all__ = [
     "DataSpec",
@@ -83,9 +84,6 @@ STORAGE_DTYPES = ("float16", "float32", "float64")
 # Dtypes a model can be evaluated in.
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
-# 8 shards in flight: with shards of 8-64 MiB of output this is ~2 per worker on a
-# 4-worker machine, what issue 3 measured as the best gather throughput.
-DEFAULT_PARALLEL_ITERATIONS = 8
 # Ray retries a shard whose worker or node died this many times before the job fails.
 DEFAULT_MAX_RETRIES = 3
 SPEC_VERSION = 1

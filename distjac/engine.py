@@ -62,6 +62,17 @@ retries for minutes, ignoring Ctrl-C. The engine resolves the address the same w
 (:func:`_resolve_address`) and checks with a TCP connection (``connect_timeout``
 seconds) that something listens there before calling ``ray.init``, naming the address
 and where it came from when nothing does.
+
+NOTE [the Engine's settings and the job's]
+``Engine(...).run(spec)``: for each setting both carry (``shard_size``,
+``parallel_iterations``, ``chunk_size``, ``shard_timeout_s``), an Engine argument given
+(not None) wins over the job's value, which wins over the default. As in Ray, where an
+explicit ``.options(...)`` wins over what the code was declared with: the code that built
+the Engine said what it wants; a config file says what a job wants when nobody says
+otherwise. The Engine's defaults are None for that reason (None: "not set here"), and
+``distjac run`` builds its Engine from the spec, so there the spec's values apply. What
+only the Engine can decide (address, workers, device, retries) is the Engine's. None of
+these settings is in the spec hash: they change how a job runs, not what it writes.
 """
 
 from __future__ import annotations
@@ -90,7 +101,7 @@ from . import arrow
 from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
 from .options import UnconnectedGradients, check_functional_call, check_positive_int
-from .plan import DEFAULT_SHARD_BYTES, SHARDS_PER_WORKER, ShardPlan, format_bytes, make_plan
+from .plan import DEFAULT_PARALLEL_ITERATIONS, DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
 from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
 
 __all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats", "local_cluster", "ray_connection"]
@@ -536,12 +547,15 @@ class Engine:
             over ``num_gpus_per_worker`` when workers use GPUs, else its CPUs over
             ``num_cpus_per_worker``).
         device: "auto" (each worker on the GPU Ray assigned it, else CPU), "cpu", "cuda".
-        shard_size: rows per shard; None sizes shards from a memory budget
-            (``shard_bytes`` of Jacobian each, see :mod:`distjac.plan`).
-        parallel_iterations: shards in flight at once across the cluster (None: 2 per
-            worker). Not the kernels' knob: that is ``chunk_size``.
+        shard_size: rows per shard; None: the job's ``engine.shard_size`` in
+            :meth:`run`, else sized from a memory budget (``shard_bytes`` of Jacobian
+            each, see :mod:`distjac.plan`).
+        parallel_iterations: shards in flight at once across the cluster; None: the
+            job's ``engine.parallel_iterations`` in :meth:`run`, else 8. Not the
+            kernels' knob: that is ``chunk_size``.
         chunk_size: Jacobian rows per vectorized pass on the workers (the kernels'
-            ``parallel_iterations``); None lets the kernels fit their memory budget.
+            ``parallel_iterations``); None: the job's ``jacobian.chunk_size`` in
+            :meth:`run`, else the kernels fit their memory budget.
         max_retries: times a shard is run again after its worker or node died or it
             stalled (0: never). See NOTE [retries, never twice].
         num_cpus_per_worker: CPUs each worker reserves; torch uses that many threads.
@@ -554,7 +568,8 @@ class Engine:
         shard_timeout_s: seconds a shard may run on a worker before the worker is
             killed and replaced and the shard retried elsewhere; None derives it from the
             call's finished shards (10x their median, at least 60 s; 600 s for a worker's
-            first shard). See NOTE [stalled shards].
+            first shard); in :meth:`run`, None takes the job's
+            ``engine.shard_timeout_s``. See NOTE [stalled shards].
         connect_timeout: seconds the cluster at ``address`` has to accept a connection
             before the engine gives up with a ConnectionError (not for ``address=None``).
         ray_init_kwargs: extra keyword arguments for ``ray.init`` (runtime_env, ...).
@@ -578,7 +593,7 @@ class Engine:
         num_workers: int | None = None,
         device: str = "auto",
         shard_size: int | None = None,
-        parallel_iterations: int | None = 8,
+        parallel_iterations: int | None = None,
         chunk_size: int | None = None,
         max_retries: int = 3,
         *,
@@ -760,7 +775,7 @@ class Engine:
         workers = max(1, self.num_workers)
         return make_plan(
             rows, in_shape, out_shape, in_itemsize=itemsize, shard_size=self.shard_size,
-            parallel_iterations=self.parallel_iterations or SHARDS_PER_WORKER * workers,
+            parallel_iterations=self.parallel_iterations or DEFAULT_PARALLEL_ITERATIONS,
             num_workers=workers, shard_bytes=self.shard_bytes, gather=gather,
         )
 
@@ -822,6 +837,11 @@ class Engine:
         (temporary name, fsync, rename). The driver records each part in the manifest as
         it completes, so a job stopped at any point resumes with what was finished.
 
+        The shard size, shards in flight, kernel chunk and shard timeout are this
+        Engine's where it was given them, else the job's, else the defaults; see NOTE
+        [the Engine's settings and the job's]. The report's ``shard_size`` and
+        ``in_flight`` say what ran.
+
         Args:
             spec: the job.
             progress: show a progress bar; None follows the spec, then the terminal.
@@ -839,18 +859,20 @@ class Engine:
 
         call = "Engine.run(spec)"
         self._check_open(call)
-        job = prepare_job(spec, num_workers=self.num_workers)
+        # NOTE [the Engine's settings and the job's]
+        job = prepare_job(spec, num_workers=self.num_workers, shard_size=self.shard_size,
+                          parallel_iterations=self.parallel_iterations, shard_bytes=self.shard_bytes)
         model = build_model(spec.model, dtype=getattr(torch, job.compute_dtype))
         if isinstance(model, torch.nn.Module):
             model.requires_grad_(False)  # Jacobians w.r.t. the inputs only
         options = {
             "mode": spec.jacobian.mode,
-            "chunk_size": spec.jacobian.chunk_size if spec.jacobian.chunk_size is not None else self.chunk_size,
+            "chunk_size": self.chunk_size if self.chunk_size is not None else spec.jacobian.chunk_size,
             "use_pfor": True,
             "call": call,
         }
-        in_flight = max(1, spec.engine.parallel_iterations or self.parallel_iterations)
-        timeout = getattr(spec.engine, "shard_timeout_s", None) or self.shard_timeout_s
+        in_flight = job.plan.parallel_iterations
+        timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
         def executor(descriptors):
             if not descriptors:

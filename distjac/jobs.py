@@ -63,7 +63,7 @@ from .io.sink import (
     write_part,
 )
 from .io.sources import Source, open_source
-from .plan import ShardPlan, format_bytes, make_plan
+from .plan import DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
 from .reduce import check_reductions, reduce_block
 from .worker import peak_rss_bytes, values_to_host
 
@@ -528,13 +528,19 @@ def check_job(spec: JobSpec, *, device_here: bool | None = None) -> Source:
     return source
 
 
-def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: bool | None = None) -> PreparedJob:
+def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: bool | None = None,
+                shard_size: int | None = None, parallel_iterations: int | None = None,
+                shard_bytes: int = DEFAULT_SHARD_BYTES) -> PreparedJob:
     """Check a job against its inputs and plan it; see NOTE [a job checks everything before any work].
 
     Args:
         spec: the job.
         num_workers: workers to size the default shard for (default: the spec's, or 1).
         device_here: see :func:`check_job`.
+        shard_size, parallel_iterations: an Engine's settings; where not None they win
+            over the spec's ``engine`` section (NOTE [the Engine's settings and the job's]
+            in distjac.engine).
+        shard_bytes: Jacobian bytes per shard when no shard size is set.
 
     Raises:
         ConfigError, SourceError, SourceNotFoundError, SourceDtypeError: the job cannot
@@ -551,8 +557,9 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
     try:
         plan = make_plan(
             source.num_rows, source.shape, out_shape, in_itemsize=itemsize, out_itemsize=itemsize,
-            shard_size=spec.engine.shard_size, parallel_iterations=spec.engine.parallel_iterations,
-            num_workers=max(1, workers), gather=False,
+            shard_size=shard_size if shard_size is not None else spec.engine.shard_size,
+            parallel_iterations=parallel_iterations or spec.engine.parallel_iterations,
+            num_workers=max(1, workers), shard_bytes=shard_bytes, gather=False,
         )
     except DistjacError as e:
         raise ConfigError(f"config: cannot plan the job: {e}") from e
@@ -630,6 +637,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
     t_run = time.perf_counter()
     computed: dict[int, PartInfo] = {}
     timings: dict[int, dict[str, Any]] = {}
+    # The shards an executor may run at once: the plan's (an engine), or one at a time.
+    events["in_flight"] = job.plan.in_flight if executor is not None else min(1, len(job.plan))
     if events["read_only"]:
         # A finished, verified output that cannot be written: report it, write nothing.
         return _report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
@@ -720,6 +729,7 @@ def _report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
         "rows": manifest.num_rows,
         "shards": len(manifest.shards),
         "shard_size": manifest.info.get("shard_size"),
+        "in_flight": events.get("in_flight"),
         "finished_shards": len(manifest.parts),
         "computed_shards": len(computed),
         "computed_rows": rows,
