@@ -100,7 +100,7 @@ import torch
 from . import arrow
 from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
-from .options import UnconnectedGradients, check_functional_call, check_positive_int
+from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
 from .plan import DEFAULT_PARALLEL_ITERATIONS, DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
 from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
 
@@ -108,7 +108,6 @@ __all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats", "local_cluster"
 
 log = logging.getLogger("distjac")
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 # Seconds to wait for the workers to start (torch import, model placement) before
 # reporting that the cluster cannot place them; a GPU or autoscaling cluster may need more.
 DEFAULT_STARTUP_TIMEOUT = 180.0
@@ -500,8 +499,7 @@ class EngineStats:
 def _check_device(device: Any, call: str) -> str:
     if isinstance(device, torch.device):
         device = str(device)
-    if isinstance(device, str) and (device in ("auto", "cpu", "cuda") or
-                                    (device.startswith("cuda:") and device[5:].isdigit())):
+    if is_device(device):
         return device
     raise OptionError(f"{call}: device={device!r} is not valid; use one of {', '.join(map(repr, DEVICES))}.")
 
@@ -618,8 +616,7 @@ class Engine:
         check_positive_int(chunk_size, "chunk_size", call)
         check_positive_int(max_memory, "max_memory", call)
         check_positive_int(shard_bytes, "shard_bytes", call, allow_none=False)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise OptionError(f"{call}: max_retries={max_retries!r} is not valid; use an integer >= 0.")
+        check_int(max_retries, "max_retries", call, minimum=0, allow_none=False)
         for name, value in (("num_cpus_per_worker", num_cpus_per_worker), ("num_gpus_per_worker", num_gpus_per_worker)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise OptionError(f"{call}: {name}={value!r} is not valid; use a number >= 0.")

@@ -86,8 +86,10 @@ __all__ = [
 # Built models each process keeps (keyed by model spec, device and dtype): a worker runs
 # one job's shards, so one entry would do; two let a driver alternate between jobs.
 MODEL_CACHE_SIZE = 2
-# Rows the model is probed on while preparing a job.
-PROBE_ROWS = 2
+# Rows the model is probed on, on the driver, while preparing a job: its output shape and
+# compute dtype only. Fewer than the kernels' PROBE_ROWS (which also measure connectivity
+# and activation memory) on purpose: the driver may be a laptop running a large model.
+JOB_PROBE_ROWS = 2
 
 
 # -----------------------------------------------------------------------------------------
@@ -358,7 +360,7 @@ class PreparedJob:
     @property
     def stored_row_bytes(self) -> int:
         """Bytes one example takes in the output (its row id included)."""
-        item = {"float16": 2, "float32": 4, "float64": 8}[self.spec.jacobian.dtype]
+        item = torch.empty((), dtype=getattr(torch, self.spec.jacobian.dtype)).element_size()
         values = len(self.spec.reductions) if self.spec.reductions else math.prod(self.out_shape + self.in_shape)
         return 8 + values * item
 
@@ -451,7 +453,7 @@ def _probe_shapes(spec: JobSpec, source: Source) -> tuple[tuple[int, ...], str]:
     tdtype = getattr(torch, dtype)
     if isinstance(model, torch.nn.Module):
         model.to(dtype=tdtype)
-    n = min(PROBE_ROWS, source.num_rows)
+    n = min(JOB_PROBE_ROWS, source.num_rows)
     x = source.read(0, n).to(tdtype) if n else torch.zeros((1, *source.shape), dtype=tdtype)
     key = f"config: model.factory={spec.model.factory!r}"
     try:

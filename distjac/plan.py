@@ -25,7 +25,8 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .errors import OptionError, ShapeError
+from .errors import ShapeError
+from .options import check_int
 
 __all__ = [
     "DEFAULT_DRIVER_OVERHEAD_BYTES",
@@ -72,9 +73,7 @@ def format_bytes(n: float) -> str:
 
 
 def _check_count(value, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"make_plan: {name}={value!r} is not valid; use an integer >= {minimum}.")
-    return value
+    return check_int(value, name, "make_plan", minimum=minimum, allow_none=False)
 
 
 def _check_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:

@@ -52,6 +52,7 @@ import torch
 
 from . import arrow, kernels
 from ._compat import pickled_by_value
+from ._proc import proc_bytes
 from .errors import DistjacError
 from .options import check_batched, check_floating, check_same_batch, check_tensor
 
@@ -65,8 +66,9 @@ __all__ = [
     "to_wire",
 ]
 
-# Rows the probe runs fn on to learn its output shape and whether it depends on x.
-PROBE_ROWS = 8
+# Rows the probe runs fn on to learn its output shape and whether it depends on x: the
+# kernels' own probe size, so the kernel call inside the probe probes nothing more.
+PROBE_ROWS = kernels.PROBE_ROWS
 # Deserialized functions a worker keeps (most recent first); each may hold a model.
 FUNCTION_CACHE_SIZE = 4
 # Tensors numpy cannot hold travel as the bits of a same-width integer.
@@ -268,13 +270,9 @@ def peak_rss_bytes() -> int:
     and exec (a worker spawned by a 2 GiB process would report at least 2 GiB). Elsewhere
     ``ru_maxrss`` (bytes on macOS, KiB on other systems). Either is the peak since the
     process started: a long-lived process (a notebook, a worker) reports earlier work too."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource  # Unix only; imported here so that the module imports anywhere
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

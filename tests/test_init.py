@@ -45,3 +45,34 @@ def test_positional_mode_is_a_type_error():
         distjac.batch_jacobian(lambda t: t * t, torch.ones(2, 2), "rev")
     jac = distjac.batch_jacobian(lambda t: t * t, torch.ones(2, 2), mode="rev")
     assert jac.shape == (2, 2, 2)
+
+
+def test_each_constant_and_check_has_one_source():
+    import inspect as _inspect
+
+    from distjac import _proc, arrow, config, engine, jobs, kernels, options, plan, reduce, worker
+    from distjac.bench import common
+
+    assert config.REDUCTIONS is reduce.REDUCTIONS
+    assert config.STORAGE_DTYPES is arrow.STORAGE_DTYPES == ("float16", "float32", "float64")
+    assert config.DEVICES is engine.DEVICES is options.DEVICES
+    assert config.is_int is options.is_int
+    assert worker.PROBE_ROWS == kernels.PROBE_ROWS and engine.PROBE_ROWS == kernels.PROBE_ROWS
+    assert jobs.JOB_PROBE_ROWS < kernels.PROBE_ROWS  # on purpose: see its comment
+    assert kernels.format_bytes is engine.format_bytes is plan.format_bytes
+    assert common.proc_bytes is kernels.proc_bytes is worker.proc_bytes is _proc.proc_bytes
+    default = plan.DEFAULT_PARALLEL_ITERATIONS
+    assert config.EngineSpec().parallel_iterations == default
+    assert _inspect.signature(plan.make_plan).parameters["parallel_iterations"].default == default
+    assert plan.ShardPlan(rows=1, in_shape=(1,), out_shape=(1,), shard_size=1).parallel_iterations == default
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, True), (0, False), (True, False), (2.0, False), (None, True)])
+def test_one_integer_check(value, ok):
+    from distjac.options import check_int
+
+    if ok:
+        assert check_int(value, "n", "f()") == value
+    else:
+        with pytest.raises(distjac.OptionError, match=r"f\(\): n=.* is not valid; use None or an integer >= 1"):
+            check_int(value, "n", "f()")
