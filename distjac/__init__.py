@@ -4,13 +4,21 @@ process to a Ray cluster."""
 from .config import JobSpec
 from .engine import Engine
 from .errors import (
+    ConfigError,
     CoupledExamplesError,
     DistjacError,
     DtypeError,
+    JobInputError,
     MemoryBudgetError,
     OptionError,
+    OutputExistsError,
+    OutputLockedError,
+    ResultError,
     ShapeError,
     ShardError,
+    SourceDtypeError,
+    SourceError,
+    SourceNotFoundError,
     TapeError,
     VectorizationError,
 )
@@ -22,18 +30,28 @@ from .tape import GradientTape
 
 __version__ = "0.1.0"
 
+# The names of DESIGN.md's public API and the whole exception tree of distjac.errors;
+# everything else is internal (importable from its module, not promised).
 __all__ = [
+    "ConfigError",
     "CoupledExamplesError",
     "DistjacError",
     "DtypeError",
     "Engine",
     "GradientTape",
+    "JobInputError",
     "JobSpec",
     "MemoryBudgetError",
     "OptionError",
+    "OutputExistsError",
+    "OutputLockedError",
+    "ResultError",
     "ShapeError",
     "ShardError",
     "ShardPlan",
+    "SourceDtypeError",
+    "SourceError",
+    "SourceNotFoundError",
     "TapeError",
     "UnconnectedGradients",
     "VectorizationError",

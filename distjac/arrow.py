@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "JACOBIAN_COLUMN",
     "ROW_COLUMN",
+    "STORAGE_DTYPES",
     "arrow_dtype",
     "column_values",
     "content_sha256",
@@ -44,6 +45,9 @@ _NUMPY_DTYPES = {
     "float32": np.float32,
     "float64": np.float64,
 }
+# Dtypes values can be stored in (a Jacobian's, a source's): Arrow has no bfloat16. The
+# one list of them; the config, the sources and the jobs import it.
+STORAGE_DTYPES = tuple(_NUMPY_DTYPES)
 
 
 def arrow_dtype(name: str) -> pa.DataType:

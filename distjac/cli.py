@@ -228,7 +228,7 @@ def _output_state(out_dir: str, spec_hash: str) -> str:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import os
 
-    from .jobs import PROBE_ROWS, check_job, prepare_job
+    from .jobs import JOB_PROBE_ROWS, check_job, prepare_job
 
     spec = _load_spec(args)
     if args.probe:
@@ -244,7 +244,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
     spec_hash = spec.spec_hash()
     state = _output_state(out_dir, spec_hash)
-    not_built = (f"not built (plan --probe imports and calls it and runs the model on {PROBE_ROWS} rows, "
+    not_built = (f"not built (plan --probe imports and calls it and runs the model on {JOB_PROBE_ROWS} rows, "
                  f"for the output shape, the shard plan and the bytes)")
     if args.json:
         print(json.dumps({"spec_hash": spec_hash, "model": spec.model.factory, "probed": False,

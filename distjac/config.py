@@ -62,8 +62,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arrow import STORAGE_DTYPES
 from .errors import ConfigError, SourceNotFoundError
-from .options import MODES
+from .options import DEVICES, MODES, is_device, is_int
+from .plan import DEFAULT_PARALLEL_ITERATIONS
+from .reduce import REDUCTIONS
 
 __all__ = [
     "DataSpec",
@@ -76,16 +79,9 @@ __all__ = [
 ]
 
 DATA_KINDS = ("synthetic", "npy", "parquet", "arrow", "tensor")
-REDUCTIONS = ("frobenius", "spectral", "trace", "logabsdet")
 OUTPUT_FORMATS = ("arrow", "parquet")
-# Dtypes a Jacobian can be stored in (Arrow has no bfloat16).
-STORAGE_DTYPES = ("float16", "float32", "float64")
-# Dtypes a model can be evaluated in.
+# Dtypes a model can be evaluated in (stored ones: distjac.arrow.STORAGE_DTYPES).
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32", "float64")
-DEVICES = ("auto", "cpu", "cuda")
-# 8 shards in flight: with shards of 8-64 MiB of output this is ~2 per worker on a
-# 4-worker machine, what issue 3 measured as the best gather throughput.
-DEFAULT_PARALLEL_ITERATIONS = 8
 # Ray retries a shard whose worker or node died this many times before the job fails.
 DEFAULT_MAX_RETRIES = 3
 SPEC_VERSION = 1
@@ -97,7 +93,6 @@ MAX_YAML_ALIASES = 100
 MAX_YAML_EXPANSION = 100_000
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_CUDA_RE = re.compile(r"^cuda(:\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -572,14 +567,10 @@ def _choices(values: Sequence[str]) -> str:
     return "use one of " + ", ".join(repr(v) for v in values)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_int(key: str, value: Any, *, minimum: int, allow_none: bool) -> None:
     if value is None and allow_none:
         return
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         none = "null or " if allow_none else ""
         raise _bad(key, value, f"use {none}an integer >= {minimum}")
 
@@ -631,7 +622,7 @@ def _validate_data(d: DataSpec) -> None:
         shape = d.shape
         if shape is None:
             raise ConfigError("config: data.shape is required for data.kind 'synthetic', e.g. shape: [64].")
-        if not isinstance(shape, (tuple, list)) or not shape or not all(_is_int(s) and s >= 1 for s in shape):
+        if not isinstance(shape, (tuple, list)) or not shape or not all(is_int(s) and s >= 1 for s in shape):
             raise _bad("data.shape", list(shape) if isinstance(shape, tuple) else shape,
                        "give a non-empty list of integers >= 1, e.g. [64]")
         _check_choice("data.dtype", d.dtype, STORAGE_DTYPES, allow_none=True)
@@ -687,8 +678,8 @@ def _validate_jacobian(j: JacobianSpec) -> None:
 def _validate_engine(e: EngineSpec) -> None:
     _check_str("engine.address", e.address, allow_none=True)
     _check_int("engine.num_workers", e.num_workers, minimum=0, allow_none=True)
-    if not isinstance(e.device, str) or not (e.device in DEVICES or _CUDA_RE.match(e.device)):
-        raise _bad("engine.device", e.device, _choices(DEVICES) + " or 'cuda:N'")
+    if not is_device(e.device):
+        raise _bad("engine.device", e.device, _choices(DEVICES[:-1]) + f" or {DEVICES[-1]!r}")
     _check_int("engine.shard_size", e.shard_size, minimum=1, allow_none=True)
     _check_int("engine.parallel_iterations", e.parallel_iterations, minimum=1, allow_none=False)
     _check_int("engine.max_retries", e.max_retries, minimum=0, allow_none=False)

@@ -67,6 +67,17 @@ retries for minutes, ignoring Ctrl-C. The engine resolves the address the same w
 (:func:`_resolve_address`) and checks with a TCP connection (``connect_timeout``
 seconds) that something listens there before calling ``ray.init``, naming the address
 and where it came from when nothing does.
+
+NOTE [the Engine's settings and the job's]
+``Engine(...).run(spec)``: for each setting both carry (``shard_size``,
+``parallel_iterations``, ``chunk_size``, ``shard_timeout_s``), an Engine argument given
+(not None) wins over the job's value, which wins over the default. As in Ray, where an
+explicit ``.options(...)`` wins over what the code was declared with: the code that built
+the Engine said what it wants; a config file says what a job wants when nobody says
+otherwise. The Engine's defaults are None for that reason (None: "not set here"), and
+``distjac run`` builds its Engine from the spec, so there the spec's values apply. What
+only the Engine can decide (address, workers, device, retries) is the Engine's. None of
+these settings is in the spec hash: they change how a job runs, not what it writes.
 """
 
 from __future__ import annotations
@@ -83,6 +94,7 @@ import time
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,16 +103,16 @@ import numpy as np
 import torch
 
 from . import arrow
+from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
-from .options import UnconnectedGradients, check_functional_call, check_positive_int
-from .plan import DEFAULT_SHARD_BYTES, SHARDS_PER_WORKER, ShardPlan, format_bytes, make_plan
+from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
+from .plan import DEFAULT_PARALLEL_ITERATIONS, DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
 from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
 
-__all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats"]
+__all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats", "local_cluster", "ray_connection"]
 
 log = logging.getLogger("distjac")
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 # Seconds to wait for the workers to start (torch import, model placement) before
 # reporting that the cluster cannot place them; a GPU or autoscaling cluster may need more.
 DEFAULT_STARTUP_TIMEOUT = 180.0
@@ -160,25 +172,6 @@ def _secure_token_file(create: bool) -> Path | None:
     return path
 
 
-@contextlib.contextmanager
-def _loopback_only():
-    """See NOTE [loopback listeners]."""
-    from ray._private import ray_constants
-
-    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    saved_env, saved_flag = os.environ.get(key), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[key] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved_env
-
-
 def _auth_hint() -> str:
     mode = os.environ.get("RAY_AUTH_MODE", "unset")
     return (
@@ -207,13 +200,7 @@ def _preflight_auth(address: str) -> None:
     if address.startswith("ray://"):
         return
     try:
-        from ray._private import services
-        from ray._raylet import GcsClient
-
-        gcs = services.canonicalize_bootstrap_address(address)
-        if gcs is None:
-            return
-        GcsClient(address=gcs).cluster_id  # noqa: B018 - the call is the check
+        gcs_cluster_id(address)
     except Exception as err:
         if _is_auth_failure(err):
             raise ConnectionError(
@@ -229,8 +216,6 @@ def _resolve_address(address: str) -> tuple[str, str]:
     Raises:
         ConnectionError: "auto" and no cluster is recorded or running on this machine.
     """
-    from ._compat import ray_address_file, running_gcs_addresses
-
     if address.startswith("ray://"):
         return address[len("ray://"):].split("/", 1)[0], "the address given"
     if address != "auto":
@@ -306,7 +291,7 @@ def _acquire_ray(address: str | None, min_cpus: int, init_kwargs: dict,
                 else:
                     warnings.warn("distjac.Engine: RAY_AUTH_MODE=disabled, so the local Ray instance "
                                   "runs without token authentication.", stacklevel=4)
-                with _loopback_only():
+                with ray_cluster_mode_off():  # NOTE [loopback listeners]
                     ray.init(address="local", **kwargs)
                 if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
                     _secure_token_file(create=False)
@@ -334,6 +319,60 @@ def _release_ray() -> None:
             _Session.owned = False
             if ray.is_initialized():
                 ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_connection(address: str | None = None, *, min_cpus: int = 1, ray_init_kwargs: dict | None = None,
+                   connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Iterator[bool]:
+    """Hold this process's Ray connection open across several Engines (benchmarks that
+    build one Engine per measurement pay Ray's start-up once).
+
+    Connects as ``Engine(address=...)`` does (a hardened local instance for None) and
+    counts as one more user of the shared connection: the Ray instance distjac started
+    stops when the last Engine or holder lets go.
+
+    Args:
+        address: as :class:`Engine`'s.
+        min_cpus: CPUs a local instance gets at least.
+        ray_init_kwargs: extra keyword arguments for ``ray.init``.
+        connect_timeout: as :class:`Engine`'s.
+
+    Yields:
+        Whether distjac started the Ray instance (False: it joined one).
+    """
+    owned = _acquire_ray(address, min_cpus, dict(ray_init_kwargs or {}), float(connect_timeout))
+    try:
+        yield owned
+    finally:
+        _release_ray()
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, *, cpus_per_node: int = 1) -> Iterator[str]:
+    """A Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``): a
+    head with no CPUs, so that every worker lands on one of ``nodes`` nodes of
+    ``cpus_per_node`` CPUs each. For benchmarks and tests of multi-node behaviour.
+
+    Yields:
+        The cluster's address, for ``Engine(address=...)`` or :func:`ray_connection`.
+
+    Raises:
+        RuntimeError: this process is already connected to Ray.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        raise RuntimeError("distjac.engine.local_cluster: this process is already connected to Ray; "
+                           "start the cluster in a fresh process.")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=cpus_per_node)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
 
 
 class _Lease:
@@ -465,8 +504,7 @@ class EngineStats:
 def _check_device(device: Any, call: str) -> str:
     if isinstance(device, torch.device):
         device = str(device)
-    if isinstance(device, str) and (device in ("auto", "cpu", "cuda") or
-                                    (device.startswith("cuda:") and device[5:].isdigit())):
+    if is_device(device):
         return device
     raise OptionError(f"{call}: device={device!r} is not valid; use one of {', '.join(map(repr, DEVICES))}.")
 
@@ -512,12 +550,15 @@ class Engine:
             over ``num_gpus_per_worker`` when workers use GPUs, else its CPUs over
             ``num_cpus_per_worker``).
         device: "auto" (each worker on the GPU Ray assigned it, else CPU), "cpu", "cuda".
-        shard_size: rows per shard; None sizes shards from a memory budget
-            (``shard_bytes`` of Jacobian each, see :mod:`distjac.plan`).
-        parallel_iterations: shards in flight at once across the cluster (None: 2 per
-            worker). Not the kernels' knob: that is ``chunk_size``.
+        shard_size: rows per shard; None: the job's ``engine.shard_size`` in
+            :meth:`run`, else sized from a memory budget (``shard_bytes`` of Jacobian
+            each, see :mod:`distjac.plan`).
+        parallel_iterations: shards in flight at once across the cluster; None: the
+            job's ``engine.parallel_iterations`` in :meth:`run`, else 8. Not the
+            kernels' knob: that is ``chunk_size``.
         chunk_size: Jacobian rows per vectorized pass on the workers (the kernels'
-            ``parallel_iterations``); None lets the kernels fit their memory budget.
+            ``parallel_iterations``); None: the job's ``jacobian.chunk_size`` in
+            :meth:`run`, else the kernels fit their memory budget.
         max_retries: times a shard is run again after its worker or node died or it
             stalled (0: never). See NOTE [retries, never twice].
         num_cpus_per_worker: CPUs each worker reserves; torch uses that many threads.
@@ -530,7 +571,8 @@ class Engine:
         shard_timeout_s: seconds a shard may run on a worker before the worker is
             killed and replaced and the shard retried elsewhere; None derives it from the
             call's finished shards (10x their median, at least 60 s; 600 s for a worker's
-            first shard). See NOTE [stalled shards].
+            first shard); in :meth:`run`, None takes the job's
+            ``engine.shard_timeout_s``. See NOTE [stalled shards].
         connect_timeout: seconds the cluster at ``address`` has to accept a connection
             before the engine gives up with a ConnectionError (not for ``address=None``).
         ray_init_kwargs: extra keyword arguments for ``ray.init`` (runtime_env, ...).
@@ -554,7 +596,7 @@ class Engine:
         num_workers: int | None = None,
         device: str = "auto",
         shard_size: int | None = None,
-        parallel_iterations: int | None = 8,
+        parallel_iterations: int | None = None,
         chunk_size: int | None = None,
         max_retries: int = 3,
         *,
@@ -579,8 +621,7 @@ class Engine:
         check_positive_int(chunk_size, "chunk_size", call)
         check_positive_int(max_memory, "max_memory", call)
         check_positive_int(shard_bytes, "shard_bytes", call, allow_none=False)
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise OptionError(f"{call}: max_retries={max_retries!r} is not valid; use an integer >= 0.")
+        check_int(max_retries, "max_retries", call, minimum=0, allow_none=False)
         for name, value in (("num_cpus_per_worker", num_cpus_per_worker), ("num_gpus_per_worker", num_gpus_per_worker)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise OptionError(f"{call}: {name}={value!r} is not valid; use a number >= 0.")
@@ -736,7 +777,7 @@ class Engine:
         workers = max(1, self.num_workers)
         return make_plan(
             rows, in_shape, out_shape, in_itemsize=itemsize, shard_size=self.shard_size,
-            parallel_iterations=self.parallel_iterations or SHARDS_PER_WORKER * workers,
+            parallel_iterations=self.parallel_iterations or DEFAULT_PARALLEL_ITERATIONS,
             num_workers=workers, shard_bytes=self.shard_bytes, gather=gather,
         )
 
@@ -746,10 +787,10 @@ class Engine:
         self,
         fn,
         x: torch.Tensor,
+        *,
         mode: str = "auto",
         unconnected_gradients: str | UnconnectedGradients = "none",
         experimental_use_pfor: bool = True,
-        *,
         progress: bool | None = None,
     ) -> torch.Tensor | None:
         """Per-example Jacobians of ``fn`` over ``x``, computed on the workers.
@@ -759,7 +800,7 @@ class Engine:
         is called on blocks of rows (whole shards, or the kernels' blocks), never on one
         example. ``fn`` (a function, or a torch.nn.Module, moved to each worker's device)
         is shipped to the workers once per call, by value when its module is not
-        installed there.
+        installed there. Every argument after ``x`` is keyword-only.
 
         Args:
             fn: the function or module.
@@ -798,6 +839,11 @@ class Engine:
         (temporary name, fsync, rename). The driver records each part in the manifest as
         it completes, so a job stopped at any point resumes with what was finished.
 
+        The shard size, shards in flight, kernel chunk and shard timeout are this
+        Engine's where it was given them, else the job's, else the defaults; see NOTE
+        [the Engine's settings and the job's]. The report's ``shard_size`` and
+        ``in_flight`` say what ran.
+
         Args:
             spec: the job.
             progress: show a progress bar; None follows the spec, then the terminal.
@@ -815,18 +861,20 @@ class Engine:
 
         call = "Engine.run(spec)"
         self._check_open(call)
-        job = prepare_job(spec, num_workers=self.num_workers)
+        # NOTE [the Engine's settings and the job's]
+        job = prepare_job(spec, num_workers=self.num_workers, shard_size=self.shard_size,
+                          parallel_iterations=self.parallel_iterations, shard_bytes=self.shard_bytes)
         model = build_model(spec.model, dtype=getattr(torch, job.compute_dtype))
         if isinstance(model, torch.nn.Module):
             model.requires_grad_(False)  # Jacobians w.r.t. the inputs only
         options = {
             "mode": spec.jacobian.mode,
-            "chunk_size": spec.jacobian.chunk_size if spec.jacobian.chunk_size is not None else self.chunk_size,
+            "chunk_size": self.chunk_size if self.chunk_size is not None else spec.jacobian.chunk_size,
             "use_pfor": True,
             "call": call,
         }
-        in_flight = max(1, spec.engine.parallel_iterations or self.parallel_iterations)
-        timeout = getattr(spec.engine, "shard_timeout_s", None) or self.shard_timeout_s
+        in_flight = job.plan.parallel_iterations
+        timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
         def executor(descriptors):
             if not descriptors:

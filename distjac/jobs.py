@@ -63,7 +63,7 @@ from .io.sink import (
     write_part,
 )
 from .io.sources import Source, open_source
-from .plan import ShardPlan, format_bytes, make_plan
+from .plan import DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
 from .reduce import check_reductions, reduce_block
 from .worker import peak_rss_bytes, values_to_host
 
@@ -86,8 +86,10 @@ __all__ = [
 # Built models each process keeps (keyed by model spec, device and dtype): a worker runs
 # one job's shards, so one entry would do; two let a driver alternate between jobs.
 MODEL_CACHE_SIZE = 2
-# Rows the model is probed on while preparing a job.
-PROBE_ROWS = 2
+# Rows the model is probed on, on the driver, while preparing a job: its output shape and
+# compute dtype only. Fewer than the kernels' PROBE_ROWS (which also measure connectivity
+# and activation memory) on purpose: the driver may be a laptop running a large model.
+JOB_PROBE_ROWS = 2
 
 
 # -----------------------------------------------------------------------------------------
@@ -358,7 +360,7 @@ class PreparedJob:
     @property
     def stored_row_bytes(self) -> int:
         """Bytes one example takes in the output (its row id included)."""
-        item = {"float16": 2, "float32": 4, "float64": 8}[self.spec.jacobian.dtype]
+        item = torch.empty((), dtype=getattr(torch, self.spec.jacobian.dtype)).element_size()
         values = len(self.spec.reductions) if self.spec.reductions else math.prod(self.out_shape + self.in_shape)
         return 8 + values * item
 
@@ -451,7 +453,7 @@ def _probe_shapes(spec: JobSpec, source: Source) -> tuple[tuple[int, ...], str]:
     tdtype = getattr(torch, dtype)
     if isinstance(model, torch.nn.Module):
         model.to(dtype=tdtype)
-    n = min(PROBE_ROWS, source.num_rows)
+    n = min(JOB_PROBE_ROWS, source.num_rows)
     x = source.read(0, n).to(tdtype) if n else torch.zeros((1, *source.shape), dtype=tdtype)
     key = f"config: model.factory={spec.model.factory!r}"
     try:
@@ -528,13 +530,19 @@ def check_job(spec: JobSpec, *, device_here: bool | None = None) -> Source:
     return source
 
 
-def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: bool | None = None) -> PreparedJob:
+def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: bool | None = None,
+                shard_size: int | None = None, parallel_iterations: int | None = None,
+                shard_bytes: int = DEFAULT_SHARD_BYTES) -> PreparedJob:
     """Check a job against its inputs and plan it; see NOTE [a job checks everything before any work].
 
     Args:
         spec: the job.
         num_workers: workers to size the default shard for (default: the spec's, or 1).
         device_here: see :func:`check_job`.
+        shard_size, parallel_iterations: an Engine's settings; where not None they win
+            over the spec's ``engine`` section (NOTE [the Engine's settings and the job's]
+            in distjac.engine).
+        shard_bytes: Jacobian bytes per shard when no shard size is set.
 
     Raises:
         ConfigError, SourceError, SourceNotFoundError, SourceDtypeError: the job cannot
@@ -551,8 +559,9 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
     try:
         plan = make_plan(
             source.num_rows, source.shape, out_shape, in_itemsize=itemsize, out_itemsize=itemsize,
-            shard_size=spec.engine.shard_size, parallel_iterations=spec.engine.parallel_iterations,
-            num_workers=max(1, workers), gather=False,
+            shard_size=shard_size if shard_size is not None else spec.engine.shard_size,
+            parallel_iterations=parallel_iterations or spec.engine.parallel_iterations,
+            num_workers=max(1, workers), shard_bytes=shard_bytes, gather=False,
         )
     except DistjacError as e:
         raise ConfigError(f"config: cannot plan the job: {e}") from e
@@ -630,6 +639,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
     t_run = time.perf_counter()
     computed: dict[int, PartInfo] = {}
     timings: dict[int, dict[str, Any]] = {}
+    # The shards an executor may run at once: the plan's (an engine), or one at a time.
+    events["in_flight"] = job.plan.in_flight if executor is not None else min(1, len(job.plan))
     if events["read_only"]:
         # A finished, verified output that cannot be written: report it, write nothing.
         return _report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
@@ -720,6 +731,7 @@ def _report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
         "rows": manifest.num_rows,
         "shards": len(manifest.shards),
         "shard_size": manifest.info.get("shard_size"),
+        "in_flight": events.get("in_flight"),
         "finished_shards": len(manifest.parts),
         "computed_shards": len(computed),
         "computed_rows": rows,

@@ -43,6 +43,8 @@ import torch
 from torch.func import jvp, vmap
 
 from . import chain as _chain
+from ._compat import in_functorch_transform as _in_transform  # inside an outer torch.func transform?
+from ._proc import proc_bytes
 from .errors import CoupledExamplesError, MemoryBudgetError, VectorizationError
 from .options import (
     UnconnectedGradients,
@@ -54,6 +56,7 @@ from .options import (
     env_int,
     parse_mode,
 )
+from .plan import format_bytes
 
 __all__ = [
     "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "graph_batch_jacobian",
@@ -83,6 +86,8 @@ AUTO_VMAP_MARGIN = 1.25
 # Per-example sizes decide the mode outright when one side is this many times the other.
 AUTO_MODE_RATIO = 4.0
 # Examples per probe call (the probe learns output shape, connectivity and activation bytes).
+# The Engine's probe on a worker uses the same rows (distjac.worker imports it); a job's
+# driver-side probe is jobs.JOB_PROBE_ROWS, smaller on purpose.
 PROBE_ROWS = 8
 
 
@@ -400,11 +405,6 @@ def _forward_columns(
     return jac.permute(1, 2, 0)  # (Bb, M, N), a view
 
 
-def _in_transform() -> bool:
-    """Whether we run inside a torch.func transform (jvp, vmap, grad...) of an outer call."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _reverse_block_func(
     fn: Callable, xb: torch.Tensor, *, chunk: int | None, vectorize: bool, call: str
 ) -> tuple[torch.Tensor, tuple]:
@@ -630,13 +630,9 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def _host_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -656,17 +652,17 @@ def fit_to_budget(
     out_bytes = b * m * n * itemsize
     if out_bytes > budget:
         raise MemoryBudgetError(
-            f"{call}: the Jacobian alone needs {_fmt_bytes(out_bytes)} ({b} x {m} x {n} "
-            f"elements) but the memory budget is {_fmt_bytes(budget)}. Pass a larger "
+            f"{call}: the Jacobian alone needs {format_bytes(out_bytes)} ({b} x {m} x {n} "
+            f"elements) but the memory budget is {format_bytes(budget)}. Pass a larger "
             "max_memory, split the batch, or use distjac.Engine to stream results to disk."
         )
     if s.mode == "chain":  # act_bytes: the chain's working set per example (ChainPlan.work_bytes)
         fit = (budget - out_bytes) // max(1, act_bytes)
         if fit < 1:
             raise MemoryBudgetError(
-                f"{call}: the chain strategy needs about {_fmt_bytes(act_bytes)} per example beyond "
-                f"the {_fmt_bytes(out_bytes)} result, which exceeds the memory budget of "
-                f"{_fmt_bytes(budget)}. Pass a larger max_memory."
+                f"{call}: the chain strategy needs about {format_bytes(act_bytes)} per example beyond "
+                f"the {format_bytes(out_bytes)} result, which exceeds the memory budget of "
+                f"{format_bytes(budget)}. Pass a larger max_memory."
             )
         return s if fit >= min(b, s.block or b) else replace(s, block=int(fit))
     rows = m if s.mode == "rev" else n
@@ -689,18 +685,10 @@ def fit_to_budget(
     if new_block < 1:
         raise MemoryBudgetError(
             f"{call}: one pass over a single example needs about "
-            f"{_fmt_bytes(act_bytes + per_pass)} beyond the {_fmt_bytes(out_bytes)} result, "
-            f"which exceeds the memory budget of {_fmt_bytes(budget)}. Pass a larger max_memory."
+            f"{format_bytes(act_bytes + per_pass)} beyond the {format_bytes(out_bytes)} result, "
+            f"which exceeds the memory budget of {format_bytes(budget)}. Pass a larger max_memory."
         )
     return replace(s, block=int(new_block))
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _hows(modes: Sequence[str], rows_of: dict) -> list[Strategy]:
@@ -1032,11 +1020,11 @@ def _run(
 def batch_jacobian(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
+    *,
     mode: str = "auto",
     parallel_iterations: int | None = None,
     experimental_use_pfor: bool = True,
     unconnected_gradients: str | UnconnectedGradients = "none",
-    *,
     max_memory: int | None = None,
     check_independence: bool = False,
 ) -> torch.Tensor | None:
@@ -1045,7 +1033,8 @@ def batch_jacobian(
     ``fn`` maps a batch (B, x1..xm) to (B, y1..yn), and row i of its output must depend
     only on row i of its input (as TensorFlow's batch_jacobian assumes). ``fn`` is always
     called on batches (the whole batch or blocks of rows), never on one example, so
-    Python control flow on the batch's values works in every mode.
+    Python control flow on the batch's values works in every mode. Every argument after
+    ``x`` is keyword-only (as in :meth:`distjac.Engine.batch_jacobian`).
 
     Args:
         fn: the function; a torch.nn.Module works too.

@@ -53,13 +53,34 @@ def parse_mode(mode: Any, call: str) -> str:
     raise OptionError(f"{call}: mode={mode!r} is not valid; use one of 'rev', 'fwd' or 'auto'.")
 
 
-def check_positive_int(value: Any, name: str, call: str, *, allow_none: bool = True) -> int | None:
+# Devices an Engine or a job accepts; "cuda:N" stands for cuda:0, cuda:1, ...
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def is_device(value: Any) -> bool:
+    """Whether ``value`` names a device of :data:`DEVICES` ("auto", "cpu", "cuda", "cuda:N")."""
+    return isinstance(value, str) and (value in DEVICES[:3] or (value.startswith("cuda:") and value[5:].isdigit()))
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool: the one integer test of every option, plan and config check."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value: Any, name: str, call: str, *, minimum: int = 1, allow_none: bool = True,
+              none: str = "None") -> int | None:
+    """``value`` if it is None (where allowed) or an integer >= ``minimum``; else an
+    OptionError naming the call, the value and what to use (``none`` says what None means)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        hint = "None (all at once) or " if allow_none else ""
-        raise OptionError(f"{call}: {name}={value!r} is not valid; use {hint}an integer >= 1.")
+    if not is_int(value) or value < minimum:
+        hint = f"{none} or " if allow_none else ""
+        raise OptionError(f"{call}: {name}={value!r} is not valid; use {hint}an integer >= {minimum}.")
     return value
+
+
+def check_positive_int(value: Any, name: str, call: str, *, allow_none: bool = True) -> int | None:
+    return check_int(value, name, call, allow_none=allow_none, none="None (all at once)")
 
 
 def check_tensor(t: Any, what: str, call: str) -> torch.Tensor:

@@ -29,6 +29,7 @@ a small receipt instead. Both hooks are plain duck-typed objects pickled by valu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -50,6 +51,8 @@ import numpy as np
 import torch
 
 from . import arrow, kernels
+from ._compat import pickled_by_value
+from ._proc import proc_bytes
 from .errors import DistjacError
 from .options import check_batched, check_floating, check_same_batch, check_tensor
 
@@ -63,8 +66,9 @@ __all__ = [
     "to_wire",
 ]
 
-# Rows the probe runs fn on to learn its output shape and whether it depends on x.
-PROBE_ROWS = 8
+# Rows the probe runs fn on to learn its output shape and whether it depends on x: the
+# kernels' own probe size, so the kernel call inside the probe probes nothing more.
+PROBE_ROWS = kernels.PROBE_ROWS
 # Deserialized functions a worker keeps (most recent first); each may hold a model.
 FUNCTION_CACHE_SIZE = 4
 # Tensors numpy cannot hold travel as the bits of a same-width integer.
@@ -146,7 +150,7 @@ def serialize_function(fn: Callable) -> bytes:
             if verdict[1]:
                 continue
             try:
-                if not cloudpickle.cloudpickle._is_registered_pickle_by_value(module):
+                if not pickled_by_value(module):
                     cloudpickle.register_pickle_by_value(module)
                     registered.append(module)
             except (ValueError, AttributeError):  # not importable under its own name
@@ -266,13 +270,9 @@ def peak_rss_bytes() -> int:
     and exec (a worker spawned by a 2 GiB process would report at least 2 GiB). Elsewhere
     ``ru_maxrss`` (bytes on macOS, KiB on other systems). Either is the peak since the
     process started: a long-lived process (a notebook, a worker) reports earlier work too."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource  # Unix only; imported here so that the module imports anywhere
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -293,19 +293,33 @@ def _dump_error(err: BaseException) -> bytes:
 # --------------------------------------------------------------------------------------
 
 
-def _node_id() -> str:
+def _running_ray():
+    """The ``ray`` module when this process is connected to Ray (a Ray worker, a driver
+    after ``ray.init``), else None. Never imports or starts Ray: outside Ray (the class
+    used directly) ``ray.get_runtime_context()`` would start a local instance with
+    Ray's defaults (all interfaces, no distjac hardening)."""
+    ray = sys.modules.get("ray")
     try:
-        import ray
+        return ray if ray is not None and ray.is_initialized() else None
+    except Exception:  # pragma: no cover - a half-imported ray
+        return None
 
+
+def _node_id() -> str:
+    ray = _running_ray()
+    if ray is None:  # outside Ray (tests calling the class directly)
+        return socket.gethostname()
+    try:
         return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (tests calling the class directly)
+    except Exception:
         return socket.gethostname()
 
 
 def _assigned(resource: str) -> float:
+    ray = _running_ray()
+    if ray is None:
+        return 0.0
     try:
-        import ray
-
         return float(ray.get_runtime_context().get_assigned_resources().get(resource, 0.0))
     except Exception:
         return 0.0
@@ -341,13 +355,10 @@ class JacobianWorker:
         for mode in ("rev", "fwd"):
             jac = kernels.batch_jacobian(lambda t: t * t, torch.ones(2, 2, device=self.device), mode=mode)
         batch = arrow.annotate(arrow.to_record_batch(range(2), jac, dtype=None), {})
-        try:
-            import ray
-
-            if ray.is_initialized():
+        ray = _running_ray()
+        if ray is not None:  # outside Ray (the class used directly): nothing to warm
+            with contextlib.suppress(Exception):
                 ray.put(batch)
-        except Exception:  # outside Ray (the class used directly): nothing to warm
-            pass
 
     @staticmethod
     def _resolve_device(device: str) -> torch.device:
@@ -371,10 +382,9 @@ class JacobianWorker:
         if fn is not None:
             self._fns.move_to_end(key, last=False)
             return fn
-        import ray
-
         ref = box[0]  # boxed in a list so Ray does not resolve it on every call
-        blob = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        ray = sys.modules.get("ray")  # an ObjectRef exists only where Ray was imported
+        blob = ray.get(ref) if ray is not None and isinstance(ref, ray.ObjectRef) else ref
         fn = cloudpickle.loads(blob)
         if isinstance(fn, torch.nn.Module):
             fn = fn.to(self.device)

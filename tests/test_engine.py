@@ -488,6 +488,18 @@ def test_local_engine_listens_on_loopback_only_and_keeps_its_token_private(engin
     assert mode == 0o600, oct(mode)
 
 
+@pytest.mark.ray
+def test_ray_connection_shares_the_engines_connection(engine):
+    import ray
+
+    from distjac.engine import ray_connection
+
+    with ray_connection() as owned:
+        assert ray.is_initialized() and owned == engine.owns_ray
+    assert ray.is_initialized(), "a holder that let go must not stop Ray while an Engine uses it"
+    assert engine.workers()
+
+
 @pytest.mark.gpu
 def test_gpu_workers_match_the_cpu_kernel():
     if not torch.cuda.is_available():

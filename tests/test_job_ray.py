@@ -454,6 +454,46 @@ def test_cli_job_failure_on_ray_exits_1_and_leaves_nothing_half_written(engine, 
     np.testing.assert_allclose(distjac.read_result(out), want, rtol=1e-5, atol=1e-6)
 
 
+# NOTE [the Engine's settings and the job's] (distjac/engine.py): an Engine argument
+# given wins over the spec's engine section, which wins over the defaults.
+
+
+@pytest.fixture
+def settings(engine):
+    """The module's engine, its shard size and shards in flight restored afterwards."""
+    saved = (engine.shard_size, engine.parallel_iterations)
+    yield engine
+    engine.shard_size, engine.parallel_iterations = saved
+
+
+def _small_job(out, **engine_keys) -> distjac.JobSpec:
+    return job_spec(out, data={"rows": 200}, engine=engine_keys)
+
+
+def test_run_uses_the_specs_settings_where_the_engine_gives_none(settings, tmp_path):
+    assert (settings.shard_size, settings.parallel_iterations) == (None, None)
+    report = settings.run(_small_job(tmp_path / "out", shard_size=50, parallel_iterations=3))
+    assert (report["shards"], report["shard_size"], report["in_flight"]) == (4, 50, 3)
+
+
+def test_run_engine_arguments_win_over_the_spec(settings, tmp_path):
+    settings.shard_size, settings.parallel_iterations = 40, 2
+    spec = _small_job(tmp_path / "out", shard_size=50, parallel_iterations=3)
+    report = settings.run(spec)
+    assert (report["shards"], report["shard_size"], report["in_flight"]) == (5, 40, 2)
+    assert json.load(open(os.path.join(spec.output.path, MANIFEST_NAME)))["shards"] == [
+        [i * 40, (i + 1) * 40] for i in range(5)]
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-5, atol=1e-6)
+
+
+def test_run_defaults_where_neither_says(settings, tmp_path):
+    d = job_dict(tmp_path / "out", data={"rows": 200})
+    d["engine"] = {"num_workers": 2}  # no shard_size, no parallel_iterations
+    report = settings.run(distjac.JobSpec.from_dict(d))
+    assert report["shards"] == 1 and report["in_flight"] == 1  # 200 small rows: one default shard
+    assert settings.plan(200, (8,), (4,)).parallel_iterations == distjac.plan.DEFAULT_PARALLEL_ITERATIONS
+
+
 @pytest.mark.slow
 def test_cli_driver_sigkilled_mid_job_then_resumed(engine, tmp_path):
     """SIGKILL `distjac run --workers 2` once parts are on disk: its Ray processes go with

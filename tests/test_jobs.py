@@ -340,3 +340,36 @@ def test_driver_killed_mid_job_resumes_with_the_same_result(tmp_path):
     clean = run_job(spec.with_overrides([f"output.path={tmp_path / 'clean'}", "model.kwargs.delay=0"]))
     assert clean["computed_shards"] == 20
     np.testing.assert_array_equal(distjac.read_result(out), distjac.read_result(tmp_path / "clean"))
+
+
+# --------------------------------------------------------------------------------------
+# NOTE [the Engine's settings and the job's]: an Engine's shard size and shards in
+# flight (passed to prepare_job) win over the spec's; None leaves the spec's.
+# --------------------------------------------------------------------------------------
+
+
+def test_prepare_job_engine_settings_win_over_the_spec(tmp_path):
+    spec = tiny_spec(tmp_path / "out", engine={"shard_size": 16, "parallel_iterations": 3})
+    plan = prepare_job(spec).plan
+    assert (plan.shard_size, len(plan), plan.parallel_iterations) == (16, 4, 3)
+    plan = prepare_job(spec, shard_size=None, parallel_iterations=None).plan
+    assert (plan.shard_size, plan.parallel_iterations) == (16, 3)
+    plan = prepare_job(spec, shard_size=10, parallel_iterations=2).plan
+    assert (plan.shard_size, len(plan), plan.parallel_iterations, plan.in_flight) == (10, 5, 2, 2)
+
+
+def test_in_process_report_runs_one_shard_at_a_time(tmp_path):
+    report = run_job(tiny_spec(tmp_path / "out", engine={"parallel_iterations": 3}))
+    assert (report["shards"], report["shard_size"], report["in_flight"]) == (4, 16, 1)
+
+
+def test_cli_engine_takes_the_specs_settings(tmp_path):
+    """distjac run builds its Engine from the spec: every setting the Engine would win
+    with is the spec's own, so the CLI runs what the spec says."""
+    from distjac.cli import _engine_kwargs
+
+    spec = tiny_spec(tmp_path / "out", engine={"shard_size": 7, "parallel_iterations": 3},
+                     jacobian={"chunk_size": 2})
+    kw = _engine_kwargs(spec)
+    assert (kw["shard_size"], kw["parallel_iterations"], kw["chunk_size"]) == (7, 3, 2)
+    assert "shard_timeout_s" not in kw  # None on the Engine: the spec's applies

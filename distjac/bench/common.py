@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from distjac._proc import proc_bytes
+
 PACKAGES = ("distjac", "torch", "numpy", "pyarrow", "ray", "matplotlib")
 
 
@@ -25,18 +27,6 @@ def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def proc_bytes(path: str, key: str) -> int | None:
-    """A ``key: N kB`` field of a /proc file (meminfo, self/status) in bytes; None off Linux."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def meminfo(key: str) -> int | None:

@@ -42,6 +42,7 @@ start on a worker, mostly shards waiting behind others, as ``parallel_iterations
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -260,51 +261,34 @@ class _LocalRay:
         self.cpus = cpus
 
     def __enter__(self):
-        from distjac.engine import _acquire_ray
+        from distjac.engine import ray_connection
 
-        _acquire_ray(None, self.cpus, {})
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(ray_connection(None, min_cpus=self.cpus))
         return self
 
     def __exit__(self, *exc):
-        from distjac.engine import _release_ray
-
-        _release_ray()
+        self._stack.close()
 
 
 class _OneMachineCluster:
-    """``ray.cluster_utils.Cluster``: a head with no CPUs and ``nodes`` nodes of one CPU."""
+    """A head with no CPUs and ``nodes`` nodes of one CPU (distjac.engine.local_cluster),
+    held open across the Engines of the topology."""
 
     def __init__(self, nodes: int):
         self.nodes = nodes
 
     def __enter__(self):
-        import ray
-        from ray.cluster_utils import Cluster
+        from distjac.engine import local_cluster, ray_connection
 
-        from distjac.engine import _acquire_ray
-
-        if ray.is_initialized():
-            raise RuntimeError("distjac bench scaling: this process is already connected to Ray; "
-                               "run the cluster topology in a fresh process.")
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-        try:
-            for _ in range(self.nodes):
-                self.cluster.add_node(num_cpus=1)
-            self.cluster.wait_for_nodes()
-            self.address = self.cluster.address
-            _acquire_ray(self.address, self.nodes, {})
-        except BaseException:
-            self.cluster.shutdown()
-            raise
+        with contextlib.ExitStack() as stack:
+            self.address = stack.enter_context(local_cluster(self.nodes))
+            stack.enter_context(ray_connection(self.address, min_cpus=self.nodes))
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        from distjac.engine import _release_ray
-
-        try:
-            _release_ray()
-        finally:
-            self.cluster.shutdown()
+        self._stack.close()
 
 
 def _efficiency(records: list[dict[str, Any]]) -> None:

@@ -61,7 +61,6 @@ __all__ = [
     "open_source",
 ]
 
-FLOAT_DTYPES = ("float16", "float32", "float64")
 EXTENSIONS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc")}
 # Rows per synthetic block: large enough to amortise the generator, small enough that
 # reading a small shard does not generate much more than it needs.
@@ -539,11 +538,11 @@ def _limit(rows: int | None, available: int, where: str) -> int:
 
 
 def _check_dtype(dtype: np.dtype, where: str, column: str | None = None) -> None:
-    if dtype.name not in FLOAT_DTYPES:
+    if dtype.name not in arrow_mod.STORAGE_DTYPES:
         what = f"column {column!r} of {where}" if column else where
         raise SourceDtypeError(
             f"data: {what} holds {dtype} values; distjac differentiates floating values only "
-            f"({', '.join(FLOAT_DTYPES)}). Convert the data to float32."
+            f"({', '.join(arrow_mod.STORAGE_DTYPES)}). Convert the data to float32."
         )
 
 
