@@ -834,8 +834,11 @@ def resolve_factory(factory: str) -> Any:
     return obj
 
 
-def build_model(spec: ModelSpec, *, device: Any = None, dtype: Any = None):
+def build_model(spec: ModelSpec, *, factory: Any = None, device: Any = None, dtype: Any = None):
     """Call the factory with its kwargs, load the weights, move to ``device`` / ``dtype``.
+
+    ``factory`` is the spec's factory already resolved (:func:`resolve_factory`; the
+    engine resolves it on the driver and ships it to the workers); None resolves it here.
 
     The model is put in eval mode and its parameters stop requiring gradients (only the
     Jacobian with respect to the inputs is computed).
@@ -848,7 +851,8 @@ def build_model(spec: ModelSpec, *, device: Any = None, dtype: Any = None):
     """
     import torch
 
-    factory = resolve_factory(spec.factory)
+    if factory is None:
+        factory = resolve_factory(spec.factory)
     try:
         model = factory(**dict(spec.kwargs))
     except TypeError as e:

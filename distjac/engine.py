@@ -94,8 +94,8 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,8 @@ from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, run
 from .errors import DistjacError, OptionError, ShardError
 from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
 from .plan import DEFAULT_PARALLEL_ITERATIONS, DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
-from .worker import PROBE_ROWS, JacobianWorker, RemoteShardError, ShardTask, function_key, serialize_function, to_wire
+from .shard import PIPELINE_DEPTH, KernelOptions, ShardRunError, ShardTask, to_wire
+from .worker import PROBE_ROWS, JacobianWorker, function_key, serialize_function
 
 __all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats", "local_cluster", "ray_connection"]
 
@@ -409,10 +410,11 @@ class ShardStats:
 
     On the worker: ``read_s`` loads the shard's rows onto its device, ``compute_s`` is the
     kernel, ``to_host_s`` copies the result off a GPU (0 on CPU), ``arrow_s`` builds the
-    record batch. On the driver: ``wait_s`` runs from submission to the result being
-    ready (queueing, the worker's time, transfer), ``gather_s`` reads the record batch and
-    copies it into place. ``worker_peak_rss_bytes`` is the worker process's peak resident
-    memory when it finished the shard.
+    record batch, ``queued_s`` waited on the worker for a stage behind other shards (NOTE
+    [overlapped stages] in distjac.shard). On the driver: ``wait_s`` runs from submission
+    to the result being ready (queueing, the worker's time, transfer), ``gather_s`` reads
+    the record batch and copies it into place. ``worker_peak_rss_bytes`` is the worker
+    process's peak resident memory when it finished the shard.
     """
 
     shard: int
@@ -428,6 +430,7 @@ class ShardStats:
     read_s: float = 0.0
     to_host_s: float = 0.0
     arrow_s: float = 0.0
+    queued_s: float = 0.0
     worker_peak_rss_bytes: int = 0
 
     @property
@@ -682,6 +685,7 @@ class Engine:
         actor = ray.remote(JacobianWorker).options(
             num_cpus=self.num_cpus_per_worker, num_gpus=num_gpus,
             max_restarts=0, max_task_retries=0,  # NOTE [retries, never twice]
+            max_concurrency=PIPELINE_DEPTH,  # NOTE [overlapped stages] in distjac.shard
             scheduling_strategy="SPREAD",
         )
         self._actor_cls = actor
@@ -772,6 +776,41 @@ class Engine:
 
     # -- planning ----------------------------------------------------------------------
 
+    def _on_first_worker(self, submit: Callable, call: str, what: str, start: int, stop: int):
+        """``ray.get(submit(actor))`` on worker 0, bounded like a shard (NOTE [stalled
+        shards]): a worker that dies or stalls is replaced and the call made again,
+        max_retries times. A worker's own error is raised as the caller should see it."""
+        import ray
+
+        limit = self.shard_timeout_s or FIRST_SHARD_TIMEOUT_S
+        for _ in range(self.max_retries + 1):
+            actor = self._workers[0]
+            ref = submit(actor)
+            try:
+                return ray.get(ref, timeout=limit)
+            except ray.exceptions.RayTaskError as err:
+                error = _remote_error(err, call)
+                raise error from error.__cause__
+            except ray.exceptions.GetTimeoutError as err:
+                reason, last = f"it did not finish within {limit:g} s", err
+            except ray.exceptions.RayActorError as err:
+                reason, last = f"its worker died ({type(err).__name__})", err
+            if self._replace_worker(0, actor, reason):
+                with contextlib.suppress(Exception):  # its start is not the probe's time
+                    ray.get(self._workers[0].info.remote(), timeout=self.startup_timeout)
+        raise ShardError(
+            f"{call}: {what} on rows [{start}, {stop}) failed {self.max_retries + 1} times ({reason}); "
+            f"max_retries={self.max_retries}. Check the model or fn on these rows and the workers' logs, "
+            "or raise max_retries or shard_timeout_s.",
+            shard=0, start=start, stop=stop, node=None,
+        ) from last
+
+    def _probe_job(self, shipment: _Shipment, source, rows: int) -> dict:
+        """A job's model built and probed on a worker: its output shape and compute dtype."""
+        return self._on_first_worker(
+            lambda actor: actor.probe_model.remote(shipment.key, shipment.box, source, rows),
+            "Engine.run(spec)", "building and probing the model", 0, min(rows, source.num_rows))
+
     def plan(self, rows: int, in_shape, out_shape, *, itemsize: int = 4, gather: bool = True) -> ShardPlan:
         """The shard plan this engine would run for ``rows`` examples (no work is done)."""
         workers = max(1, self.num_workers)
@@ -856,50 +895,43 @@ class Engine:
                 OutputExistsError: the job cannot start; nothing was written.
             ShardError: a shard failed; finished parts stay on disk for a resume.
         """
-        from .config import build_model
-        from .jobs import WORKER_STAGES, prepare_job, run_job
+        from .jobs import JOB_PROBE_ROWS, check_job, prepare_job, run_job
 
         call = "Engine.run(spec)"
         self._check_open(call)
+        # Checks that run no user code (the spec, the source, the factory's module) first.
+        source = check_job(spec, device_here=False)
+        # NOTE [the driver never runs the model]: the factory is imported here, never
+        # called; the recipe goes to the workers once, and each builds the model on its
+        # own device once per process. The probe runs on a worker (max_retries times).
+        shipment: list[_Shipment] = []
+
+        def probe(recipe_, source_) -> dict:
+            self._ready()
+            shipment.append(_ship(self, recipe_))
+            return self._probe_job(shipment[0], source_, JOB_PROBE_ROWS)
+
         # NOTE [the Engine's settings and the job's]
         job = prepare_job(spec, num_workers=self.num_workers, shard_size=self.shard_size,
-                          parallel_iterations=self.parallel_iterations, shard_bytes=self.shard_bytes)
-        model = build_model(spec.model, dtype=getattr(torch, job.compute_dtype))
-        if isinstance(model, torch.nn.Module):
-            model.requires_grad_(False)  # Jacobians w.r.t. the inputs only
-        options = {
-            "mode": spec.jacobian.mode,
-            "chunk_size": self.chunk_size if self.chunk_size is not None else spec.jacobian.chunk_size,
-            "use_pfor": True,
-            "call": call,
-        }
+                          parallel_iterations=self.parallel_iterations, chunk_size=self.chunk_size,
+                          shard_bytes=self.shard_bytes, probe=probe, source=source)
         in_flight = job.plan.parallel_iterations
         timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
-        def executor(descriptors):
-            if not descriptors:
+        def executor(job_, tasks):
+            if not tasks:
                 return
-            self._ready()
-            shipment = _ship(self, model)
-            reader, sink = job.reader(), job.part_sink()
-            if job.source.kind == "tensor":
+            if job_.source.kind == "tensor":
                 # A tensor in memory is its own data: as a task's source it would travel
                 # whole with every shard. Each task carries its own rows instead (as in
                 # batch_jacobian); the driver keeps the tensor alive until the job ends.
-                wire = to_wire(reader.read(0, job.source.num_rows))
-                tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, rows=wire[d.start:d.stop])
-                         for d in descriptors]
-            else:
-                tasks = [ShardTask(d.index, d.start, d.stop, dtype=job.compute_dtype, source=reader)
-                         for d in descriptors]
-            for _task, receipt, done in _map_shards(self, shipment, tasks, options, in_flight=in_flight,
-                                                     call=call, sink=sink, shard_timeout_s=timeout):
-                timing = receipt.get("timing")
-                if isinstance(timing, dict):
-                    # Submission to receipt, less the worker's own time: queueing and transfer.
-                    worker_s = sum(float(timing.get(k, 0.0)) for k in WORKER_STAGES)
-                    timing["wait_s"] = max(0.0, done.wait_s - worker_s)
-                yield receipt
+                wire = to_wire(job_.source.read(0, job_.source.num_rows).to(getattr(torch, job_.compute_dtype)))
+                tasks = [job_.task(t.shard, t.start, t.stop, rows=wire[t.start:t.stop]) for t in tasks]
+            for _task, result, done in _map_shards(self, shipment[0], tasks, in_flight=in_flight,
+                                                   call=call, shard_timeout_s=timeout):
+                # Submission to receipt, less the runner's own time: queueing and transfer.
+                runner_s = result.timing.ended - result.timing.started
+                yield replace(result, wait_s=max(0.0, done.wait_s - runner_s))
 
         return run_job(spec, executor, prepared=job, progress=progress)
 
@@ -943,24 +975,11 @@ def _remote_error(err: BaseException, call: str) -> BaseException:
     """The exception the caller should see for a worker's failure (raise it ``from`` its
     ``__cause__``)."""
     cause = getattr(err, "cause", None)
-    if isinstance(cause, RemoteShardError):
-        original = cause.error
-        if hasattr(original, "add_note") and cause.tb:
-            original.add_note(f"Traceback on the worker (node {cause.node}, pid {cause.pid}):\n{cause.tb}")
-        where = " while probing fn's output shape" if cause.phase == "probe" else ""
-        shard_error = ShardError(
-            f"{call}: shard {cause.shard} (rows [{cause.start}, {cause.stop})) failed on node "
-            f"{cause.node} (worker pid {cause.pid}){where}: {type(original).__name__}: {original}. "
-            "The original exception is chained below with the worker's traceback; fix fn for "
-            "these rows (it is called on blocks of rows, never on one example) and call again.",
-            shard=cause.shard, start=cause.start, stop=cause.stop, node=cause.node,
-        )
-        shard_error.remote_traceback = cause.tb
-        shard_error.__cause__ = original
-        return shard_error
+    if isinstance(cause, ShardRunError):
+        return cause.shard_error(call)
     if isinstance(cause, (DistjacError, TypeError)) and not isinstance(cause, ShardError):
         cause.__cause__ = None
-        return cause  # the core's own checks (output rank, dtype): as the core raises them
+        return cause  # the core's own checks (output rank, dtype), a job's ConfigError: as raised
     return err
 
 
@@ -986,14 +1005,15 @@ def _stall_timeout(explicit: float | None, run_times: list[float], first: bool) 
     return max(MIN_SHARD_TIMEOUT_S, DEFAULT_SHARD_TIMEOUT_FACTOR * float(np.median(run_times)))
 
 
-def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], options: dict, *,
-                in_flight: int, call: str, sink: Any = None, shard_timeout_s: float | None = None):
+def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
+                in_flight: int, call: str, shard_timeout_s: float | None = None):
     """Run every task on the workers; yield ``(task, result, _Done)`` once per shard.
 
     At most ``in_flight`` shards are out at once, each sent to the least busy worker.
-    Results come back in completion order; ``result`` is the record batch (or the sink's
-    receipt). See NOTE [retries, never twice] and NOTE [stalled shards]. Closing the
-    generator early drops the shards still in flight (their workers finish them).
+    Results come back in completion order; ``result`` is the worker's
+    :class:`distjac.shard.ShardResult` (a record batch, or a job's written part). See
+    NOTE [retries, never twice] and NOTE [stalled shards]. Closing the generator early
+    drops the shards still in flight (their workers finish them).
 
     Raises:
         ShardError: fn failed on a shard, or a shard was lost (its worker died, its result
@@ -1083,7 +1103,7 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], opt
                 w = min(free, key=lambda j: (len(lanes[j]), (j - nxt) % len(workers)))
                 nxt = (w + 1) % len(workers)
                 actor = workers[w]
-                ref = actor.compute.remote(shipment.key, shipment.box, tasks[i], options, sink)
+                ref = actor.run.remote(shipment.key, shipment.box, tasks[i])
                 attempts[i] += 1
                 now = time.perf_counter()
                 pending[ref] = _Flight(i, w, actor, now, first=fresh[w])
@@ -1226,12 +1246,12 @@ class _Call:
     def __init__(self, engine: Engine, fn, x, mode, unconnected, use_pfor, call, progress):
         self.engine, self.fn, self.x, self.call = engine, fn, x, call
         self.unconnected = unconnected
-        self.options = {"mode": mode, "chunk_size": engine.chunk_size, "use_pfor": use_pfor, "call": call}
+        self.options = KernelOptions(mode=mode, chunk_size=engine.chunk_size, use_pfor=use_pfor, call=call)
         show = engine.progress if progress is None else progress
         self.show_progress = sys.stderr.isatty() if show is None else bool(show)
 
     def _task(self, shard: int, start: int, stop: int) -> ShardTask:
-        return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop])
+        return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop], options=self.options)
 
     def run(self):
 
@@ -1265,21 +1285,19 @@ class _Call:
         gather_s, gather_bytes = 0.0, 0
         bar = self._progress_bar(b)
         try:
-            for task, batch, done in _map_shards(eng, shipment, tasks, self.options,
-                                                 in_flight=plan.in_flight, call=self.call):
+            for task, result, done in _map_shards(eng, shipment, tasks, in_flight=plan.in_flight, call=self.call):
                 t0 = time.perf_counter()
-                gather_bytes += self._place(batch, task.start, task.stop)
-                info = arrow.annotation(batch)
-                del batch  # frees the shard's object-store copy
+                gather_bytes += self._place(result.batch, task.start, task.stop)
+                t, node, pid = result.timing, result.node, result.pid
+                del result  # frees the shard's object-store copy
                 dt = time.perf_counter() - t0
                 gather_s += dt
                 shard_stats[task.shard] = ShardStats(
                     shard=task.shard, start=task.start, stop=task.stop, worker=done.worker,
-                    node=info.get("node", ""), pid=int(info.get("pid", -1)), attempts=done.attempts,
-                    compute_s=float(info.get("compute_s", 0.0)), wait_s=done.wait_s, gather_s=dt,
-                    read_s=float(info.get("load_s", 0.0)), to_host_s=float(info.get("to_host_s", 0.0)),
-                    arrow_s=float(info.get("arrow_s", 0.0)),
-                    worker_peak_rss_bytes=int(info.get("peak_rss_bytes", 0)),
+                    node=node, pid=pid, attempts=done.attempts,
+                    compute_s=t.compute_s, wait_s=done.wait_s, gather_s=dt, read_s=t.read_s,
+                    to_host_s=t.to_host_s, arrow_s=t.arrow_s, queued_s=t.queued_s,
+                    worker_peak_rss_bytes=t.peak_rss_bytes,
                 )
                 if bar is not None:
                     bar.update(task.stop - task.start)
@@ -1294,33 +1312,10 @@ class _Call:
         return self.out if x.device.type == "cpu" else self.out.to(x.device)
 
     def _probe(self, shipment: _Shipment, task: ShardTask) -> dict:
-        """The probe on worker 0, bounded like a shard (NOTE [stalled shards]): a worker
-        that dies or stalls is replaced and the probe run again, max_retries times."""
-        import ray
-
-        eng = self.engine
-        limit = eng.shard_timeout_s or FIRST_SHARD_TIMEOUT_S
-        for _ in range(eng.max_retries + 1):
-            actor = eng._workers[0]
-            ref = actor.probe.remote(shipment.key, shipment.box, task, self.options)
-            try:
-                return ray.get(ref, timeout=limit)
-            except ray.exceptions.RayTaskError as err:
-                error = _remote_error(err, self.call)
-                raise error from error.__cause__
-            except ray.exceptions.GetTimeoutError as err:
-                reason, last = f"the probe did not finish within {limit:g} s", err
-            except ray.exceptions.RayActorError as err:
-                reason, last = f"its worker died ({type(err).__name__})", err
-            if eng._replace_worker(0, actor, reason):
-                with contextlib.suppress(Exception):  # its start is not the probe's time
-                    ray.get(eng._workers[0].info.remote(), timeout=eng.startup_timeout)
-        raise ShardError(
-            f"{self.call}: probing fn's output shape on rows [{task.start}, {task.stop}) failed "
-            f"{eng.max_retries + 1} times ({reason}); max_retries={eng.max_retries}. Check fn on these "
-            "rows and the workers' logs, or raise max_retries or shard_timeout_s.",
-            shard=task.shard, start=task.start, stop=task.stop, node=None,
-        ) from last
+        """fn's output shape and connectivity, probed on a worker."""
+        return self.engine._on_first_worker(
+            lambda actor: actor.probe.remote(shipment.key, shipment.box, task),
+            self.call, "probing fn's output shape", task.start, task.stop)
 
     def _place(self, batch, start: int, stop: int) -> int:
         return place_shard(self.out, batch, start, stop, call=self.call)

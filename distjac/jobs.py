@@ -1,32 +1,33 @@
-"""Jobs: the driver's side of a job (prepare, plan, resume, record, report) and the
-per-shard function workers run.
+"""Jobs: the driver's side of a job (check, probe, plan, open or resume, record, report).
 
 ::
 
-    spec ──prepare_job──> PreparedJob (source opened, model probed, reductions checked, plan)
+    spec ──check_job──> source opened (no user code)
+         ──probe──────> the model's output shape and compute dtype, measured where the
+                        shards run (a worker; in process for engine.num_workers: 0)
+         ──prepare_job> PreparedJob (reductions checked, plan)
                               │ open_output: new, or resume (verify, adopt, clean)
                               v
-             [ShardDescriptor for each unfinished shard] ──executor──> PartInfo, PartInfo, ...
-                              │ manifest.record(part) as each finishes
+             [ShardTask for each unfinished shard] ──executor──> ShardResult, ...
+                              │ manifest.record(result.part) as each finishes
                               v
                      _report.json, _SUCCESS, report dict
 
-An *executor* is any callable ``executor(descriptors) -> Iterable[PartInfo | dict]`` that
-runs :func:`compute_shard` on every descriptor (in any order, anywhere) and yields each
-shard's PartInfo as it finishes (or ``PartInfo.to_dict()``, optionally with the shard's
-``timing`` by stage, which the report keeps); it raises (a ShardError) when a shard fails
-for good.
-:func:`sequential_executor` runs them one by one in this process; the Ray engine runs
-them remotely with at most ``engine.parallel_iterations`` in flight. A descriptor is a
-small picklable value: the source (paths and metadata, never data), the model spec, the
-Jacobian options and the output location. Workers read, compute and write their own
-shard; the driver only records PartInfos.
+An *executor* is any callable ``executor(job, tasks) -> Iterable[ShardResult]`` that runs
+every task (in any order, anywhere) with a :class:`distjac.shard.ShardRunner` and yields
+each shard's result as it finishes; it raises (a ShardError) when a shard fails for good.
+:func:`local_executor` runs them in this process, their stages overlapped; the Ray engine
+runs them on its workers with at most ``engine.parallel_iterations`` in flight. A task is
+small and picklable: the source descriptor (paths and metadata, never data), the kernel's
+options and the part target. Runners read, compute and write their own shard; the driver
+only records parts. What a shard does is in :mod:`distjac.shard`, for both paths.
 
 NOTE [a job checks everything before any work]
 ``prepare_job`` first makes the checks that run no user code (:func:`check_job`): the
 spec, that engine.device exists where the shards run in this process, the source (files,
-columns, dtypes, nulls) and that the factory's module can be found. Then it builds the
-model and runs it on one or two examples (so a model that does not fit the data, or
+columns, dtypes, nulls) and that the factory's module can be found. Then the probe
+builds the model where the shards run (a worker; this process for engine.num_workers: 0)
+and runs it on :data:`JOB_PROBE_ROWS` examples (so a model that does not fit the data, or
 whose output is not a floating tensor (batch, *out), fails here, with the spec's key in
 the message), learns the per-example output shape and checks the reductions against it.
 Only then is the output directory touched, so a bad job leaves nothing on disk and its
@@ -38,99 +39,54 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import arrow as arrow_mod
-from .arrow import JACOBIAN_COLUMN, ROW_COLUMN
-from .config import JacobianSpec, JobSpec, ModelSpec, build_model, find_factory_module
-from .errors import ConfigError, DistjacError, ResultError, ShardError
-from .io.sink import (
-    REPORT_NAME,
-    Manifest,
-    PartInfo,
-    _atomic_write,
-    lock_output,
-    open_output,
-    part_name,
-    write_part,
-)
+from .config import JobSpec, find_factory_module, resolve_factory
+from .errors import ConfigError, DistjacError, ResultError
+from .io.sink import REPORT_NAME, Manifest, PartInfo, _atomic_write, lock_output, open_output
 from .io.sources import Source, open_source
 from .plan import DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
-from .reduce import check_reductions, reduce_block
-from .worker import peak_rss_bytes, values_to_host
+from .reduce import check_reductions
+from .shard import (
+    PIPELINE_DEPTH,
+    STAGES,
+    KernelOptions,
+    ModelRecipe,
+    PartTarget,
+    ShardResult,
+    ShardRunner,
+    ShardTask,
+    local_executor,
+    peak_rss_bytes,
+    probe_model,
+)
 
 __all__ = [
-    "CastSource",
+    "JOB_PROBE_ROWS",
     "Executor",
-    "PartSink",
     "PreparedJob",
-    "ShardDescriptor",
     "check_job",
-    "compute_shard",
-    "get_model",
+    "in_process_executor",
+    "model_recipe",
     "prepare_job",
     "resolve_device",
     "run_job",
-    "sequential_executor",
-    "shard_record_batch",
 ]
 
-# Built models each process keeps (keyed by model spec, device and dtype): a worker runs
-# one job's shards, so one entry would do; two let a driver alternate between jobs.
-MODEL_CACHE_SIZE = 2
-# Rows the model is probed on, on the driver, while preparing a job: its output shape and
-# compute dtype only. Fewer than the kernels' PROBE_ROWS (which also measure connectivity
-# and activation memory) on purpose: the driver may be a laptop running a large model.
+# Rows a job's model is probed on: its output shape and compute dtype only. Fewer than
+# the kernels' PROBE_ROWS (which also measure connectivity and activation memory) on
+# purpose: a probe is a start-up cost, paid before the first shard.
 JOB_PROBE_ROWS = 2
 
-
-# -----------------------------------------------------------------------------------------
-# the shard descriptor and the per-shard function
-# -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardDescriptor:
-    """Everything a worker needs for one shard; small and picklable (no data).
-
-    Attributes:
-        index: the shard's index in the plan.
-        start, stop: its row range [start, stop) in the source.
-        source: the opened source (see :mod:`distjac.io.sources`).
-        model: the model spec (built once per worker process, see :func:`get_model`).
-        jacobian: mode, chunk_size, reductions, storage and compute dtypes.
-        compute_dtype: the resolved torch dtype name the model runs in.
-        in_ndim: rank of one example (to split a Jacobian's out and in dimensions).
-        out_dir: the output directory (absolute; shared by all workers on a cluster).
-        format: "arrow" or "parquet".
-        spec_hash: stored in each part's metadata, checked on resume.
-        device: the engine's device setting ("auto", "cpu", "cuda", "cuda:N").
-    """
-
-    index: int
-    start: int
-    stop: int
-    source: Source
-    model: ModelSpec
-    jacobian: JacobianSpec
-    compute_dtype: str
-    in_ndim: int
-    out_dir: str
-    format: str
-    spec_hash: str
-    device: str = "auto"
-
-    @property
-    def file(self) -> str:
-        return part_name(self.index, self.format)
+Executor = Callable[["PreparedJob", Sequence[ShardTask]], Iterable[ShardResult]]
+Probe = Callable[[ModelRecipe, Source], dict]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -140,189 +96,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-_MODELS: OrderedDict[tuple, Any] = OrderedDict()
-
-
-def get_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """The model of ``spec`` on ``device`` in ``dtype``, built once per process."""
-    key = (spec.factory, json.dumps(dict(spec.kwargs), sort_keys=True, default=repr), spec.weights,
-           spec.weights_key, str(device), str(dtype))
-    model = _MODELS.get(key)
-    if model is None:
-        model = build_model(spec, device=device, dtype=dtype)
-        _MODELS[key] = model
-        while len(_MODELS) > MODEL_CACHE_SIZE:
-            _MODELS.popitem(last=False)
-    _MODELS.move_to_end(key)
-    return model
-
-
-# The stages of a shard's time on its worker, as they appear in a part's ``timing`` (the
-# job report's per-shard breakdown); the driver adds ``wait_s`` (queueing and transfer).
-WORKER_STAGES = ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s")
-
-
-def stored_values(jac: torch.Tensor, jacobian: JacobianSpec, in_ndim: int) -> dict[str, Any]:
-    """``to_record_batch``'s values for a shard's Jacobian: the job's reductions, computed
-    where ``jac`` is (on a GPU, before anything is copied to the host), or the Jacobian."""
-    if jacobian.reduce:
-        return {"reductions": reduce_block(jac, jacobian.reduce, in_ndim)}
-    return {"jacobian": jac}
-
-
-def _shard_record_batch_timed(desc: ShardDescriptor, model: Any, device: Any) -> tuple[Any, dict[str, float]]:
-    from .kernels import batch_jacobian
-
-    dev = resolve_device(device if device is not None else desc.device)
-    fn = model if model is not None else get_model(desc.model, dev, getattr(torch, desc.compute_dtype))
-    t0 = time.perf_counter()
-    x = desc.source.read(desc.start, desc.stop).to(device=dev, dtype=getattr(torch, desc.compute_dtype))
-    t1 = time.perf_counter()
-    jac = batch_jacobian(fn, x, mode=desc.jacobian.mode, parallel_iterations=desc.jacobian.chunk_size,
-                         unconnected_gradients="zero")
-    values = stored_values(jac, desc.jacobian, desc.in_ndim)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t2 = time.perf_counter()
-    values = values_to_host(values)
-    t3 = time.perf_counter()
-    batch = arrow_mod.to_record_batch(range(desc.start, desc.stop), dtype=desc.jacobian.dtype, **values)
-    t4 = time.perf_counter()
-    to_host = t3 - t2 if dev.type != "cpu" else 0.0
-    return batch, {"read_s": t1 - t0, "compute_s": t2 - t1, "to_host_s": to_host, "arrow_s": t4 - t3}
-
-
-def shard_record_batch(desc: ShardDescriptor, *, model: Any = None, device: Any = None):
-    """One shard's result as an Arrow record batch (``row`` + ``jacobian`` or reductions),
-    without writing it. ``model``/``device`` default to the descriptor's (built once per
-    process)."""
-    return _shard_record_batch_timed(desc, model, device)[0]
-
-
-def compute_shard(desc: ShardDescriptor, *, model: Any = None, device: Any = None) -> PartInfo:
-    """Compute one shard and write its part file: what a worker runs for a job.
-
-    Reads rows [start, stop) from the descriptor's source, computes their Jacobians with
-    the kernels on ``device`` (default: the descriptor's, "auto" = this process's GPU if
-    any), reduces them if asked, and writes ``part-NNNNN.<format>`` atomically.
-
-    Args:
-        desc: the shard.
-        model: an already built model (a worker that holds one); None builds the
-            descriptor's model spec once per process.
-        device: overrides the descriptor's device.
-
-    Returns:
-        The part's PartInfo (file, rows, sha256, bytes, seconds, worker).
-
-    Raises:
-        ShardError: anything failed; names the shard, its rows and host, chained from
-            the original error.
-    """
-    part, _ = _compute_shard_timed(desc, model, device)
-    return part
-
-
-def _compute_shard_timed(desc: ShardDescriptor, model: Any, device: Any) -> tuple[PartInfo, dict[str, Any]]:
-    """compute_shard, and the shard's time per stage (WORKER_STAGES, plus the process's
-    peak resident memory)."""
-    t0 = time.perf_counter()
-    try:
-        batch, timing = _shard_record_batch_timed(desc, model, device)
-        t1 = time.perf_counter()
-        part = write_part(desc.out_dir, desc.index, desc.start, desc.stop, batch, desc.format,
-                          metadata=part_metadata(desc.spec_hash, desc.source.num_rows, desc.in_ndim))
-        timing["write_s"] = time.perf_counter() - t1
-        timing["peak_rss_bytes"] = peak_rss_bytes()
-    except ShardError:
-        raise
-    except Exception as e:
-        host = socket.gethostname()
-        raise ShardError(
-            f"shard {desc.index} (rows [{desc.start}, {desc.stop})) failed on {host}: {type(e).__name__}: {e}",
-            shard=desc.index, start=desc.start, stop=desc.stop, node=host,
-        ) from e
-    return replace(part, seconds=time.perf_counter() - t0), timing
-
-
-def part_metadata(spec_hash: str, rows: int | None, in_ndim: int) -> dict[str, str]:
-    """What a part's schema records of its job besides its shard: the spec hash, and the
-    job's rows and input rank, from which ``distjac repair`` rebuilds a lost manifest."""
-    meta = {"spec_hash": spec_hash, "in_ndim": str(in_ndim)}
-    if rows is not None and rows >= 0:
-        meta["rows"] = str(rows)
-    return meta
-
-
-Executor = Callable[[Sequence[ShardDescriptor]], Iterable["PartInfo | dict[str, Any]"]]
-
-
-def sequential_executor(descriptors: Sequence[ShardDescriptor]) -> Iterable[dict[str, Any]]:
-    """Run every shard in this process, one after the other (engine.num_workers: 0).
-    Yields each part as a dict with its ``timing`` (see :data:`WORKER_STAGES`)."""
-    for desc in descriptors:
-        part, timing = _compute_shard_timed(desc, None, None)
-        yield {**part.to_dict(), "timing": timing}
-
-
-@dataclass(frozen=True)
-class CastSource:
-    """A source whose rows come out in the job's compute dtype (for the engine's workers,
-    which call ``read(start, stop)`` and move the result to their device)."""
-
-    source: Source
-    dtype: str
-
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        return self.source.read(start, stop).to(getattr(torch, self.dtype))
-
-
-@dataclass(frozen=True)
-class PartSink:
-    """Writes a worker's Jacobian record batch as a job's part: the ``sink`` of the
-    engine's ``JacobianWorker.compute(..., sink=)`` seam.
-
-    ``prepare(jac)`` (called by the worker right after the kernel, on its device) turns a
-    shard's Jacobian into the values to store: the reductions if the job asks for them.
-    ``write(batch, task)`` takes the worker's record batch (reduced already, or a full
-    Jacobian that it reduces), converts to the job's storage dtype, writes the part and
-    returns ``PartInfo.to_dict()`` with the shard's ``timing``. ``task`` needs
-    ``shard``, ``start`` and ``stop``.
-    """
-
-    out_dir: str
-    format: str
-    spec_hash: str
-    jacobian: JacobianSpec
-    in_ndim: int
-    rows: int = -1  # the job's rows (for part_metadata); -1: unknown
-
-    def prepare(self, jac: torch.Tensor) -> dict[str, Any]:
-        """What the worker stores of a shard's Jacobian (:func:`stored_values`)."""
-        return stored_values(jac, self.jacobian, self.in_ndim)
-
-    def write(self, batch, task) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        if JACOBIAN_COLUMN in batch.schema.names:
-            rows, values = arrow_mod.from_record_batch(batch)
-            jac = torch.from_numpy(values.copy() if not values.flags.writeable else values)
-            out = arrow_mod.to_record_batch(rows, dtype=self.jacobian.dtype, **self.prepare(jac))
-        else:  # reduced by the worker (prepare): only the storage dtype is left to apply
-            rows = batch.column(ROW_COLUMN).to_numpy(zero_copy_only=False)
-            reductions = {name: torch.from_numpy(batch.column(name).to_numpy(zero_copy_only=False).copy())
-                          for name in self.jacobian.reduce}
-            out = arrow_mod.to_record_batch(rows, reductions=reductions, dtype=self.jacobian.dtype)
-        out = arrow_mod.with_metadata(out, arrow_mod.schema_metadata(batch.schema))  # the worker's annotation
-        part = write_part(self.out_dir, task.shard, task.start, task.stop, out, self.format,
-                          metadata=part_metadata(self.spec_hash, self.rows, self.in_ndim))
-        # PartInfo.seconds is the worker's whole time on the shard: its read, compute,
-        # to-host and Arrow times (the batch's annotation) plus this reduce and write.
-        info = arrow_mod.annotation(batch)
-        timing = {"read_s": float(info.get("load_s", 0.0)), "compute_s": float(info.get("compute_s", 0.0)),
-                  "to_host_s": float(info.get("to_host_s", 0.0)), "arrow_s": float(info.get("arrow_s", 0.0)),
-                  "write_s": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
-        seconds = sum(timing[k] for k in WORKER_STAGES)
-        return {**replace(part, seconds=seconds).to_dict(), "timing": timing}
+def model_recipe(spec: JobSpec) -> ModelRecipe:
+    """The job's model as shipped to where it runs: its spec and its factory, imported
+    here (never called here), and the compute dtype the job asks for (None: the
+    model's own)."""
+    return ModelRecipe(spec.model, resolve_factory(spec.model.factory), spec.jacobian.compute_dtype)
 
 
 # -----------------------------------------------------------------------------------------
@@ -342,6 +120,9 @@ class PreparedJob:
         plan: the shard plan (``distjac.plan.ShardPlan``).
         spec_hash: ``spec.spec_hash()``.
         out_dir: the absolute output directory.
+        recipe: the model as shipped to where the shards run (built there; its dtype
+            None: the model's own, which is ``compute_dtype``).
+        options: the kernel's options for every shard.
     """
 
     spec: JobSpec
@@ -352,6 +133,8 @@ class PreparedJob:
     plan: ShardPlan
     spec_hash: str
     out_dir: str
+    recipe: ModelRecipe
+    options: KernelOptions
 
     @property
     def columns(self) -> list[str]:
@@ -386,22 +169,19 @@ class PreparedJob:
             "spec": json.loads(json.dumps(spec, default=repr)),
         }
 
-    def descriptor(self, index: int, start: int, stop: int) -> ShardDescriptor:
-        return ShardDescriptor(
-            index=index, start=start, stop=stop, source=self.source, model=self.spec.model,
-            jacobian=self.spec.jacobian, compute_dtype=self.compute_dtype, in_ndim=len(self.in_shape),
-            out_dir=self.out_dir, format=self.spec.output.format, spec_hash=self.spec_hash,
-            device=self.spec.engine.device,
-        )
+    @property
+    def target(self) -> PartTarget:
+        """Where each shard's result goes: a part of the output directory."""
+        return PartTarget(out_dir=self.out_dir, format=self.spec.output.format, spec_hash=self.spec_hash,
+                          dtype=self.spec.jacobian.dtype, reductions=tuple(self.spec.reductions),
+                          in_ndim=len(self.in_shape), rows=self.plan.rows)
 
-    def part_sink(self) -> PartSink:
-        """The sink for the engine's ``JacobianWorker.compute(..., sink=)`` seam."""
-        return PartSink(self.out_dir, self.spec.output.format, self.spec_hash, self.spec.jacobian, len(self.in_shape),
-                        rows=self.plan.rows)
-
-    def reader(self) -> CastSource:
-        """The source for the engine's ``ShardTask(source=)``: rows in the compute dtype."""
-        return CastSource(self.source, self.compute_dtype)
+    def task(self, index: int, start: int, stop: int, *, rows: Any = None) -> ShardTask:
+        """Shard ``index`` as a runner's task: rows [start, stop) read from the job's
+        source by the runner (or ``rows`` shipped with it), and its part target."""
+        return ShardTask(index, start, stop, dtype=self.compute_dtype, rows=rows,
+                         source=None if rows is not None else self.source, options=self.options,
+                         target=self.target)
 
     def summary(self) -> dict[str, Any]:
         plan = self.plan.summary()
@@ -437,51 +217,6 @@ class PreparedJob:
         head = "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
         plan = str(self.plan).replace("ShardPlan\n", "")
         return f"Job\n{head}\nShardPlan (worker peak: one shard's Jacobian before it is reduced)\n{plan}"
-
-
-def _probe_shapes(spec: JobSpec, source: Source) -> tuple[tuple[int, ...], str]:
-    """Build the model on the CPU and run it on one or two rows: (out_shape, compute dtype).
-
-    The output must be one floating-point tensor (batch, *out) with the input's batch size.
-    """
-    model = build_model(spec.model)
-    if spec.jacobian.compute_dtype is not None:
-        dtype = spec.jacobian.compute_dtype
-    else:
-        params = [p for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()]
-        dtype = str(params[0].dtype).removeprefix("torch.") if params else source.dtype
-    tdtype = getattr(torch, dtype)
-    if isinstance(model, torch.nn.Module):
-        model.to(dtype=tdtype)
-    n = min(JOB_PROBE_ROWS, source.num_rows)
-    x = source.read(0, n).to(tdtype) if n else torch.zeros((1, *source.shape), dtype=tdtype)
-    key = f"config: model.factory={spec.model.factory!r}"
-    try:
-        with torch.no_grad():
-            y = model(x)
-    except Exception as e:
-        raise ConfigError(
-            f"{key} fails on a batch of shape {tuple(x.shape)} "
-            f"({dtype}) from the data: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
-    if isinstance(y, (tuple, list, dict)):
-        raise ConfigError(
-            f"{key} returns a {type(y).__name__} of {len(y)} values on a batch {tuple(x.shape)}; distjac "
-            f"differentiates one tensor (batch, *out). Wrap the model so that it returns one tensor."
-        )
-    if isinstance(y, torch.Tensor) and (not y.is_floating_point() or y.is_complex()):
-        raise ConfigError(
-            f"{key} returns {str(y.dtype).removeprefix('torch.')} values on a batch {tuple(x.shape)} "
-            f"({dtype}); a Jacobian needs floating-point outputs (float16, bfloat16, float32, float64). "
-            f"Return a floating tensor (integer or bool outputs such as argmax have no gradient)."
-        )
-    if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.shape[0] != x.shape[0]:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ConfigError(
-            f"{key} maps a batch {tuple(x.shape)} to {got}; it must "
-            f"return a tensor (batch, *out) with the same batch size and rank >= 2."
-        )
-    return tuple(y.shape[1:]), dtype
 
 
 def _check_device_here(device: str) -> None:
@@ -530,19 +265,36 @@ def check_job(spec: JobSpec, *, device_here: bool | None = None) -> Source:
     return source
 
 
+def local_probe(spec: JobSpec) -> Probe:
+    """The probe of a job whose model runs in this process: built on the job's device
+    when its shards run here (engine.num_workers: 0), else on the CPU (``distjac plan
+    --probe`` of a cluster job: the one case where the driver runs the model)."""
+    device = resolve_device(spec.engine.device) if spec.engine.num_workers == 0 else torch.device("cpu")
+
+    def probe(recipe: ModelRecipe, source: Source) -> dict:
+        model = recipe.build(device)
+        return probe_model(model, source, JOB_PROBE_ROWS, device, factory=recipe.spec.factory, dtype=recipe.dtype)
+
+    return probe
+
+
 def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: bool | None = None,
                 shard_size: int | None = None, parallel_iterations: int | None = None,
-                shard_bytes: int = DEFAULT_SHARD_BYTES) -> PreparedJob:
+                chunk_size: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                probe: Probe | None = None, source: Source | None = None) -> PreparedJob:
     """Check a job against its inputs and plan it; see NOTE [a job checks everything before any work].
 
     Args:
         spec: the job.
         num_workers: workers to size the default shard for (default: the spec's, or 1).
         device_here: see :func:`check_job`.
-        shard_size, parallel_iterations: an Engine's settings; where not None they win
-            over the spec's ``engine`` section (NOTE [the Engine's settings and the job's]
-            in distjac.engine).
+        shard_size, parallel_iterations, chunk_size: an Engine's settings; where not
+            None they win over the spec's (NOTE [the Engine's settings and the job's] in
+            distjac.engine).
         shard_bytes: Jacobian bytes per shard when no shard size is set.
+        probe: ``probe(recipe, source) -> {"out_shape", "compute_dtype"}``, run where the
+            shards run (the engine probes on a worker); None: :func:`local_probe`.
+        source: the job's source, opened by :func:`check_job` already (None opens it).
 
     Raises:
         ConfigError, SourceError, SourceNotFoundError, SourceDtypeError: the job cannot
@@ -550,8 +302,11 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
     """
     if not isinstance(spec, JobSpec):
         raise TypeError(f"prepare_job(spec): spec must be a distjac.JobSpec, got {type(spec).__name__}.")
-    source = check_job(spec, device_here=device_here)
-    out_shape, compute_dtype = _probe_shapes(spec, source)
+    if source is None:
+        source = check_job(spec, device_here=device_here)
+    recipe = model_recipe(spec)
+    probed = (probe or local_probe(spec))(recipe, source)
+    out_shape, compute_dtype = tuple(probed["out_shape"]), probed["compute_dtype"]
     if spec.reductions:
         check_reductions(spec.reductions, out_shape, source.shape)
     workers = num_workers if num_workers is not None else (spec.engine.num_workers or 1)
@@ -565,10 +320,30 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
         )
     except DistjacError as e:
         raise ConfigError(f"config: cannot plan the job: {e}") from e
+    options = KernelOptions(mode=spec.jacobian.mode,
+                            chunk_size=chunk_size if chunk_size is not None else spec.jacobian.chunk_size,
+                            call="Engine.run(spec)" if probe is not None else "run_job(spec)")
     return PreparedJob(
         spec=spec, source=source, in_shape=tuple(source.shape), out_shape=out_shape, compute_dtype=compute_dtype,
         plan=plan, spec_hash=spec.spec_hash(), out_dir=os.path.abspath(os.path.expanduser(spec.output.path)),
+        recipe=recipe, options=options,
     )
+
+
+def _local_depth(job: PreparedJob) -> int:
+    """Shards in flight in process: the pipeline's depth, at most the job's shards in
+    flight (engine.parallel_iterations: 1 runs one shard at a time, stages in turn)."""
+    return max(1, min(PIPELINE_DEPTH, job.plan.in_flight))
+
+
+def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask]) -> Iterable[ShardResult]:
+    """Run a job's shards in this process (engine.num_workers: 0) on one ShardRunner,
+    up to :data:`distjac.shard.PIPELINE_DEPTH` at a time so that their stages overlap;
+    the model the probe built is the one the shards run."""
+    device = resolve_device(job.spec.engine.device)
+    model = job.recipe.build(device)
+    runner = ShardRunner(device)
+    return local_executor(model, runner, tasks, depth=_local_depth(job), call=job.options.call)
 
 
 # -----------------------------------------------------------------------------------------
@@ -596,9 +371,9 @@ def run_job(
 
     Args:
         spec: the job.
-        executor: ``executor(descriptors) -> Iterable[PartInfo]``, yielding each shard's
-            PartInfo as it finishes (see the module docstring); None runs the shards in
-            this process with :func:`sequential_executor`.
+        executor: ``executor(job, tasks) -> Iterable[ShardResult]``, yielding each
+            shard's result as it finishes (see the module docstring); None runs the
+            shards in this process with :func:`in_process_executor`.
         progress: show a progress bar (rows/s, ETA); None uses ``spec.engine.progress``,
             else shows one when stderr is a terminal.
         num_workers: workers to size default shards for (the engine knows; default:
@@ -610,9 +385,10 @@ def run_job(
         The job report (also written to ``_report.json``): rows, shards, computed,
         reused, adopted and recomputed shards, seconds, rows/s, bytes written,
         per-worker figures and ``timing``: each computed shard's seconds per stage
-        (read, compute, to host, Arrow, write on the worker; wait on the driver), their
-        totals and the workers' peak resident memory; and the driver's own peak
-        resident memory.
+        (read, compute, to host, Arrow, write and the wait for a stage behind other
+        shards on its runner; the wait on the driver), their totals, each runner's busy
+        share per stage and peak resident memory; and the driver's own peak resident
+        memory.
 
     Raises:
         JobInputError (ConfigError, SourceError, OutputExistsError, ...): the job cannot
@@ -633,29 +409,27 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
         resume=spec.output.resume, overwrite=spec.output.overwrite,
     )
     todo = manifest.missing()
-    descriptors = [job.descriptor(i, *manifest.shards[i]) for i in todo]
-    done_rows = manifest.num_rows - sum(d.stop - d.start for d in descriptors)
+    tasks = [job.task(i, *manifest.shards[i]) for i in todo]
+    done_rows = manifest.num_rows - sum(t.stop - t.start for t in tasks)
     show = spec.engine.progress if progress is None else progress
     t_run = time.perf_counter()
     computed: dict[int, PartInfo] = {}
     timings: dict[int, dict[str, Any]] = {}
-    # The shards an executor may run at once: the plan's (an engine), or one at a time.
-    events["in_flight"] = job.plan.in_flight if executor is not None else min(1, len(job.plan))
+    # The shards an executor may run at once: the plan's (an engine), or the pipeline's.
+    events["in_flight"] = job.plan.in_flight if executor is not None else _local_depth(job)
     if events["read_only"]:
         # A finished, verified output that cannot be written: report it, write nothing.
         return _report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
     bar = _progress_bar(show, manifest.num_rows, done_rows)
     try:
-        for part in (executor or sequential_executor)(descriptors):
-            if not isinstance(part, PartInfo):
-                timing = part.get("timing")
-                part = PartInfo.from_dict(part)
-                if isinstance(timing, dict):
-                    timings[part.shard] = timing
+        for result in (executor or in_process_executor)(job, tasks):
+            part = result.part
             manifest.record(part)
             if part.shard not in computed:
                 bar.update(part.rows)
             computed[part.shard] = part
+            timings[part.shard] = {**result.timing.to_dict(), "node": result.node, "pid": result.pid,
+                                   **({"wait_s": result.wait_s} if result.wait_s is not None else {})}
     except BaseException as e:
         manifest.flush()
         _write_report(job, manifest, events, computed, timings, t0, t_run, status="failed", error=e)
@@ -675,9 +449,14 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
 
 
 def _timing_summary(computed: dict[int, PartInfo], timings: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """The report's ``timing``: each computed shard's seconds per stage, their totals, and
-    the workers' peak resident memory."""
-    stages = (*WORKER_STAGES, "wait_s")
+    """The report's ``timing``: each computed shard's seconds per stage, their totals,
+    and per runner (a worker process) its busy share of each stage and its peak memory.
+
+    A runner's busy share of a stage is that stage's seconds over the runner's span (its
+    first shard's start to its last one's end): with the stages overlapped (NOTE
+    [overlapped stages] in distjac.shard) the shares add up to more than 1, and the
+    stage whose share is near 1 is the bottleneck."""
+    stages = (*STAGES, "queued_s", "wait_s")
     shards = []
     for index in sorted(timings):
         t, p = timings[index], computed.get(index)
@@ -691,7 +470,19 @@ def _timing_summary(computed: dict[int, PartInfo], timings: dict[int, dict[str, 
     for r in shards:
         if r.get("worker") and "worker_peak_rss_bytes" in r:
             peaks[r["worker"]] = max(peaks.get(r["worker"], 0), r["worker_peak_rss_bytes"])
-    return {"stages": list(stages), "totals_s": totals, "worker_peak_rss_bytes": peaks, "shards": shards}
+    runners: dict[str, dict[str, Any]] = {}
+    by_runner: dict[str, list[dict[str, Any]]] = {}
+    for index, t in timings.items():
+        p = computed.get(index)
+        if p is not None and t.get("ended"):
+            by_runner.setdefault(p.worker or "?", []).append(t)
+    for worker, ts in sorted(by_runner.items()):
+        span = max(t["ended"] for t in ts) - min(t["started"] for t in ts)
+        runners[worker] = {"shards": len(ts), "span_s": span,
+                           "busy": {k: (sum(float(t.get(k, 0.0)) for t in ts) / span if span > 0 else None)
+                                    for k in STAGES}}
+    return {"stages": list(stages), "totals_s": totals, "worker_peak_rss_bytes": peaks, "runners": runners,
+            "shards": shards}
 
 
 def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo],

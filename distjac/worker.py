@@ -1,13 +1,15 @@
-"""The Ray worker: builds the user's function once, computes shards, returns Arrow.
+"""The Ray worker: loads the shipped function or model once, runs shards, returns results.
 
 A :class:`JacobianWorker` is a plain class that :mod:`distjac.engine` turns into a Ray
-actor, one per GPU or CPU slot. Per call of ``Engine.batch_jacobian`` the driver pickles
-the function once (:func:`serialize_function`), puts the bytes into Ray's object store
-once, and passes every worker the reference; a worker deserializes it on first use, moves
-it to its device and keeps it (keyed by the bytes' hash, so the kernels' per-function
-caches also survive across calls). A shard then costs one actor call: its input rows in,
-one Arrow record batch (``row`` + ``jacobian``) out, computed by :mod:`distjac.kernels` —
-the same kernels as the in-process API.
+actor, one per GPU or CPU slot, with ``max_concurrency`` :data:`distjac.shard.PIPELINE_DEPTH`
+so that its shards' stages overlap (NOTE [overlapped stages] in :mod:`distjac.shard`).
+The driver pickles what the shards run once (:func:`serialize_function`): the user's
+function for ``Engine.batch_jacobian``, a :class:`distjac.shard.ModelRecipe` for a job;
+it puts the bytes into Ray's object store once and passes every worker the reference. A
+worker deserializes it on first use (building a job's model on its own device), keeps it
+keyed by the bytes' hash (so the kernels' per-function caches also survive across calls),
+and runs each :class:`distjac.shard.ShardTask` with its :class:`distjac.shard.ShardRunner`,
+the same runner a job uses in process.
 
 NOTE [shipping user code by value]
 Ray pickles functions by reference when their module is importable in the driver. A
@@ -17,14 +19,6 @@ every such module with ``cloudpickle.register_pickle_by_value`` for the duration
 ``cloudpickle.dumps``, so the function, its classes and the helpers it calls travel by
 value; modules of installed distributions (torch, distjac itself, the standard library)
 stay by reference and must be installed on the workers.
-
-NOTE [the seam for jobs (issue 4)]
-A shard is described by a :class:`ShardTask`. For the in-memory path the driver ships the
-shard's input rows in ``rows``; a job instead sets ``source``, an object with
-``read(start, stop) -> torch.Tensor`` that the worker calls itself, so the driver sends
-no data. ``compute(..., sink=None)`` returns the record batch; a job passes a ``sink``
-with ``write(batch, task) -> dict`` that writes the part file on the worker and returns
-a small receipt instead. Both hooks are plain duck-typed objects pickled by value.
 """
 
 from __future__ import annotations
@@ -38,32 +32,22 @@ import socket
 import sys
 import sysconfig
 import threading
-import time
-import traceback
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import numpy as np
 import torch
 
 from . import arrow, kernels
 from ._compat import pickled_by_value
-from ._proc import proc_bytes
-from .errors import DistjacError
-from .options import check_batched, check_floating, check_same_batch, check_tensor
+from .shard import PIPELINE_DEPTH, ModelRecipe, ShardResult, ShardRunner, ShardTask, probe_model
 
 __all__ = [
     "PROBE_ROWS",
     "JacobianWorker",
-    "RemoteShardError",
-    "ShardTask",
-    "from_wire",
+    "function_key",
     "serialize_function",
-    "to_wire",
 ]
 
 # Rows the probe runs fn on to learn its output shape and whether it depends on x: the
@@ -71,8 +55,6 @@ __all__ = [
 PROBE_ROWS = kernels.PROBE_ROWS
 # Deserialized functions a worker keeps (most recent first); each may hold a model.
 FUNCTION_CACHE_SIZE = 4
-# Tensors numpy cannot hold travel as the bits of a same-width integer.
-_BIT_VIEWS = {torch.bfloat16: torch.int16}
 
 _PICKLE_LOCK = threading.Lock()
 
@@ -171,124 +153,6 @@ def function_key(blob: bytes) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Tensors on the wire: numpy arrays (zero-copy through Ray's object store)
-# --------------------------------------------------------------------------------------
-
-
-def to_wire(x: torch.Tensor) -> np.ndarray:
-    """A host numpy view of ``x`` (contiguous, detached) that Ray ships without pickling."""
-    x = x.detach().cpu().contiguous()
-    bits = _BIT_VIEWS.get(x.dtype)
-    return (x.view(bits) if bits is not None else x).numpy()
-
-
-def from_wire(a: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
-    """The tensor ``to_wire`` shipped, copied once onto ``device`` (arrays from the
-    object store are read-only, and fn may write into its input)."""
-    t = torch.from_numpy(np.array(a, copy=True))
-    want = getattr(torch, dtype)
-    if want in _BIT_VIEWS:
-        t = t.view(want)
-    return t.to(device, non_blocking=False)
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """One shard as a worker sees it: rows [start, stop) and where they come from.
-
-    Attributes:
-        shard: the shard's index in the plan.
-        start: first row (inclusive).
-        stop: end of the range (exclusive).
-        dtype: torch dtype name of the input, e.g. "float32".
-        rows: the shard's input rows from :func:`to_wire` (in-memory path), or None.
-        source: for jobs, an object whose ``read(start, stop)`` returns the rows as a
-            tensor (see NOTE [the seam for jobs (issue 4)]).
-    """
-
-    shard: int
-    start: int
-    stop: int
-    dtype: str = "float32"
-    rows: np.ndarray | None = None
-    source: Any = None
-
-
-# --------------------------------------------------------------------------------------
-# Failures travel back as one exception carrying the original
-# --------------------------------------------------------------------------------------
-
-
-class RemoteShardError(Exception):
-    """Raised by a worker when fn (or the kernel) fails on a shard.
-
-    Carries the original exception, the node and process it ran in, and its formatted
-    traceback; the engine turns it into one :class:`distjac.ShardError`. The original is
-    pickled with the same cloudpickle that shipped fn, so an exception class defined in
-    the user's (uninstalled) module comes back as that very class on the driver, not as
-    a look-alike copy (cloudpickle tracks classes it shipped by value).
-    """
-
-    def __init__(self, error: BaseException | bytes, shard: int, start: int, stop: int, node: str,
-                 pid: int, tb: str, phase: str = "shard"):
-        self._blob = error if isinstance(error, bytes) else _dump_error(error)
-        self._error: BaseException | None = None if isinstance(error, bytes) else error
-        super().__init__(f"shard {shard} (rows [{start}, {stop})) failed on {node}")
-        self.shard, self.start, self.stop = shard, start, stop
-        self.node, self.pid, self.tb, self.phase = node, pid, tb, phase
-
-    @property
-    def error(self) -> BaseException:
-        """The original exception (or a RuntimeError with its text if it cannot travel)."""
-        if self._error is None:
-            try:
-                self._error = cloudpickle.loads(self._blob)
-            except Exception as err:  # a class the driver cannot rebuild
-                self._error = RuntimeError(f"(the worker's exception could not be unpickled: {err})")
-        return self._error
-
-    def __reduce__(self):
-        return (RemoteShardError, (self._blob, self.shard, self.start, self.stop, self.node,
-                                     self.pid, self.tb, self.phase))
-
-
-def values_to_host(values: dict[str, Any]) -> dict[str, Any]:
-    """``to_record_batch``'s values (a ``jacobian`` tensor or a dict of ``reductions``)
-    on the host: one device-side copy at most and one transfer per tensor off a GPU;
-    CPU tensors as they are."""
-    def host(t: torch.Tensor) -> torch.Tensor:
-        return t if t.device.type == "cpu" else t.contiguous().cpu()
-
-    return {k: ({n: host(t) for n, t in v.items()} if isinstance(v, dict) else host(v)) for k, v in values.items()}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far, in bytes.
-
-    On Linux, ``VmHWM`` of /proc/self/status: the peak of this program's own memory map.
-    Not ``getrusage``'s ``ru_maxrss``, which Linux carries over from the parent at fork
-    and exec (a worker spawned by a 2 GiB process would report at least 2 GiB). Elsewhere
-    ``ru_maxrss`` (bytes on macOS, KiB on other systems). Either is the peak since the
-    process started: a long-lived process (a notebook, a worker) reports earlier work too."""
-    peak = proc_bytes("/proc/self/status", "VmHWM")
-    if peak is not None:
-        return peak
-    import resource  # Unix only; imported here so that the module imports anywhere
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def _dump_error(err: BaseException) -> bytes:
-    try:
-        blob = cloudpickle.dumps(err)
-        cloudpickle.loads(blob)
-        return blob
-    except Exception:
-        return cloudpickle.dumps(RuntimeError(f"{type(err).__name__}: {err}"))
-
-
-# --------------------------------------------------------------------------------------
 # The worker
 # --------------------------------------------------------------------------------------
 
@@ -326,7 +190,8 @@ def _assigned(resource: str) -> float:
 
 
 class JacobianWorker:
-    """Computes shards' Jacobians on one device; made a Ray actor by the engine.
+    """Runs shards on one device; made a Ray actor by the engine (``max_concurrency``
+    :data:`distjac.shard.PIPELINE_DEPTH`: its methods are called from several threads).
 
     Args:
         device: "auto" (the GPU Ray assigned this worker, else CPU), "cpu", "cuda" or
@@ -337,6 +202,8 @@ class JacobianWorker:
         max_memory: the kernels' memory budget per shard in bytes (None: their default).
     """
 
+    depth = PIPELINE_DEPTH
+
     def __init__(self, device: str = "auto", num_threads: int | None = None, max_memory: int | None = None):
         self.device = self._resolve_device(device)
         cpus = _assigned("CPU")
@@ -344,8 +211,11 @@ class JacobianWorker:
         torch.set_num_threads(self.threads)
         self.max_memory = max_memory
         self._fns: OrderedDict[str, Callable] = OrderedDict()
+        self._fns_lock = threading.Lock()
+        self._recipes: dict[str, ModelRecipe] = {}
         self.pid = os.getpid()
         self.node = _node_id()
+        self.runner = ShardRunner(self.device, max_memory=max_memory, node=self.node)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -375,120 +245,72 @@ class JacobianWorker:
         return {"pid": self.pid, "node": self.node, "host": socket.gethostname(),
                 "device": str(self.device), "threads": torch.get_num_threads()}
 
-    # -- the function ------------------------------------------------------------------
+    # -- what the shards run ------------------------------------------------------------
 
     def _function(self, key: str, box: list) -> Callable:
-        fn = self._fns.get(key)
-        if fn is not None:
+        """The shipped function, or the model a shipped ModelRecipe builds on this
+        worker's device: deserialized (and built) once per key, then kept."""
+        with self._fns_lock:
+            fn = self._fns.get(key)
+            if fn is not None:
+                self._fns.move_to_end(key, last=False)
+                return fn
+            ref = box[0]  # boxed in a list so Ray does not resolve it on every call
+            ray = sys.modules.get("ray")  # an ObjectRef exists only where Ray was imported
+            blob = ray.get(ref) if ray is not None and isinstance(ref, ray.ObjectRef) else ref
+            fn = cloudpickle.loads(blob)
+            if isinstance(fn, ModelRecipe):
+                self._recipes[key] = fn
+                fn = fn.build(self.device)
+            elif isinstance(fn, torch.nn.Module):
+                fn = fn.to(self.device)
+            self._fns[key] = fn
             self._fns.move_to_end(key, last=False)
+            while len(self._fns) > FUNCTION_CACHE_SIZE:
+                self._fns.popitem(last=True)
             return fn
-        ref = box[0]  # boxed in a list so Ray does not resolve it on every call
-        ray = sys.modules.get("ray")  # an ObjectRef exists only where Ray was imported
-        blob = ray.get(ref) if ray is not None and isinstance(ref, ray.ObjectRef) else ref
-        fn = cloudpickle.loads(blob)
-        if isinstance(fn, torch.nn.Module):
-            fn = fn.to(self.device)
-        self._fns[key] = fn
-        self._fns.move_to_end(key, last=False)
-        while len(self._fns) > FUNCTION_CACHE_SIZE:
-            self._fns.popitem(last=True)
-        return fn
 
     def prepare(self, key: str, box: list) -> float:
-        """Load the function ahead of its shards; returns the seconds it took."""
+        """Load the function (build the model) ahead of its shards; returns the seconds
+        it took. A failure is left for the first shard or probe to report."""
+        import time
+
         t0 = time.perf_counter()
-        self._function(key, box)
+        with contextlib.suppress(Exception):
+            self._function(key, box)
         return time.perf_counter() - t0
 
-    def _fail(self, err: BaseException, task: ShardTask, phase: str) -> RemoteShardError:
-        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        return RemoteShardError(err, task.shard, task.start, task.stop, self.node, self.pid, tb, phase)
+    # -- probe and run -------------------------------------------------------------------
 
-    def _load(self, task: ShardTask) -> torch.Tensor:
-        if task.rows is not None:
-            return from_wire(task.rows, task.dtype, self.device)
-        if task.source is not None:
-            return task.source.read(task.start, task.stop).to(self.device)
-        raise ValueError(f"shard {task.shard}: the task carries neither rows nor a source.")
-
-    # -- probe and compute -------------------------------------------------------------
-
-    def probe(self, key: str, box: list, task: ShardTask, options: dict) -> dict:
-        """Run fn on a few rows: its output shape and whether it depends on x.
-
-        Output checks raise the core's errors (ShapeError, DtypeError, TypeError) as they
-        are; anything fn itself raises comes back as a RemoteShardError.
-        """
-        call = options.get("call", "batch_jacobian(fn, x)")
+    def probe(self, key: str, box: list, task: ShardTask) -> dict:
+        """``Engine.batch_jacobian``'s probe: fn's output shape on the task's rows and
+        whether it depends on x (see :meth:`distjac.shard.ShardRunner.probe`)."""
+        torch.set_num_threads(self.threads)
         try:
             fn = self._function(key, box)
-            x = self._load(task)
-            with torch.no_grad():
-                y = fn(x)
         except Exception as err:
-            raise self._fail(err, task, "probe") from None
-        check_tensor(y, "fn(x) (the target)", call)
-        check_batched(y, "fn(x) (the target)", call)
-        check_same_batch(y, x, call)
-        check_floating(y, "fn(x) (the target)", call)
-        connected = True
-        if x.shape[0] > 0:
-            try:
-                jac = kernels.batch_jacobian(
-                    fn, x, mode=options["mode"], parallel_iterations=options["chunk_size"],
-                    experimental_use_pfor=options["use_pfor"], unconnected_gradients="none",
-                    max_memory=self.max_memory,
-                )
-            except DistjacError:
-                raise
-            except Exception as err:
-                raise self._fail(err, task, "probe") from None
-            connected = jac is not None
-        return {"out_shape": list(y.shape[1:]), "connected": connected, **self.info()}
+            raise self.runner._fail(err, task, "probe") from None
+        return {**self.runner.probe(fn, task), **self.info()}
 
-    def compute(self, key: str, box: list, task: ShardTask, options: dict, sink: Any = None):
-        """The Jacobian of one shard as an annotated Arrow record batch.
+    def probe_model(self, key: str, box: list, source: Any, rows: int) -> dict:
+        """A job's probe: build the shipped ModelRecipe here and run it on the source's
+        first ``rows`` rows (:func:`distjac.shard.probe_model`); raises ConfigError."""
+        torch.set_num_threads(self.threads)
+        model = self._function(key, box)
+        recipe = self._recipes[key]
+        out = probe_model(model, source, rows, self.device, factory=recipe.spec.factory, dtype=recipe.dtype)
+        return {**out, **self.info()}
 
-        Returns ``arrow.to_record_batch(range(start, stop), jacobian)`` with the shard's
-        provenance in its metadata (:func:`distjac.arrow.annotation`), or, when a
-        ``sink`` is given, what ``sink.write(batch, task)`` returns.
+    def run(self, key: str, box: list, task: ShardTask) -> ShardResult:
+        """Run one shard (:meth:`distjac.shard.ShardRunner.run`): its record batch, or for
+        a job's task its written part.
 
         Raises:
-            RemoteShardError: fn or the kernel failed; carries the original.
+            ShardRunError: a stage failed; carries the original exception.
         """
-        t0 = time.perf_counter()
+        torch.set_num_threads(self.threads)
         try:
-            torch.set_num_threads(self.threads)
             fn = self._function(key, box)
-            x = self._load(task)
-            t1 = time.perf_counter()
-            jac = kernels.batch_jacobian(
-                fn, x, mode=options["mode"], parallel_iterations=options["chunk_size"],
-                experimental_use_pfor=options["use_pfor"], unconnected_gradients="zero",
-                max_memory=self.max_memory,
-            )
-            # A sink that reduces (a job's PartSink) does it here, on the worker's device,
-            # so only the reductions cross to the host and into Arrow.
-            values = sink.prepare(jac) if hasattr(sink, "prepare") else {"jacobian": jac}
-            del jac
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t2 = time.perf_counter()
-            values = values_to_host(values)
-            t3 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                batch = arrow.to_record_batch(range(task.start, task.stop), dtype=None, **values)
-            del values
-            t4 = time.perf_counter()
         except Exception as err:
-            raise self._fail(err, task, "shard") from None
-        batch = arrow.annotate(batch, {
-            "shard": task.shard, "start": task.start, "stop": task.stop, "node": self.node,
-            "pid": self.pid, "device": str(self.device), "load_s": t1 - t0,
-            "compute_s": t2 - t1, "to_host_s": t3 - t2 if self.device.type != "cpu" else 0.0, "arrow_s": t4 - t3,
-            "peak_rss_bytes": peak_rss_bytes(),
-        })
-        if sink is not None:
-            return sink.write(batch, task)
-        return batch
+            raise self.runner._fail(err, task, "read") from None
+        return self.runner.run(fn, task)

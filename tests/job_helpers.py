@@ -114,3 +114,11 @@ class Slow(nn.Module):
 
 def slow_mlp(sizes=(3, 5, 2), delay=0.05, seed=0) -> nn.Module:
     return Slow(mlp(list(sizes), seed=seed), delay)
+
+
+def counting_mlp(log: str, sizes=(3, 5, 2), seed: int = 0):
+    """distjac.models.mlp, appending this process's pid to the file ``log`` each time it
+    is built: which processes build a job's model, and how often."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return mlp(list(sizes), seed=seed)

@@ -50,7 +50,7 @@ def test_positional_mode_is_a_type_error():
 def test_each_constant_and_check_has_one_source():
     import inspect as _inspect
 
-    from distjac import _proc, arrow, config, engine, jobs, kernels, options, plan, reduce, worker
+    from distjac import _proc, arrow, config, engine, jobs, kernels, options, plan, reduce, shard, worker
     from distjac.bench import common
 
     assert config.REDUCTIONS is reduce.REDUCTIONS
@@ -60,7 +60,7 @@ def test_each_constant_and_check_has_one_source():
     assert worker.PROBE_ROWS == kernels.PROBE_ROWS and engine.PROBE_ROWS == kernels.PROBE_ROWS
     assert jobs.JOB_PROBE_ROWS < kernels.PROBE_ROWS  # on purpose: see its comment
     assert kernels.format_bytes is engine.format_bytes is plan.format_bytes
-    assert common.proc_bytes is kernels.proc_bytes is worker.proc_bytes is _proc.proc_bytes
+    assert common.proc_bytes is kernels.proc_bytes is shard.proc_bytes is _proc.proc_bytes
     default = plan.DEFAULT_PARALLEL_ITERATIONS
     assert config.EngineSpec().parallel_iterations == default
     assert _inspect.signature(plan.make_plan).parameters["parallel_iterations"].default == default

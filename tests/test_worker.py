@@ -12,12 +12,13 @@ _CHILD = textwrap.dedent("""
     import json, sys
     import psutil, torch
     from distjac import arrow
-    from distjac.worker import JacobianWorker, ShardTask, serialize_function
+    from distjac.shard import KernelOptions, ShardTask
+    from distjac.worker import JacobianWorker, serialize_function
 
     w = JacobianWorker("cpu", num_threads=1)
     fn = serialize_function(lambda t: t * t)
-    batch = w.compute("k", [fn], ShardTask(0, 0, 3, dtype="float32", rows=torch.ones(3, 2).numpy()),
-                      {"mode": "rev", "chunk_size": None, "use_pfor": True, "call": "test"})
+    task = ShardTask(0, 0, 3, dtype="float32", rows=torch.ones(3, 2).numpy(), options=KernelOptions(mode="rev"))
+    batch = w.run("k", [fn], task).batch
     ray = sys.modules.get("ray")
     names = [p.name() for p in psutil.Process().children(recursive=True)]
     print(json.dumps({"rows": batch.num_rows, "info": w.info(), "ray_imported": ray is not None,

@@ -230,6 +230,15 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
     totals["wait_s"] = max(0.0, wall * max(workers, 1) - busy)
     rec["breakdown_s_per_shard"] = {k: totals.get(k, 0.0) / max(shards, 1) for k in STAGES}
     rec["queue_s_per_shard"] = totals.get("queue_s", 0.0) / max(shards, 1)
+    # With a worker's stages overlapped (NOTE [overlapped stages] in distjac.shard), a
+    # shard costs its slowest stage, not their sum: "wall per shard" is each worker's
+    # wall time over its shards, and its ratio to the slowest stage is 1 when the
+    # pipeline is full. Busy share: a stage's seconds over the workers' wall time.
+    per_shard = wall * max(workers, 1) / max(shards, 1)
+    slowest = max(rec["breakdown_s_per_shard"][k] for k in WORKER_BUSY)
+    rec["wall_s_per_shard"] = per_shard
+    rec["wall_over_slowest_stage"] = per_shard / slowest if slowest > 0 else None
+    rec["busy_share"] = {k: totals.get(k, 0.0) / (wall * max(workers, 1)) for k in WORKER_BUSY}
     return rec
 
 
@@ -313,8 +322,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"{cfg['shard_size']:,} rows, median of {cfg['repeats']})", "", machine_line(result),
              f"Command: `{result.get('command')}`", "",
              "| topology | variant | workers | nodes | rows/s | speedup | efficiency | "
-             "per shard (ms): read / compute / to host / Arrow / gather / write / wait |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "per shard (ms): read / compute / to host / Arrow / gather / write / wait | wall per shard (ms) | "
+             "wall / slowest stage | compute busy |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in result["records"]:
         if r.get("status") != "ok":
             lines.append(f"| {r['topology']} | {r['variant']} | {r['workers']} | | {r['status']} | | | "
@@ -326,11 +336,17 @@ def markdown(result: dict[str, Any]) -> str:
         who = solo if r["workers"] == 0 else str(r["workers"])
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
         eff = f"{100 * r['efficiency']:.0f}%" if "efficiency" in r else "—"
+        ratio = r.get("wall_over_slowest_stage")
+        busy = r.get("busy_share", {}).get("compute_s")
         lines.append(f"| {r['topology']} | {r['variant']} | {who} | {r.get('nodes', '')} | "
-                     f"{r['rows_per_s']:,.0f} | {sp} | {eff} | {parts} |")
+                     f"{r['rows_per_s']:,.0f} | {sp} | {eff} | {parts} | {1e3 * r.get('wall_s_per_shard', 0):.0f} | "
+                     f"{f'{ratio:.2f}' if ratio else '—'} | {f'{100 * busy:.0f}%' if busy is not None else '—'} |")
     lines += ["", "Speedup and efficiency are against 1 worker of the same topology and variant. The "
               "breakdown is each stage's time summed over the median run's shards, per shard; wait is the "
-              "workers' idle time (wall x workers - busy) per shard."]
+              "workers' idle time (wall x workers - busy) per shard, 0 when the stages overlap. A worker "
+              "overlaps its shards' stages, so a shard's wall time (each worker's wall over its shards) "
+              "approaches its slowest stage: the ratio is 1 when the pipeline is full. Compute busy: the "
+              "share of the workers' wall time spent computing."]
     return "\n".join(lines)
 
 
