@@ -180,11 +180,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if spec.engine.num_workers == 0:
         report = run_job(spec)
     else:
-        from . import Engine
-
         # What needs no model, before Ray starts (seconds); Engine.run probes the model.
         # A local Ray instance (no address) runs its workers here: engine.device must exist.
         check_job(spec, device_here=spec.engine.address is None)
+        # A finished job is verified and reported here, without Ray (NOTE [a finished job
+        # runs nothing] in distjac.jobs); None: shards are left, the engine runs them.
+        report = None if spec.output.overwrite else run_job(spec, finished_only=True)
+    if report is None:
+        from . import Engine
+
         # --json: stdout is the report alone. Ray prints its raylet's messages ("(raylet)
         # Task ... failed") and the workers' stdout to sys.stdout on the driver: during the
         # run that is stderr, and the connection is closed (flushing Ray's last lines)

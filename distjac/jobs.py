@@ -265,6 +265,37 @@ def check_job(spec: JobSpec, *, device_here: bool | None = None) -> Source:
     return source
 
 
+def finished_info(spec: JobSpec) -> dict | None:
+    """What a probe learns (``out_shape``, ``compute_dtype``), from the job's output when
+    it is finished: a valid, complete manifest of this spec, with ``_SUCCESS``. None
+    otherwise (no output, another spec, unfinished, unreadable).
+
+    NOTE [a finished job runs nothing]
+    Running a finished job again verifies its parts and reports; it needs neither the
+    model nor Ray. ``prepare_job`` then takes the output shape and compute dtype from the
+    manifest instead of probing, ``distjac run`` does it in process before starting Ray
+    (:func:`run_job` with ``finished_only``), and if a part fails its check (it is
+    deleted, as on any resume) the run goes on as usual to recompute it. The first run's
+    ``_report.json`` is kept when a run reuses every shard.
+    """
+    from .io.sink import MANIFEST_NAME, SUCCESS_NAME
+
+    out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
+    if not os.path.exists(os.path.join(out_dir, SUCCESS_NAME)) or not os.path.exists(
+            os.path.join(out_dir, MANIFEST_NAME)):
+        return None
+    try:
+        manifest = Manifest.load(out_dir)
+    except Exception:  # unreadable or not distjac's: open_output says what is wrong
+        return None
+    info = manifest.info
+    if manifest.spec_hash != spec.spec_hash() or not manifest.complete:
+        return None
+    if not isinstance(info.get("output_shape"), list) or not isinstance(info.get("compute_dtype"), str):
+        return None
+    return {"out_shape": info["output_shape"], "compute_dtype": info["compute_dtype"]}
+
+
 def local_probe(spec: JobSpec) -> Probe:
     """The probe of a job whose model runs in this process: built on the job's device
     when its shards run here (engine.num_workers: 0), else on the CPU (``distjac plan
@@ -305,11 +336,16 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
     if source is None:
         source = check_job(spec, device_here=device_here)
     recipe = model_recipe(spec)
-    probed = (probe or local_probe(spec))(recipe, source)
+    # NOTE [a finished job runs nothing]: its manifest holds what a probe would learn.
+    probed = finished_info(spec) or (probe or local_probe(spec))(recipe, source)
     out_shape, compute_dtype = tuple(probed["out_shape"]), probed["compute_dtype"]
     if spec.reductions:
         check_reductions(spec.reductions, out_shape, source.shape)
-    workers = num_workers if num_workers is not None else (spec.engine.num_workers or 1)
+    workers = num_workers if num_workers is not None else spec.engine.num_workers
+    if workers is None:
+        # The Engine's default: one worker per CPU of the local Ray instance it starts (a
+        # cluster's size is known only once joined; its Engine passes num_workers).
+        workers = (os.cpu_count() or 1) if spec.engine.address is None else 1
     itemsize = torch.empty((), dtype=getattr(torch, compute_dtype)).element_size()
     try:
         plan = make_plan(
@@ -340,6 +376,8 @@ def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask]) -> Iterabl
     """Run a job's shards in this process (engine.num_workers: 0) on one ShardRunner,
     up to :data:`distjac.shard.PIPELINE_DEPTH` at a time so that their stages overlap;
     the model the probe built is the one the shards run."""
+    if not tasks:
+        return iter(())
     device = resolve_device(job.spec.engine.device)
     model = job.recipe.build(device)
     runner = ShardRunner(device)
@@ -366,7 +404,8 @@ def run_job(
     progress: bool | None = None,
     num_workers: int | None = None,
     prepared: PreparedJob | None = None,
-) -> dict[str, Any]:
+    finished_only: bool = False,
+) -> dict[str, Any] | None:
     """Run a job: prepare, open or resume the output, compute the missing shards, record.
 
     Args:
@@ -380,6 +419,9 @@ def run_job(
             the spec's, or 1).
         prepared: a PreparedJob of this spec already made (by ``distjac plan`` or the
             engine), to skip preparing again.
+        finished_only: run only if the job is finished (NOTE [a finished job runs
+            nothing]): verify and report it, or return None, having computed nothing,
+            when a shard is left to compute.
 
     Returns:
         The job report (also written to ``_report.json``): rows, shards, computed,
@@ -396,20 +438,25 @@ def run_job(
         ShardError: a shard failed; every finished shard stays recorded, a rerun resumes.
     """
     t0 = time.perf_counter()
+    if finished_only and prepared is None and finished_info(spec) is None:
+        return None
     job = prepared if prepared is not None else prepare_job(spec, num_workers=num_workers)
     # NOTE [the output lock] (io/sink.py): one run at a time, from opening the output to _SUCCESS.
     with lock_output(job.out_dir):
-        return _run_locked(spec, job, executor, progress, t0)
+        return _run_locked(spec, job, executor, progress, t0, finished_only)
 
 
 def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, progress: bool | None,
-                t0: float) -> dict[str, Any]:
+                t0: float, finished_only: bool = False) -> dict[str, Any] | None:
     manifest, events = open_output(
         job.out_dir, job.spec_hash, list(job.plan), job.info(),
         resume=spec.output.resume, overwrite=spec.output.overwrite,
     )
     todo = manifest.missing()
     tasks = [job.task(i, *manifest.shards[i]) for i in todo]
+    if finished_only and tasks:
+        manifest.flush()
+        return None
     done_rows = manifest.num_rows - sum(t.stop - t.start for t in tasks)
     show = spec.engine.progress if progress is None else progress
     t_run = time.perf_counter()
@@ -443,9 +490,24 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
             f"run_job: the executor returned with {len(missing)} shard(s) unfinished (first: {missing[:5]}); "
             f"finished shards are kept, run the job again to resume."
         )
-    report = _write_report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
+    if not computed and not events["adopted"] and events["reused"] == len(manifest.shards) and \
+            _succeeded_before(job.out_dir):
+        # Every shard reused as it was: the first run's report stays (it says how the
+        # results were made); this run's is returned.
+        report = _report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
+        report["report_kept"] = True
+    else:
+        report = _write_report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
     manifest.mark_success()
     return report
+
+
+def _succeeded_before(out_dir: str) -> bool:
+    try:
+        with open(os.path.join(out_dir, REPORT_NAME)) as f:
+            return json.load(f).get("status") == "succeeded"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _timing_summary(computed: dict[int, PartInfo], timings: dict[int, dict[str, Any]]) -> dict[str, Any]:

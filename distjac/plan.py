@@ -53,6 +53,10 @@ SHARDS_PER_WORKER = 2
 # 4-worker machine, what issue 3 measured as the best gather throughput. The one default
 # of the Engine's, the job spec's and the plan's parallel_iterations.
 DEFAULT_PARALLEL_ITERATIONS = 8
+# Shards a worker (or the in-process path) holds at once, each in a different stage:
+# one being read, one computing, one copied, converted and written (NOTE [overlapped
+# stages] in distjac.shard, which imports it from here).
+PIPELINE_DEPTH = 3
 # Resident memory of a driver that imported torch, Ray and pyarrow and holds a Ray
 # connection, before any data: ~430 MiB measured here (torch 2.13 CPU, Ray 2.60); rounded up.
 DEFAULT_DRIVER_OVERHEAD_BYTES = 512 << 20
@@ -213,25 +217,29 @@ class ShardPlan:
 
     @property
     def driver_peak_bytes(self) -> int:
-        """Estimated driver peak: output (when gathering) + in-flight shards + a constant.
+        """Estimated driver peak: when gathering, the output + the in-flight shards + a
+        constant; when streaming to parts (a job), the constant alone.
 
-        Each shard in flight holds its input rows (shipped by the driver) and, once done,
-        its result mapped from the object store until it is copied into place.
+        A gathered shard in flight holds its input rows (shipped by the driver) and, once
+        done, its result mapped from the object store until it is copied into place. A
+        job's workers read their own rows and write their own parts: the driver holds
+        receipts only (an in-memory tensor source is the caller's, not counted here).
         """
-        if not self._n:
+        if not self._n or not self.gather:
             return self.driver_overhead
         shard = self.shard_in_bytes(0) + self.shard_out_bytes(0)
-        out = self.total_out_bytes if self.gather else 0
-        return out + self.in_flight * shard + self.driver_overhead
+        return self.total_out_bytes + self.in_flight * shard + self.driver_overhead
 
     @property
     def worker_peak_bytes(self) -> int:
-        """Estimated worker peak: a constant + one shard's input + its Jacobian twice
-        (the kernel's tensor and the Arrow copy handed to the object store). The
-        kernel's own working memory comes on top, bounded by its ``max_memory``."""
+        """Estimated worker peak with its stages overlapped (:data:`PIPELINE_DEPTH`
+        shards): a constant + two shards' inputs (one being read, one computing) + three
+        Jacobians (the one computing, and the one being written twice: its host values
+        and the serialized part or the copy handed to the object store). The kernel's own
+        working memory comes on top, bounded by its ``max_memory``."""
         if not self._n:
             return self.worker_overhead
-        return self.worker_overhead + self.shard_in_bytes(0) + 2 * self.shard_out_bytes(0)
+        return self.worker_overhead + 2 * self.shard_in_bytes(0) + 3 * self.shard_out_bytes(0)
 
     # -- printing ----------------------------------------------------------------------
 
@@ -261,17 +269,23 @@ class ShardPlan:
         lines = [
             ("rows", f"{s['rows']:,}"),
             ("per-example", f"in {self.in_shape} -> out {self.out_shape}; jacobian {self.out_shape + self.in_shape}"),
-            ("shards", f"{s['shards']:,} x {s['shard_size']:,} rows (last {s['last_shard_rows']:,})"),
+            ("shards", f"{_count(s['shards'], 'shard')} x {s['shard_size']:,} rows (last {s['last_shard_rows']:,})"),
             ("bytes per shard", f"in {b(s['shard_in_bytes'])}, out {b(s['shard_out_bytes'])}"),
             ("jacobian total", b(s["total_out_bytes"])),
-            ("in flight", f"{self.in_flight} shards over {self.num_workers} worker(s)"),
+            ("in flight", f"{_count(self.in_flight, 'shard')} over {_count(self.num_workers, 'worker')}"
+             f" ({PIPELINE_DEPTH} at once on each worker, their stages overlapped)"),
             ("driver peak", f"~{b(s['driver_peak_bytes'])}"
-             + (" (output + in-flight shards + overhead)" if self.gather else " (in-flight shards + overhead)")),
+             + (" (output + in-flight shards + overhead)" if self.gather else " (overhead only: workers read and "
+                "write their own shards)")),
             ("worker peak", f"~{b(s['worker_peak_bytes'])} + kernel working memory"),
         ]
         width = max(len(k) for k, _ in lines)
         body = "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
         return f"ShardPlan\n{body}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def make_plan(

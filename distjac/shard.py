@@ -57,6 +57,7 @@ from . import arrow, kernels
 from ._proc import proc_bytes
 from .errors import ConfigError, DistjacError, ShardError
 from .options import check_batched, check_floating, check_same_batch, check_tensor
+from .plan import PIPELINE_DEPTH
 
 __all__ = [
     "PIPELINE_DEPTH",
@@ -75,8 +76,6 @@ __all__ = [
     "to_wire",
 ]
 
-# Shards a runner holds at once, one per stage group (read; compute; host, Arrow, write).
-PIPELINE_DEPTH = 3
 # The stages of a shard, in order; ShardTiming has one field each.
 STAGES = ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s")
 # Models a process keeps built (keyed by recipe and device): a worker runs one job's

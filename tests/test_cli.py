@@ -40,6 +40,23 @@ def _lines(text):
 # ------------------------------------------------------------------------ subprocess
 
 
+def test_a_finished_job_reruns_without_ray_or_the_model(tmp_path):
+    """NOTE [a finished job runs nothing]: a rerun verifies and reports in process; no
+    worker starts (none builds the model) and the first run's report stays."""
+    built = tmp_path / "built.txt"
+    config = _config(tmp_path, model={"factory": "job_helpers:counting_mlp", "kwargs": {"log": str(built)}})
+    assert main(["run", config, "--no-progress"]) == 0  # engine.num_workers 0: in process
+    report_path = tmp_path / "out" / "_report.json"
+    first = json.loads(report_path.read_text())
+    built.unlink()
+    r = _cli("run", config, "--json", "--set", "engine.num_workers=2")
+    assert r.returncode == 0, r.stderr
+    rerun = json.loads(r.stdout)
+    assert rerun["computed_shards"] == 0 and rerun["reused_shards"] == 4 and rerun["report_kept"]
+    assert not built.exists(), "the model was built: Ray workers (or the driver) ran it"
+    assert json.loads(report_path.read_text()) == first
+
+
 def test_run_in_a_subprocess(tmp_path, capsys):
     config = _config(tmp_path)
     r = _cli("run", config, "--no-progress", "--set", "data.rows=40")
@@ -121,7 +138,7 @@ def test_plan(tmp_path, capsys):
     # the shard plan needs the model's output shape: --probe builds and runs the model
     assert main(["plan", config, "--probe", "--set", "engine.shard_size=10"]) == 0
     out = capsys.readouterr().out
-    assert "5 x 10 rows (last 10)" in out and "output now       new" in out
+    assert "5 shards x 10 rows (last 10)" in out and "output now       new" in out
     assert not os.path.exists(tmp_path / "out")
     assert main(["plan", config, "--probe", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)

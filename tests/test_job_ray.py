@@ -296,6 +296,20 @@ def test_run_equals_batch_jacobian(engine, tmp_path, fmt):
     assert all(peak > 50 * 2**20 for peak in timing["worker_peak_rss_bytes"].values())  # torch alone is more
 
 
+def test_the_driver_never_builds_the_model_each_worker_builds_it_once(engine, tmp_path):
+    """Issue 10, item 4: Engine.run imports the factory, never calls it; the workers build
+    the model (the probe's model is the shards' model) once per process."""
+    log = tmp_path / "built.txt"
+    spec = job_spec(tmp_path / "out", model={"factory": "job_helpers:counting_mlp",
+                                             "kwargs": {"log": str(log), "sizes": [8, 16, 4]}})
+    report = engine.run(spec)
+    assert report["computed_shards"] == 7
+    pids = [int(p) for p in log.read_text().split()]
+    assert os.getpid() not in pids
+    assert len(pids) == len(set(pids)) and set(pids) <= {w["pid"] for w in engine.workers()}
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-6, atol=1e-7)
+
+
 def test_reduction_job_equals_in_process_reductions(engine, tmp_path):
     spec = job_spec(tmp_path / "out", model={"kwargs": {"sizes": [8, 16, 8]}},
                     jacobian={"reduce": ["frobenius", "trace", "spectral", "logabsdet"]})

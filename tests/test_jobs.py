@@ -201,7 +201,7 @@ def test_empty_job(tmp_path):
 def test_plan_is_printable(tmp_path):
     job = prepare_job(tiny_spec(tmp_path / "out"))
     text = str(job)
-    assert "spec hash" in text and "4 x 16 rows (last 2)" in text and "synthetic: 50 rows of shape (3,)" in text
+    assert "spec hash" in text and "4 shards x 16 rows (last 2)" in text and "synthetic: 50 rows of shape (3,)" in text
     assert job.summary()["plan"]["shards"] == 4
     assert not os.path.exists(tmp_path / "out")  # planning writes nothing
 
