@@ -901,9 +901,9 @@ class Engine:
         self._check_open(call)
         # Checks that run no user code (the spec, the source, the factory's module) first.
         source = check_job(spec, device_here=False)
-        # NOTE [the driver never runs the model]: the factory is imported here, never
-        # called; the recipe goes to the workers once, and each builds the model on its
-        # own device once per process. The probe runs on a worker (max_retries times).
+        # NOTE [the driver never runs the model] (distjac.shard): the factory is imported
+        # here, never called; the recipe goes to the workers once, and each builds the
+        # model on its own device once per process. The probe runs on a worker.
         shipment: list[_Shipment] = []
 
         def probe(recipe_, source_) -> dict:
@@ -921,6 +921,9 @@ class Engine:
         def executor(job_, tasks):
             if not tasks:
                 return
+            if not shipment:  # a finished job was not probed (a damaged part to redo)
+                self._ready()
+                shipment.append(_ship(self, job_.recipe))
             if job_.source.kind == "tensor":
                 # A tensor in memory is its own data: as a task's source it would travel
                 # whole with every shard. Each task carries its own rows instead (as in

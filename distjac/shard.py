@@ -346,6 +346,15 @@ class ModelRecipe:
     process (:meth:`build`); the driver sends it to each worker once, by value where its
     module is not installed (NOTE [shipping user code by value] in distjac.worker).
 
+    NOTE [the driver never runs the model]
+    ``Engine.run`` imports the job's factory and pickles it with the model spec; it
+    never calls it: a model may be too large for the driver, need the workers' GPUs, or
+    read files only they have. The workers build it (``JacobianWorker._function``, one
+    build per process and recipe, under a lock: the probe, the preparation and the
+    shards' threads share it), worker 0 probes it for the plan's output shape and
+    compute dtype (``probe_model``). In process (``engine.num_workers: 0``, ``distjac plan
+    --probe``) the process that runs the shards builds it once and probes that model.
+
     Attributes:
         spec: the job's ``model`` section (distjac.config.ModelSpec).
         factory: the resolved factory (``distjac.config.resolve_factory``), or None to
