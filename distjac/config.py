@@ -1384,3 +1384,36 @@ def _load_weights(spec: ModelSpec, model: Any) -> None:
         raise ConfigError(
             f"{key} do not fit the model: {' '.join(line.strip() for line in first[:3])}"
         ) from e
+
+
+# -------------------------------------------------------------------------------------
+# the environment a job needs (checked before Ray starts; not by validate())
+# -------------------------------------------------------------------------------------
+
+
+def check_address(address: str | None) -> None:
+    """ConfigError (exit status 2) when ``engine.address`` is a ``ray://`` address and Ray
+    Client's dependencies (``pip install 'distjac[cluster]'``, which installs
+    ``ray[client]``) are missing; nothing is imported but module specs.
+
+    ``RAY_ADDRESS=ray://...`` with ``address: auto`` is checked the same way.
+    """
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+    if not isinstance(target, str) or not target.startswith("ray://"):
+        return
+    missing = [m for m in ("grpc", "ray.util.client") if _spec_missing(m)]
+    if missing:
+        raise ConfigError(
+            f"config: engine.address={address!r} connects through Ray Client, which needs ray[client] "
+            f"({', '.join(missing)} cannot be imported here); install it with pip install 'distjac[cluster]' "
+            f"(or 'ray[client]'), or use an address of the form host:port on a cluster node."
+        )
+
+
+def _spec_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
