@@ -977,17 +977,22 @@ def _selection(rows: Any, n: int) -> tuple[int, int] | np.ndarray:
 
 
 def read_result(
-    path: str | os.PathLike, rows: Any = None, *, verify: bool = True,
-) -> np.ndarray | dict[str, np.ndarray]:
-    """Read a job's output as numpy.
+    path: str | os.PathLike, rows: Any = None, *, verify: bool = True, as_tensor: bool = False,
+) -> Any:
+    """Read a job's output as numpy (or torch, ``as_tensor=True``).
 
     Args:
-        path: the output directory (a job's ``output.path``).
+        path: the output directory (a job's ``output.path``): a local path or a URI
+            (``s3://bucket/prefix``, read through pyarrow's file systems).
         rows: None for all rows, or a slice, range or 1-D integer sequence of row indices
             (rows of the source, in the order given).
         verify: check the SHA-256 of every part read against the manifest (sizes are
             always checked). This reads each selected part once more (from the page
             cache that the read then uses); ``verify=False`` skips it for speed.
+        as_tensor: return torch tensors (CPU) instead of numpy arrays: zero-copy where
+            the array is already distjac's own copy, copied where it is a read-only view
+            of a memory-mapped part (torch tensors are writable; this is what spares
+            ``torch.from_numpy``'s "not writable" warning).
 
     Returns:
         For a Jacobian dataset, an array (len(rows), *out, *in) in the stored dtype. When
@@ -1003,6 +1008,20 @@ def read_result(
             the job again computes them), or a part read is truncated, corrupted or holds
             nulls (the message names it).
     """
+    result = _read_result(path, rows, verify)
+    return _as_tensors(result) if as_tensor else result
+
+
+def _as_tensors(result: np.ndarray | dict[str, np.ndarray]) -> Any:
+    import torch
+
+    def one(a: np.ndarray):
+        return torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C"))
+
+    return {k: one(v) for k, v in result.items()} if isinstance(result, dict) else one(result)
+
+
+def _read_result(path: str | os.PathLike, rows: Any, verify: bool) -> np.ndarray | dict[str, np.ndarray]:
     manifest = Manifest.load(_result_path(path))
     columns = _value_columns(manifest)
     n = manifest.num_rows
@@ -1049,9 +1068,8 @@ def read_result(
 def _result_path(path: str | os.PathLike) -> str:
     """An output to read: a URI as it is, a local path made absolute; ResultError for a
     file (not an output directory)."""
-    p = os.fspath(path)
+    p = _fs.normalize(os.fspath(path))
     if not _fs.is_remote(p):
-        p = _fs.normalize(p) if not _fs.is_uri(p) or p.startswith("file:") else p
         if os.path.isfile(p):
             raise ResultError(f"{os.fspath(path)!r} is a file, not a distjac output: give the output directory "
                               f"(a job's output.path), e.g. {os.path.dirname(p) or '.'!r}.")
