@@ -606,7 +606,8 @@ def _parquet_row_group(path: str, group: int, column: str, base: int, source: An
             return source._values(table.column(0), path, base)
         return arrow_mod.column_values(table.column(0))
 
-    return _cached("pq_values", (path, group, column), make)
+    shape = (source.shape, source.lists) if source is not None else None
+    return _cached("pq_values", (path, group, column, shape), make)
 
 
 # -----------------------------------------------------------------------------------------
