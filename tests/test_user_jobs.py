@@ -368,3 +368,16 @@ def test_configs_use_max_in_flight():
     for name in os.listdir(os.path.join(ROOT, "configs")):
         text = open(os.path.join(ROOT, "configs", name)).read()
         assert "parallel_iterations:" not in text, name
+
+
+def test_rerunning_a_finished_job_starts_no_ray(tmp_path):
+    config = _project(tmp_path)
+    code = ("import sys\nfrom distjac.cli import main\n"
+            f"assert main(['run', {config!r}, '--workers', '0', '--no-progress']) == 0\n"
+            f"rc = main(['run', {config!r}, '--workers', '2', '--no-progress'])\n"
+            "print(rc, 'ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT}, cwd=str(tmp_path / "configs"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "0 False", r.stdout
+    assert "0 computed, 4 reused" in r.stdout

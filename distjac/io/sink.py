@@ -94,10 +94,13 @@ __all__ = [
     "iter_result",
     "lock_output",
     "open_output",
+    "output_is_complete",
     "part_name",
     "read_result",
     "repair_output",
+    "resolve_output_path",
     "write_part",
+    "write_report",
 ]
 
 MANIFEST_NAME = "_manifest.json"
@@ -1063,6 +1066,20 @@ def _read_result(path: str | os.PathLike, rows: Any, verify: bool) -> np.ndarray
             for c in columns:
                 out[c][where] = values[c][sel[where] - manifest.shards[s][0]]
     return out if manifest.info.get("reduce") else out[columns[0]]
+
+
+def output_is_complete(out_dir: str | os.PathLike, spec_hash: str) -> bool:
+    """Whether ``out_dir`` holds a finished output of ``spec_hash``: a valid manifest of
+    that hash recording every shard, and ``_SUCCESS``. Reads the manifest only (no part is
+    hashed): a run that finds this true can verify and report without starting Ray."""
+    try:
+        path = resolve_output_path(out_dir)
+        if not _fs.exists(os.path.join(path, SUCCESS_NAME)):
+            return False
+        m = Manifest.load(path)
+    except (ResultError, OSError, ValueError):
+        return False
+    return m.spec_hash == spec_hash and m.complete
 
 
 def _result_path(path: str | os.PathLike) -> str:
