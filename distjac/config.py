@@ -217,7 +217,9 @@ class EngineSpec:
             ``engine.parallel_iterations`` is still read, with a FutureWarning; it is
             not TF's ``parallel_iterations``, which is ``jacobian.chunk_size`` here).
         max_retries: retries of a shard whose worker or node died.
-        progress: show a progress bar; null shows one when stderr is a terminal.
+        progress: true: show progress (a bar on a terminal, a line on stderr every 10 s
+            elsewhere), false: none; null: ``distjac run`` shows it, library calls only
+            on a terminal (see :mod:`distjac.progress`).
         shard_timeout_s: seconds a shard may run before its worker is replaced and the
             shard retried elsewhere; null: 10x the median shard, at least 60 s (600 s
             for a worker's first shard). Not in the spec hash.

@@ -88,6 +88,8 @@ def normalize(path: str | os.PathLike) -> str:
     """A local path made absolute (``~`` expanded, ``file://`` removed); a URI as it is,
     without a trailing slash. Refuses a URI that lost its ``//`` (``s3:/bucket``)."""
     p = os.fspath(path)
+    if p[:6].lower() == "file:/" and p[:7].lower() != "file://":
+        p = p[5:]  # file:/abs/path, the one-slash form of a local file URI
     m = _URI_RE.match(p)
     if m and m.group("scheme").lower() == "file":
         p = "/" + m.group("rest").lstrip("/") if not m.group("rest").startswith("/") else m.group("rest")
