@@ -1,8 +1,12 @@
 """distjac: per-example Jacobians, TensorFlow's batch_jacobian on PyTorch, from one
-process to a Ray cluster."""
+process to a Ray cluster.
 
-from .config import JobSpec
-from .engine import Engine
+The public names are loaded on first use (PEP 562), so that ``import distjac`` and
+``distjac --version`` import neither torch nor Ray until something needs them.
+"""
+
+import importlib as _importlib
+
 from .errors import (
     ConfigError,
     CoupledExamplesError,
@@ -22,11 +26,6 @@ from .errors import (
     TapeError,
     VectorizationError,
 )
-from .io.sink import read_result
-from .kernels import batch_jacobian
-from .options import UnconnectedGradients
-from .plan import ShardPlan, make_plan
-from .tape import GradientTape
 
 __version__ = "0.1.0"
 
@@ -60,3 +59,36 @@ __all__ = [
     "make_plan",
     "read_result",
 ]
+
+# public name -> the module that defines it (imported on first use)
+_LAZY = {
+    "Engine": ".engine",
+    "GradientTape": ".tape",
+    "JobSpec": ".config",
+    "ShardPlan": ".plan",
+    "UnconnectedGradients": ".options",
+    "batch_jacobian": ".kernels",
+    "make_plan": ".plan",
+    "read_result": ".io.sink",
+}
+# submodules that ``distjac.<name>`` reaches without an import statement, as before
+_SUBMODULES = ("arrow", "config", "engine", "io", "jobs", "kernels", "models", "options", "plan", "progress",
+               "ray_data", "reduce", "tape", "worker", "chain", "bench")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        try:
+            return _importlib.import_module("." + name, __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

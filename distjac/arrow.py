@@ -77,6 +77,7 @@ def to_record_batch(
     reductions: dict[str, torch.Tensor] | None = None,
     *,
     dtype: str | None = "float32",
+    extra_columns: dict[str, pa.Array] | None = None,
 ) -> pa.RecordBatch:
     """One shard's result as a record batch.
 
@@ -85,6 +86,8 @@ def to_record_batch(
         jacobian: (B, *shape) per-example values, stored as ``fixed_shape_tensor(shape)``.
         reductions: name -> (B,) values, one float column each (instead of ``jacobian``).
         dtype: value dtype in Arrow ("float32" by default; None keeps the tensor's).
+        extra_columns: name -> Arrow array of length B (any type): input columns carried
+            to the output (``output.keep_columns``), after ``row`` and the values.
     """
     row_ids = pa.array(np.asarray(rows, dtype=np.int64), type=pa.int64())
     names, columns = [ROW_COLUMN], [row_ids]
@@ -96,6 +99,15 @@ def to_record_batch(
         names.append(JACOBIAN_COLUMN)
     for name, red in (reductions or {}).items():
         columns.append(pa.array(_to_numpy(red, dtype).reshape(-1)))
+        names.append(name)
+    if len(columns) == 1:
+        raise ValueError("to_record_batch: give a jacobian or at least one reduction.")
+    for name, extra in (extra_columns or {}).items():
+        if name in names:
+            raise ValueError(f"to_record_batch: extra column {name!r} collides with an output column.")
+        if isinstance(extra, pa.ChunkedArray):
+            extra = extra.combine_chunks()
+        columns.append(extra if isinstance(extra, pa.Array) else pa.array(extra))
         names.append(name)
     if len(columns) == 1:
         raise ValueError("to_record_batch: give a jacobian or at least one reduction.")

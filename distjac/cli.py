@@ -3,7 +3,7 @@
 ::
 
     distjac run CONFIG [--set key.path=value ...] [--address ADDR] [--workers N]
-                       [--no-progress] [--overwrite]
+                       [--progress | --no-progress] [--overwrite]
     distjac plan CONFIG [--set ...] [--json] [--probe]
                                                    dry run: checks, shapes, shard plan, bytes
     distjac inspect PATH [--json] [--quick]        rows, shapes, finished/missing shards, checksums
@@ -19,6 +19,14 @@ missing or corrupted parts). Errors are one or two plain lines on stderr; ``--de
 adds the traceback.
 
 ``--workers 0`` (``engine.num_workers: 0``) runs the job in this process without Ray.
+
+Progress: ``run`` shows a tqdm bar when stderr is a terminal and otherwise writes a
+progress line to stderr every 10 s (``DISTJAC_PROGRESS_INTERVAL``), for nohup, cluster
+scripts and ``ray job submit`` logs; ``--no-progress`` (or ``engine.progress: false``)
+turns both off (see :mod:`distjac.progress`).
+
+``distjac --version`` and ``--help`` import neither torch nor Ray: every command imports
+what it needs when it runs.
 
 A config is code: ``model.factory`` names a Python callable that ``run`` (and ``plan
 --probe``) imports and calls, so trust a config like a script (NOTE [a config is code] in
@@ -62,7 +70,9 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``bench_arguments=False`` leaves out the bench suites' own options
+    (their modules import torch), for every command but ``bench``."""
     from . import __version__
 
     common = argparse.ArgumentParser(add_help=False)
@@ -82,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help='Ray address: "auto" joins a running cluster, "ray://host:port" a '
                      "remote one (default: the config's; none starts a local instance)")
     run.add_argument("--workers", type=int, metavar="N", help="Ray workers (0: run in this process without Ray)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress on stderr: a bar on a terminal, else a line every 10 s (default: on, or the "
+                     "config's engine.progress); --no-progress: none")
     run.add_argument("--overwrite", action="store_true", help="replace an output written by another spec")
     run.add_argument("--json", action="store_true", help="print the job report as JSON")
 
@@ -116,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
                            description="Run benchmark suites side by side and write <out>/<suite>.json, "
                            ".md and .png (plots need matplotlib: pip install 'distjac[plot]'). "
                            "See docs/benchmarks.md.")
-    _add_bench(bench)
+    if bench_arguments:
+        _add_bench(bench)
     return p
 
 
@@ -151,8 +164,8 @@ def _load_spec(args: argparse.Namespace):
         overrides.append(f"engine.num_workers={args.workers}")
         if args.workers == 0:
             overrides.append("engine.address=")
-    if getattr(args, "no_progress", False):
-        overrides.append("engine.progress=false")
+    if getattr(args, "progress", None) is not None:
+        overrides.append(f"engine.progress={'true' if args.progress else 'false'}")
     if getattr(args, "overwrite", False):
         overrides.append("output.overwrite=true")
     return JobSpec.from_yaml(args.config, overrides)
@@ -161,7 +174,7 @@ def _load_spec(args: argparse.Namespace):
 def _engine_kwargs(spec) -> dict[str, Any]:
     e = spec.engine
     return {"address": e.address, "num_workers": e.num_workers, "device": e.device, "shard_size": e.shard_size,
-            "parallel_iterations": e.parallel_iterations, "chunk_size": spec.jacobian.chunk_size,
+            "parallel_iterations": e.max_in_flight, "chunk_size": spec.jacobian.chunk_size,
             "max_retries": e.max_retries, "progress": e.progress}
 
 
@@ -173,19 +186,30 @@ def _disconnect_ray() -> None:
             ray.shutdown()
 
 
+def run_progress(spec) -> bool:
+    """The ``progress`` that ``distjac run`` passes on: the flag or ``engine.progress``
+    when set, else True (a bar on a terminal, lines elsewhere; see distjac.progress)."""
+    return True if spec.engine.progress is None else bool(spec.engine.progress)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import check_address
     from .jobs import check_job, run_job
 
     spec = _load_spec(args)
+    progress = run_progress(spec)
+    report = None
     if spec.engine.num_workers == 0:
-        report = run_job(spec)
+        report = run_job(spec, progress=progress)
     else:
         # What needs no model, before Ray starts (seconds); Engine.run probes the model.
         # A local Ray instance (no address) runs its workers here: engine.device must exist.
+        check_address(spec.engine.address)
         check_job(spec, device_here=spec.engine.address is None)
         # A finished job is verified and reported here, without Ray (NOTE [a finished job
         # runs nothing] in distjac.jobs); None: shards are left, the engine runs them.
-        report = None if spec.output.overwrite else run_job(spec, finished_only=True)
+        if not spec.output.overwrite:
+            report = run_job(spec, finished_only=True, progress=progress)
     if report is None:
         from . import Engine
 
@@ -197,7 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with quiet:
             try:
                 with Engine(**_engine_kwargs(spec)) as engine:
-                    report = engine.run(spec)
+                    report = engine.run(spec, progress=progress)
             finally:
                 if args.json:
                     _disconnect_ray()
@@ -214,9 +238,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _output_state(out_dir: str, spec_hash: str) -> str:
     import os
 
+    from .io import fs
     from .io.sink import MANIFEST_NAME, Manifest
 
-    if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+    if not fs.exists(os.path.join(out_dir, MANIFEST_NAME)):
         return "new"
     try:
         m = Manifest.load(out_dir)
@@ -230,7 +255,6 @@ def _output_state(out_dir: str, spec_hash: str) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import os
 
     from .jobs import JOB_PROBE_ROWS, check_job, prepare_job
 
@@ -244,8 +268,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print(job)
             print(f"  {'output now':<15}  {state}")
         return EXIT_OK
-    source = check_job(spec)  # imports and calls nothing of the config (NOTE [a config is code])
-    out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
+    # Imports and calls nothing of the config (NOTE [a config is code]); a local run's
+    # engine.device must exist here.
+    source = check_job(spec, device_here=spec.engine.num_workers == 0 or spec.engine.address is None)
+    from .io.sink import resolve_output_path
+
+    out_dir = resolve_output_path(spec.output.path)
     spec_hash = spec.spec_hash()
     state = _output_state(out_dir, spec_hash)
     not_built = (f"not built (plan --probe imports and calls it and runs the model on {JOB_PROBE_ROWS} rows, "
@@ -366,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = _parser()
+        parser = _parser(bench_arguments="bench" in argv)
         args = parser.parse_args(argv)
         if args.command is None:
             raise _UsageError("distjac: give a command: run, plan, inspect or bench (see distjac --help)")

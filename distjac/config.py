@@ -34,6 +34,21 @@ result that is a class or not callable. This keeps a typo or a pasted config fro
 a shell command; it is not a sandbox: a Python function of any installed package runs
 with the user's rights. ``distjac plan`` imports and calls nothing unless ``--probe``.
 
+NOTE [model files]
+``model.factory`` is ``"module:callable"`` or ``"path/to/file.py:callable"``. A file path
+is relative to the config's folder (``JobSpec.from_yaml`` records it as ``base_dir``;
+absolute paths and ``~`` work too) and is loaded with importlib as a module of its own,
+``distjac_user_<stem>_<hash of its absolute path>``, registered in ``sys.modules``: loading
+it twice gives the same objects, and the factory it returns pickles (by value, since no
+worker can import that name) like any function of a script. A module name is looked up in
+the config's folder first: ``resolve_factory`` puts that folder at the front of
+``sys.path`` (as ``python script.py`` does for the script's folder), so ``mymodels:make``
+beside the config imports ``mymodels.py``. Workers get the factory by value (the engine
+ships what their Python path cannot import), so they need neither the file nor the folder.
+A live model (``JobSpec.from_dict({"model": net, ...})``) needs no factory; its spec hash
+covers its class and its state_dict's bytes (a function: its code), see
+:func:`live_model_digest`.
+
 NOTE [YAML aliases are bounded]
 A YAML alias (``*name``) makes a node appear again without copying it, so 740 bytes of
 nested aliases (a "billion laughs") describe 10^9 values that anything walking the
@@ -93,6 +108,12 @@ MAX_YAML_ALIASES = 100
 MAX_YAML_EXPANSION = 100_000
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# "path/to/file.py:callable" (NOTE [model files]); the path may hold anything but ends in .py.
+_FILE_FACTORY_RE = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
+_FACTORY_HINT = ('give "module:callable" (e.g. "distjac.models:mlp") or "path/to/file.py:callable" '
+                 '(relative to the config\'s folder)')
+# Dataclass fields that are not config keys: set from Python or by from_yaml only.
+_NOT_KEYS = {("model", "base_dir")}
 
 
 @dataclass(frozen=True)
@@ -100,13 +121,24 @@ class ModelSpec:
     """``model``: a factory by import path, its keyword arguments, optional weights.
 
     Attributes:
-        factory: ``"module:callable"`` returning a torch.nn.Module (or any callable
-            mapping a batch to a batch).
+        factory: ``"module:callable"`` or ``"path/to/file.py:callable"`` returning a
+            torch.nn.Module (or any callable mapping a batch to a batch). A file path is
+            relative to the config's folder (``base_dir``); a module is looked up there
+            first, then on the Python path. See NOTE [model files].
         kwargs: keyword arguments of the factory.
         weights: a file for ``torch.load(weights_only=True)`` holding a state dict.
         weights_key: the key of the state dict in a checkpoint dict such as
             ``{"model": state_dict, "epoch": 3}`` (null: the file is the state dict, or
             holds one under ``"state_dict"``).
+        output: null (the model returns one tensor), or the key (a string: a dict key
+            or an attribute, e.g. ``logits`` of a Hugging Face output object) or the
+            index (an integer, of a tuple or list) of the tensor to differentiate.
+        module: Python only (``JobSpec.from_dict``): a live ``torch.nn.Module`` or a
+            callable mapping a batch to a batch, used instead of a factory (a copy of a
+            module is put in eval mode; the caller's is not changed).
+        base_dir: the folder relative factory files are resolved against: the config's
+            folder for ``JobSpec.from_yaml``, None (the working directory) otherwise.
+            Not a YAML key, not in the spec hash.
 
     See NOTE [a config is code]: the factory is imported and called.
     """
@@ -115,6 +147,9 @@ class ModelSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
     weights_key: str | None = None
+    output: str | int | None = None
+    module: Any = None
+    base_dir: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -125,7 +160,8 @@ class DataSpec:
         kind: "synthetic" (seeded normal values), "npy", "parquet", "arrow" (IPC file),
             or "tensor" (in memory, from Python only).
         rows: synthetic: the number of rows; files: read only the first ``rows`` rows.
-        shape: synthetic only: the per-example shape, e.g. [64].
+        shape: synthetic: the per-example shape, e.g. [64]; parquet/arrow: the per-row
+            shape of a column of lists of numbers (null: the first row's list lengths).
         seed: synthetic only: values depend only on (seed, row).
         dtype: synthetic only: the values' dtype (float32 by default).
         path: npy/parquet/arrow: a file, or a directory of such files read in name order.
@@ -177,9 +213,13 @@ class EngineSpec:
             without Ray (one shard at a time).
         device: "auto" (the GPU Ray assigns a worker, else CPU), "cpu", "cuda" or "cuda:N".
         shard_size: rows per shard; null sizes shards from a memory budget.
-        parallel_iterations: shards in flight across the cluster.
+        max_in_flight: shards in flight across the cluster (the deprecated name
+            ``engine.parallel_iterations`` is still read, with a FutureWarning; it is
+            not TF's ``parallel_iterations``, which is ``jacobian.chunk_size`` here).
         max_retries: retries of a shard whose worker or node died.
-        progress: show a progress bar; null shows one when stderr is a terminal.
+        progress: true: show progress (a bar on a terminal, a line on stderr every 10 s
+            elsewhere), false: none; null: ``distjac run`` shows it, library calls only
+            on a terminal (see :mod:`distjac.progress`).
         shard_timeout_s: seconds a shard may run before its worker is replaced and the
             shard retried elsewhere; null: 10x the median shard, at least 60 s (600 s
             for a worker's first shard). Not in the spec hash.
@@ -189,10 +229,15 @@ class EngineSpec:
     num_workers: int | None = None
     device: str = "auto"
     shard_size: int | None = None
-    parallel_iterations: int = DEFAULT_PARALLEL_ITERATIONS
+    max_in_flight: int = DEFAULT_PARALLEL_ITERATIONS
     max_retries: int = DEFAULT_MAX_RETRIES
     progress: bool | None = None
     shard_timeout_s: float | None = None
+
+    @property
+    def parallel_iterations(self) -> int:
+        """Deprecated name of :attr:`max_in_flight` (read-only)."""
+        return self.max_in_flight
 
 
 @dataclass(frozen=True)
@@ -206,12 +251,15 @@ class OutputSpec:
             false refuses any existing output unless overwrite.
         overwrite: replace an existing output written by another spec (the CLI's
             ``--overwrite``).
+        keep_columns: input columns carried to the output beside ``row`` (e.g. ``[id,
+            label]``); Parquet and Arrow sources only.
     """
 
     path: str | None = None
     format: str = "arrow"
     resume: bool = True
     overwrite: bool = False
+    keep_columns: tuple[str, ...] | None = None
 
 
 _SECTIONS: dict[str, type] = {
@@ -279,11 +327,17 @@ class JobSpec:
             )
         for item in overrides:
             _apply_override(raw, item)
-        return cls.from_dict(raw)
+        return cls.from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)))
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> JobSpec:
-        """Build and validate a spec from nested dicts (missing keys take their defaults)."""
+    def from_dict(cls, raw: Mapping[str, Any], *, base_dir: str | os.PathLike | None = None) -> JobSpec:
+        """Build and validate a spec from nested dicts (missing keys take their defaults).
+
+        ``model`` may also be a live ``torch.nn.Module`` or callable (``{"model": net,
+        ...}``, the same as ``{"model": {"module": net}}``); see :class:`ModelSpec`.
+        ``base_dir``: the folder that relative factory files (and modules beside the
+        config) are found in; None: the working directory.
+        """
         if not isinstance(raw, Mapping):
             raise ConfigError(f"a job spec must be a mapping of sections, got {type(raw).__name__}.")
         _reject_unknown(raw, list(_SECTIONS), "")
@@ -292,17 +346,29 @@ class JobSpec:
             values = raw.get(name)
             if values is None:
                 values = {}
+            if name == "model" and not isinstance(values, Mapping) and callable(values):
+                values = {"module": values}
             if not isinstance(values, Mapping):
                 raise ConfigError(
                     f"config: section {name!r} must be a mapping of keys, got {type(values).__name__} "
                     f"{values!r}."
                 )
-            valid = [f.name for f in dataclasses.fields(section_cls)]
+            if name == "engine":
+                values = _engine_aliases(values)
+            valid = [f.name for f in dataclasses.fields(section_cls) if (name, f.name) not in _NOT_KEYS]
             _reject_unknown(values, valid, name + ".")
-            sections[name] = section_cls(**{k: _normalize(name, k, v) for k, v in values.items()})
+            kwargs = {k: _normalize(name, k, v) for k, v in values.items()}
+            if name == "model":
+                kwargs["base_dir"] = None if base_dir is None else os.path.abspath(os.fspath(base_dir))
+            sections[name] = section_cls(**kwargs)
         spec = cls(**sections)
         spec.validate()
         return spec
+
+    @property
+    def base_dir(self) -> str | None:
+        """The config's folder (``JobSpec.from_yaml``), or None; see :class:`ModelSpec`."""
+        return self.model.base_dir
 
     def with_overrides(self, items: Iterable[str]) -> JobSpec:
         """A copy with ``key.path=value`` overrides applied (values parsed as YAML scalars).
@@ -313,7 +379,7 @@ class JobSpec:
         raw = self.to_dict()
         for item in items:
             _apply_override(raw, item)
-        return JobSpec.from_dict(raw)
+        return JobSpec.from_dict(raw, base_dir=self.base_dir)
 
     # ---------------------------------------------------------------- checks
 
@@ -339,13 +405,15 @@ class JobSpec:
             section = getattr(self, name)
             values = {}
             for f in dataclasses.fields(section):
+                if (name, f.name) in _NOT_KEYS:
+                    continue
                 v = getattr(section, f.name)
                 if isinstance(v, tuple):
                     v = list(v)
                 elif isinstance(v, Mapping):
                     v = dict(v)
-                if name == "data" and f.name == "tensor" and v is None:
-                    continue  # not a YAML key; only in-memory jobs carry it
+                if (name, f.name) in (("data", "tensor"), ("model", "module")) and v is None:
+                    continue  # not a YAML key (tensor, module: only from Python), or not set
                 values[f.name] = v
             out[name] = values
         return out
@@ -358,20 +426,27 @@ class JobSpec:
         data = {
             "kind": self.data.kind,
             "rows": self.data.rows,
-            "path": _abspath(self.data.path),
+            "path": _abspath_or_uri(self.data.path),
             "column": self.data.column,
         }
         if self.data.kind == "synthetic":
             data.update(shape=list(self.data.shape or ()), seed=self.data.seed, dtype=self.data.dtype or "float32")
         if self.data.kind == "tensor":
             data["tensor"] = _tensor_digest(self.data.tensor)
+        if self.data.kind in ("parquet", "arrow") and self.data.shape is not None:
+            data["shape"] = list(self.data.shape)
         model = {
-            "factory": self.model.factory,
+            "factory": _normalized_factory(self.model.factory, self.model.base_dir),
             "kwargs": json.loads(json.dumps(dict(self.model.kwargs), sort_keys=True, default=repr)),
             "weights": _abspath(self.model.weights),
         }
-        if self.model.weights_key is not None:  # only when set: outputs written before it keep their hash
+        # Each only when set: outputs written before the key existed keep their hash.
+        if self.model.weights_key is not None:
             model["weights_key"] = self.model.weights_key
+        if self.model.output is not None:
+            model["output"] = self.model.output
+        if self.model.module is not None:
+            model["module"] = live_model_digest(self.model.module)
         return {
             "version": SPEC_VERSION,
             "model": model,
@@ -382,7 +457,8 @@ class JobSpec:
                 "dtype": self.jacobian.dtype,
                 "compute_dtype": self.jacobian.compute_dtype,
             },
-            "output": {"format": self.output.format},
+            "output": {"format": self.output.format,
+                       **({"keep_columns": list(self.output.keep_columns)} if self.output.keep_columns else {})},
         }
 
     def spec_hash(self) -> str:
@@ -433,11 +509,50 @@ def _normalize(section: str, key: str, value: Any) -> Any:
             return tuple(value)
     if section == "model" and key == "kwargs" and value is None:
         return {}
+    if section == "output" and key == "keep_columns":
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
     return value
 
 
+# engine.parallel_iterations (deprecated) -> engine.max_in_flight (NOTE in EngineSpec).
+_ENGINE_ALIASES = {"parallel_iterations": "max_in_flight"}
+
+
+def _engine_aliases(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Map deprecated engine keys to their names, with a FutureWarning; both: ConfigError."""
+    if not any(k in values for k in _ENGINE_ALIASES):
+        return values
+    import warnings
+
+    out = dict(values)
+    for old, new in _ENGINE_ALIASES.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(
+                f"config: engine.{old} and engine.{new} are both set; engine.{old} is the deprecated name of "
+                f"engine.{new} (shards in flight). Keep engine.{new} only."
+            )
+        warnings.warn(
+            f"config: engine.{old} is deprecated: it is the number of shards in flight, not TF's "
+            f"parallel_iterations (which is jacobian.chunk_size here); rename it to engine.{new}.",
+            FutureWarning, stacklevel=4,
+        )
+        out[new] = out.pop(old)
+    return out
+
+
 def _apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in nested dicts; the value is parsed as a YAML scalar."""
+    """Set ``a.b.c=value`` in nested dicts; the value is parsed as a YAML scalar.
+
+    A value that starts like a YAML list, mapping or quoted string (``[``, ``{``, ``"``,
+    ``'``) must parse as one (``--set 'model.kwargs.sizes=[64, 256'`` is a ConfigError, not
+    the string); other values that are not valid YAML are kept as strings. An override of
+    ``engine.max_in_flight`` or its deprecated name replaces either in the config.
+    """
     import yaml
 
     if not isinstance(item, str) or "=" not in item:
@@ -451,8 +566,20 @@ def _apply_override(raw: dict, item: str) -> None:
         )
     try:
         value = _load_yaml(text, f"--set {item!r}") if text.strip() else None
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        if text.strip()[:1] in ("[", "{", '"', "'"):
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(
+                f"--set {item!r}: the value {text.strip()!r} is not valid YAML ({problem}); close its "
+                f"brackets or quotes, e.g. --set 'model.kwargs.sizes=[64, 256]'."
+            ) from None
         value = text
+    if len(parts) == 2 and parts[0] == "engine" and isinstance(raw.get("engine"), dict):
+        names = {parts[1], _ENGINE_ALIASES.get(parts[1], parts[1])}
+        names |= {old for old, new in _ENGINE_ALIASES.items() if new in names}
+        if len(names) > 1:
+            for name in names:
+                raw["engine"].pop(name, None)
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -543,6 +670,15 @@ def _abspath(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
+def _abspath_or_uri(path: str | None) -> str | None:
+    """A local path made absolute; a URI (``s3://...``) as it is (``file://`` made local)."""
+    if path is None:
+        return None
+    from .io.fs import normalize
+
+    return normalize(path)
+
+
 def _tensor_digest(t: Any) -> str | None:
     import numpy as np
 
@@ -591,14 +727,26 @@ def _check_str(key: str, value: Any, *, allow_none: bool) -> None:
 
 
 def _validate_model(m: ModelSpec) -> None:
-    if m.factory is None:
+    if m.module is not None:
+        if isinstance(m.module, (str, bytes)) or not callable(m.module):
+            raise _bad("model.module", m.module, "give a live torch.nn.Module or callable (from Python), or use "
+                       "model.factory")
+        if m.factory is not None:
+            raise ConfigError("config: model.module and model.factory are both set; give one: the live model, "
+                              "or the factory that builds it.")
+        if m.weights is not None or m.kwargs:
+            raise ConfigError("config: model.weights and model.kwargs are for model.factory; a live model "
+                              "(model.module) is used as it is: load its weights before passing it.")
+    elif m.factory is None:
         raise ConfigError(
-            'config: model.factory is required: an import path "module:callable", '
-            'e.g. "distjac.models:mlp".'
+            f"config: model.factory is required: {_FACTORY_HINT.removeprefix('give ')}."
         )
-    if not isinstance(m.factory, str) or not _FACTORY_RE.match(m.factory):
-        raise _bad("model.factory", m.factory, 'give an import path "module:callable", e.g. "distjac.models:mlp"')
-    _refuse_stdlib(m.factory, m.factory.partition(":")[0])
+    else:
+        _check_factory_syntax(m.factory)
+    out = m.output
+    if out is not None and (isinstance(out, bool) or not isinstance(out, (str, int)) or
+                            (isinstance(out, str) and not out.strip())):
+        raise _bad("model.output", out, "use null, a key or attribute name (e.g. logits), or an index (e.g. 0)")
     if not isinstance(m.kwargs, Mapping) or not all(isinstance(k, str) for k in m.kwargs):
         raise _bad("model.kwargs", m.kwargs, "give a mapping of keyword arguments")
     _check_str("model.weights", m.weights, allow_none=True)
@@ -631,7 +779,14 @@ def _validate_data(d: DataSpec) -> None:
                 raise ConfigError(f"config: data.{key} conflicts with data.kind 'synthetic'; remove it, "
                                   f"or set data.kind to npy, parquet or arrow.")
     else:
+        if d.shape is not None and d.kind in ("parquet", "arrow"):
+            shape = d.shape
+            if not isinstance(shape, (tuple, list)) or not shape or not all(is_int(s) and s >= 1 for s in shape):
+                raise _bad("data.shape", list(shape) if isinstance(shape, tuple) else shape,
+                           "give null or a non-empty list of integers >= 1, e.g. [3, 4] (for a column of lists)")
         for key in ("shape", "dtype"):
+            if key == "shape" and d.kind in ("parquet", "arrow"):
+                continue
             if getattr(d, key) is not None:
                 raise ConfigError(
                     f"config: data.{key} is only for data.kind 'synthetic'; a {d.kind} source has its "
@@ -681,7 +836,7 @@ def _validate_engine(e: EngineSpec) -> None:
     if not is_device(e.device):
         raise _bad("engine.device", e.device, _choices(DEVICES[:-1]) + f" or {DEVICES[-1]!r}")
     _check_int("engine.shard_size", e.shard_size, minimum=1, allow_none=True)
-    _check_int("engine.parallel_iterations", e.parallel_iterations, minimum=1, allow_none=False)
+    _check_int("engine.max_in_flight", e.max_in_flight, minimum=1, allow_none=False)
     _check_int("engine.max_retries", e.max_retries, minimum=0, allow_none=False)
     if e.progress is not None and not isinstance(e.progress, bool):
         raise _bad("engine.progress", e.progress, "use true, false or null")
@@ -703,6 +858,22 @@ def _validate_output(o: OutputSpec) -> None:
     for key in ("resume", "overwrite"):
         if not isinstance(getattr(o, key), bool):
             raise _bad(f"output.{key}", getattr(o, key), "use true or false")
+    if o.path is not None and isinstance(o.path, str):
+        from .io.fs import normalize
+
+        normalize(o.path)  # refuses "s3:/bucket" (a URI that lost a slash)
+    k = o.keep_columns
+    if k is not None:
+        if not isinstance(k, tuple) or not k or not all(isinstance(c, str) and c for c in k):
+            raise _bad("output.keep_columns", list(k) if isinstance(k, tuple) else k,
+                       "give null or a list of input column names, e.g. [id, label]")
+        taken = sorted({c for c in k if c in ("row", "jacobian", *REDUCTIONS) or c.endswith("_stderr")})
+        if taken:
+            raise ConfigError(f"config: output.keep_columns: {', '.join(map(repr, taken))} would collide with an "
+                              f"output column (row, jacobian, reductions); rename it in the data.")
+        dup = sorted({c for c in k if k.count(c) > 1})
+        if dup:
+            raise ConfigError(f"config: output.keep_columns lists {', '.join(dup)} more than once.")
 
 
 # -------------------------------------------------------------------------------------
@@ -723,14 +894,26 @@ def _refuse_stdlib(factory: str, module_name: str | None, defined_in: bool = Fal
         )
 
 
-def find_factory_module(factory: str) -> None:
-    """Check that the factory's module can be imported, without importing it (no module
-    code runs: its spec is looked up along sys.path, as ``import`` would); ConfigError if not.
+def find_factory_module(factory: str | ModelSpec | None, base_dir: str | None = None) -> None:
+    """Check that the factory's module (or file) can be imported, without importing it
+    (no module code runs: its spec is looked up along sys.path, and the config's folder
+    ``base_dir``, as ``import`` would); ConfigError if not.
 
-    A package that is not imported yet is not imported either: its submodules are looked
+    ``factory`` may be a ModelSpec (its factory and base_dir; a live model passes). A
+    package that is not imported yet is not imported either: its submodules are looked
     up in the package's folders.
     """
+    if isinstance(factory, ModelSpec):
+        if factory.module is not None:
+            return
+        factory, base_dir = factory.factory, factory.base_dir
+    _check_factory_syntax(factory)
+    if _FILE_FACTORY_RE.match(factory):
+        _factory_file(factory, base_dir)
+        return
     module_name = factory.partition(":")[0]
+    if base_dir is not None and _beside_config(module_name, base_dir):
+        return
     parts = module_name.split(".")
     search: Any = None
     for i in range(len(parts)):
@@ -798,28 +981,114 @@ def _check_factory(factory: str, obj: Any) -> None:
     _refuse_stdlib(factory, getattr(func, "__module__", None), defined_in=True)
 
 
-def resolve_factory(factory: str) -> Any:
-    """The callable named by ``"module:attr.path"``, checked to be a model builder.
+def _check_factory_syntax(factory: Any) -> None:
+    if not isinstance(factory, str) or not (_FACTORY_RE.match(factory) or _FILE_FACTORY_RE.match(factory)):
+        raise _bad("model.factory", factory, _FACTORY_HINT)
+    if not _FILE_FACTORY_RE.match(factory):
+        _refuse_stdlib(factory, factory.partition(":")[0])
 
-    The module is imported (which runs its code); nothing is called. See NOTE [a config
-    is code] for what is refused.
+
+def _factory_file(factory: str, base_dir: str | None) -> str:
+    """The absolute path of a ``file.py:callable`` factory's file; ConfigError if absent."""
+    m = _FILE_FACTORY_RE.match(factory)
+    assert m is not None
+    path = os.path.expanduser(m.group("file"))
+    if not os.path.isabs(path):
+        path = os.path.join(base_dir or os.getcwd(), path)
+    path = os.path.normpath(os.path.abspath(path))
+    if not os.path.isfile(path):
+        where = f"the config's folder {base_dir}" if base_dir else "the working directory"
+        raise ConfigError(
+            f"config: model.factory={factory!r}: the file {path} does not exist (a relative path is relative "
+            f"to {where}). Check the path."
+        )
+    return path
+
+
+def _beside_config(module_name: str, base_dir: str) -> bool:
+    """Whether ``module_name``'s top level is a module or package in ``base_dir``."""
+    top = module_name.split(".")[0]
+    return os.path.isfile(os.path.join(base_dir, top + ".py")) or \
+        os.path.isfile(os.path.join(base_dir, top, "__init__.py"))
+
+
+def _normalized_factory(factory: str | None, base_dir: str | None) -> str | None:
+    """The factory as the spec hash sees it: a file's path made absolute."""
+    if factory is None or not isinstance(factory, str) or not _FILE_FACTORY_RE.match(factory):
+        return factory
+    m = _FILE_FACTORY_RE.match(factory)
+    path = os.path.expanduser(m.group("file"))
+    if not os.path.isabs(path):
+        path = os.path.join(base_dir or os.getcwd(), path)
+    return f"{os.path.normpath(os.path.abspath(path))}:{m.group('attr')}"
+
+
+def load_model_file(path: str) -> Any:
+    """Load a Python file as a module under a stable unique name (NOTE [model files]).
+
+    The module is registered in ``sys.modules`` as ``distjac_user_<stem>_<hash>``; a
+    second call for the same file returns the module already loaded.
+    """
+    path = os.path.normpath(os.path.abspath(path))
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]) or "model"
+    name = f"distjac_user_{stem}_{hashlib.sha256(path.encode()).hexdigest()[:10]}"
+    mod = sys.modules.get(name)
+    if mod is not None and getattr(mod, "__file__", None) == path:
+        return mod
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
+
+
+def resolve_factory(factory: str, base_dir: str | None = None) -> Any:
+    """The callable named by ``"module:attr.path"`` or ``"path/to/file.py:attr.path"``,
+    checked to be a model builder (NOTE [model files]).
+
+    The module or file is imported (which runs its code); nothing is called. A file
+    path is relative to ``base_dir`` (the config's folder; None: the working directory);
+    a module is looked up in ``base_dir`` first, which is put at the front of
+    ``sys.path``. See NOTE [a config is code] for what is refused.
 
     Raises:
-        ConfigError: the module cannot be imported, has no such attribute, or the object
-            is not a Python function, method, partial or torch.nn.Module class, or comes
-            from the Python standard library.
+        ConfigError: the module or file cannot be imported, has no such attribute, or the
+            object is not a Python function, method, partial or torch.nn.Module class, or
+            comes from the Python standard library.
     """
-    if not isinstance(factory, str) or not _FACTORY_RE.match(factory):
-        raise _bad("model.factory", factory, 'give an import path "module:callable", e.g. "distjac.models:mlp"')
-    module_name, _, attr_path = factory.partition(":")
-    _refuse_stdlib(factory, module_name)
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(
-            f"config: model.factory={factory!r}: cannot import module {module_name!r} "
-            f"({type(e).__name__}: {e}). Check the name, or install the package that defines it."
-        ) from e
+    _check_factory_syntax(factory)
+    file_match = _FILE_FACTORY_RE.match(factory)
+    if file_match:
+        path = _factory_file(factory, base_dir)
+        module_name, attr_path = path, file_match.group("attr")
+        try:
+            obj: Any = load_model_file(path)
+        except Exception as e:
+            raise ConfigError(
+                f"config: model.factory={factory!r}: importing {path} failed ({type(e).__name__}: {e})."
+            ) from e
+    else:
+        module_name, _, attr_path = factory.partition(":")
+        if base_dir is not None and _beside_config(module_name, base_dir):
+            base = os.path.abspath(base_dir)
+            if base not in sys.path:
+                sys.path.insert(0, base)
+                importlib.invalidate_caches()
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as e:
+            beside = f"; a module beside the config ({base_dir}) is found too" if base_dir else ""
+            raise ConfigError(
+                f"config: model.factory={factory!r}: cannot import module {module_name!r} "
+                f"({type(e).__name__}: {e}). Check the name, or install the package that defines it{beside}; "
+                f"a file works too: model.factory: path/to/file.py:callable."
+            ) from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
@@ -834,6 +1103,137 @@ def resolve_factory(factory: str) -> Any:
     return obj
 
 
+def live_model_digest(model: Any) -> str:
+    """What the spec hash records of a live model (NOTE [model files]): a torch.nn.Module's
+    class and its state_dict's names, dtypes, shapes and bytes; a function's qualified
+    name and code (source if available, else bytecode and constants); another callable's
+    class and, if it is picklable, its pickle."""
+    import torch
+
+    h = hashlib.sha256()
+    target = model
+    while isinstance(target, functools.partial):
+        h.update(repr((target.args, sorted(target.keywords.items()))).encode())
+        target = target.func
+    if isinstance(target, torch.nn.Module):
+        cls = type(target)
+        h.update(f"module:{cls.__module__}.{cls.__qualname__}".encode())
+        for name, t in target.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return h.hexdigest()[:16]
+    func = target.__func__ if inspect.ismethod(target) else target
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        h.update(f"function:{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', '')}".encode())
+        try:
+            h.update(inspect.getsource(func).encode())
+        except (OSError, TypeError):
+            h.update(code.co_code)
+            h.update(repr(code.co_consts).encode())
+        return h.hexdigest()[:16]
+    h.update(f"callable:{type(target).__module__}.{type(target).__qualname__}".encode())
+    try:
+        import cloudpickle
+
+        h.update(cloudpickle.dumps(target))
+    except Exception:
+        h.update(repr(target).encode())
+    return h.hexdigest()[:16]
+
+
+def model_cache_key(spec: ModelSpec) -> tuple:
+    """A key naming the model ``build_model(spec)`` builds: for a per-process cache of
+    built models (two specs with equal keys build equal models)."""
+    return (
+        _normalized_factory(spec.factory, spec.base_dir),
+        json.dumps(dict(spec.kwargs), sort_keys=True, default=repr),
+        spec.weights, spec.weights_key, spec.output,
+        live_model_digest(spec.module) if spec.module is not None else None,
+    )
+
+
+def _output_keys(y: Any) -> list[str]:
+    if isinstance(y, Mapping):
+        return [repr(k) for k in y.keys()]
+    if isinstance(y, (tuple, list)):
+        return [f"{i} ({type(v).__name__})" for i, v in enumerate(y)]
+    names = [n for n, v in vars(y).items() if not n.startswith("_")] if hasattr(y, "__dict__") else []
+    return [repr(n) for n in names]
+
+
+def select_output(y: Any, key: str | int, where: str = "model.output") -> Any:
+    """The tensor ``key`` picks from a model's output: a dict key, an attribute (a Hugging
+    Face-style output object), or an index (of a tuple, list, or a dict's values in order);
+    ConfigError listing what the output holds when there is no such tensor."""
+    import torch
+
+    what = type(y).__name__
+    if isinstance(key, str):
+        if isinstance(y, Mapping) and key in y:
+            out = y[key]
+        elif not isinstance(y, (Mapping, tuple, list, torch.Tensor)) and hasattr(y, key):
+            out = getattr(y, key)
+        else:
+            keys = _output_keys(y) if not isinstance(y, torch.Tensor) else []
+            held = f"it holds {', '.join(keys)}" if keys else "it has no keys or attributes to pick from"
+            raise ConfigError(f"config: {where}={key!r}: the model returns a {what} without {key!r}; {held}. "
+                              f"Set {where} to one of those (an index for a tuple), or null for one tensor.")
+    else:
+        if isinstance(y, Mapping):
+            values = list(y.values())
+        elif isinstance(y, (tuple, list)):
+            values = list(y)
+        else:
+            raise ConfigError(f"config: {where}={key!r}: an index picks from a tuple, list or dict, but the "
+                              f"model returns a {what}; set {where} to null, or to a key or attribute name.")
+        if not -len(values) <= key < len(values):
+            raise ConfigError(f"config: {where}={key!r}: the model returns a {what} of {len(values)} values "
+                              f"({', '.join(_output_keys(y))}); use an index in [0, {len(values)}).")
+        out = values[key]
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"config: {where}={key!r} picks a {type(out).__name__} from the model's {what}, not a "
+                          f"tensor; pick the tensor to differentiate.")
+    return out
+
+
+def _select_output_class() -> type:
+    """``SelectOutput``, a torch.nn.Module defined on first use (this module imports torch
+    lazily) and found as ``distjac.config.SelectOutput`` by pickle (see ``__getattr__``)."""
+    cls = globals().get("SelectOutput")
+    if cls is not None:
+        return cls
+    import torch
+
+    class SelectOutput(torch.nn.Module):
+        """Returns the tensor ``output`` (``model.output``) picks from the wrapped model's
+        output; parameters, ``.to`` and ``eval`` reach the wrapped model."""
+
+        def __init__(self, inner, output):
+            super().__init__()
+            if isinstance(inner, torch.nn.Module):
+                self.inner = inner
+            else:
+                self.fn = inner
+            self.output = output
+
+        def forward(self, x):
+            fn = self.inner if "inner" in self._modules else self.fn
+            return select_output(fn(x), self.output)
+
+    SelectOutput.__module__ = __name__
+    SelectOutput.__qualname__ = "SelectOutput"
+    globals()["SelectOutput"] = SelectOutput
+    return SelectOutput
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SelectOutput":
+        return _select_output_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_model(spec: ModelSpec, *, factory: Any = None, device: Any = None, dtype: Any = None):
     """Call the factory with its kwargs, load the weights, move to ``device`` / ``dtype``.
 
@@ -841,7 +1241,16 @@ def build_model(spec: ModelSpec, *, factory: Any = None, device: Any = None, dty
     engine resolves it on the driver and ships it to the workers); None resolves it here.
 
     The model is put in eval mode and its parameters stop requiring gradients (only the
-    Jacobian with respect to the inputs is computed).
+    Jacobian with respect to the inputs is computed). A live model (``spec.module``) is
+    used instead of a factory: a torch.nn.Module is copied first (the caller's keeps its
+    mode, device and gradients). With ``spec.output`` set the result is a module that
+    returns the one tensor it picks (:func:`select_output`).
+
+    Args:
+        spec: the model section.
+        factory: the factory already resolved (:func:`resolve_factory`), e.g. shipped to
+            a worker by value; None resolves ``spec.factory``.
+        device, dtype: where and in what dtype the model runs (None: as built).
 
     Raises:
         ConfigError: the factory cannot be imported, is not a model builder (NOTE [a
@@ -849,16 +1258,27 @@ def build_model(spec: ModelSpec, *, factory: Any = None, device: Any = None, dty
             model; or the weights cannot be read or do not fit the model.
         SourceNotFoundError: the weights file does not exist.
     """
+    import copy
+
     import torch
 
-    if factory is None:
-        factory = resolve_factory(spec.factory)
-    try:
-        model = factory(**dict(spec.kwargs))
-    except TypeError as e:
-        raise ConfigError(f"config: model.factory={spec.factory!r} rejected model.kwargs: {e}") from e
-    except ValueError as e:
-        raise ConfigError(f"config: model.factory={spec.factory!r} failed: {e}") from e
+    if spec.module is not None:
+        model = spec.module
+        if isinstance(model, torch.nn.Module):
+            model = copy.deepcopy(model)
+    else:
+        if factory is None:
+            factory = resolve_factory(spec.factory, spec.base_dir)
+        call = f"config: model.factory={spec.factory!r} called with model.kwargs {dict(spec.kwargs)!r}"
+        try:
+            model = factory(**dict(spec.kwargs))
+        except TypeError as e:
+            raise ConfigError(f"config: model.factory={spec.factory!r} rejected model.kwargs: {e}") from e
+        except ValueError as e:
+            raise ConfigError(f"config: model.factory={spec.factory!r} failed: {e}") from e
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"{call} raised {type(e).__name__}: {first}. Fix the factory or its kwargs.") from e
     if inspect.isclass(model):
         raise ConfigError(
             f"config: model.factory={spec.factory!r} returned the class {model.__name__!r}, not a model; "
@@ -870,6 +1290,8 @@ def build_model(spec: ModelSpec, *, factory: Any = None, device: Any = None, dty
         )
     if spec.weights is not None:
         _load_weights(spec, model)
+    if spec.output is not None:
+        model = _select_output_class()(model, spec.output)
     if isinstance(model, torch.nn.Module):
         model.eval()
         model.requires_grad_(False)
@@ -967,3 +1389,36 @@ def _load_weights(spec: ModelSpec, model: Any) -> None:
         raise ConfigError(
             f"{key} do not fit the model: {' '.join(line.strip() for line in first[:3])}"
         ) from e
+
+
+# -------------------------------------------------------------------------------------
+# the environment a job needs (checked before Ray starts; not by validate())
+# -------------------------------------------------------------------------------------
+
+
+def check_address(address: str | None) -> None:
+    """ConfigError (exit status 2) when ``engine.address`` is a ``ray://`` address and Ray
+    Client's dependencies (``pip install 'distjac[cluster]'``, which installs
+    ``ray[client]``) are missing; nothing is imported but module specs.
+
+    ``RAY_ADDRESS=ray://...`` with ``address: auto`` is checked the same way.
+    """
+    target = address
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+    if not isinstance(target, str) or not target.startswith("ray://"):
+        return
+    missing = [m for m in ("grpc", "ray.util.client") if _spec_missing(m)]
+    if missing:
+        raise ConfigError(
+            f"config: engine.address={address!r} connects through Ray Client, which needs ray[client] "
+            f"({', '.join(missing)} cannot be imported here); install it with pip install 'distjac[cluster]' "
+            f"(or 'ray[client]'), or use an address of the form host:port on a cluster node."
+        )
+
+
+def _spec_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True

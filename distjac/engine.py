@@ -88,7 +88,6 @@ import math
 import os
 import secrets
 import stat
-import sys
 import threading
 import time
 import warnings
@@ -934,7 +933,7 @@ class Engine:
                                                    call=call, shard_timeout_s=timeout):
                 # Submission to receipt, less the runner's own time: queueing and transfer.
                 runner_s = result.timing.ended - result.timing.started
-                yield replace(result, wait_s=max(0.0, done.wait_s - runner_s))
+                yield replace(result, wait_s=max(0.0, done.wait_s - runner_s), retries=self._retries)
 
         return run_job(spec, executor, prepared=job, progress=progress)
 
@@ -1251,7 +1250,7 @@ class _Call:
         self.unconnected = unconnected
         self.options = KernelOptions(mode=mode, chunk_size=engine.chunk_size, use_pfor=use_pfor, call=call)
         show = engine.progress if progress is None else progress
-        self.show_progress = sys.stderr.isatty() if show is None else bool(show)
+        self.show_progress = show  # None: a bar on a terminal, nothing elsewhere (distjac.progress)
 
     def _task(self, shard: int, start: int, stop: int) -> ShardTask:
         return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop], options=self.options)
@@ -1302,13 +1301,11 @@ class _Call:
                     to_host_s=t.to_host_s, arrow_s=t.arrow_s, queued_s=t.queued_s,
                     worker_peak_rss_bytes=t.peak_rss_bytes,
                 )
-                if bar is not None:
-                    bar.update(task.stop - task.start)
-                    if eng._retries:
-                        bar.set_postfix(retries=eng._retries, refresh=False)
+                bar.update(task.stop - task.start, shards=1)
+                if eng._retries:
+                    bar.set_retries(eng._retries)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
         wall = time.perf_counter() - t_start
         eng.last_stats = self._stats(plan, shard_stats, infos, wall, gather_s, gather_bytes)
@@ -1324,11 +1321,9 @@ class _Call:
         return place_shard(self.out, batch, start, stop, call=self.call)
 
     def _progress_bar(self, total: int):
-        if not self.show_progress:
-            return None
-        from tqdm.auto import tqdm
+        from .progress import Progress
 
-        return tqdm(total=total, unit="row", unit_scale=True, desc="distjac", dynamic_ncols=True, file=sys.stderr)
+        return Progress(total, 0, self.show_progress)
 
     def _stats(self, plan, shard_stats, infos, wall, gather_s, gather_bytes) -> EngineStats:
         eng = self.engine

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,9 +49,19 @@ import torch
 from . import arrow as arrow_mod
 from .config import JobSpec, find_factory_module, resolve_factory
 from .errors import ConfigError, DistjacError, ResultError
-from .io.sink import REPORT_NAME, Manifest, PartInfo, _atomic_write, lock_output, open_output
-from .io.sources import Source, open_source
+from .io.sink import (
+    REPORT_NAME,
+    Manifest,
+    PartInfo,
+    lock_output,
+    open_output,
+    output_is_complete,
+    resolve_output_path,
+    write_report,
+)
+from .io.sources import Source, check_keep_columns, open_source
 from .plan import DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
+from .progress import Progress
 from .reduce import check_reductions
 from .shard import (
     PIPELINE_DEPTH,
@@ -100,7 +109,9 @@ def model_recipe(spec: JobSpec) -> ModelRecipe:
     """The job's model as shipped to where it runs: its spec and its factory, imported
     here (never called here), and the compute dtype the job asks for (None: the
     model's own)."""
-    return ModelRecipe(spec.model, resolve_factory(spec.model.factory), spec.jacobian.compute_dtype)
+    m = spec.model
+    factory = resolve_factory(m.factory, m.base_dir) if m.module is None else None  # a live model travels itself
+    return ModelRecipe(m, factory, spec.jacobian.compute_dtype)
 
 
 # -----------------------------------------------------------------------------------------
@@ -138,7 +149,8 @@ class PreparedJob:
 
     @property
     def columns(self) -> list[str]:
-        return [arrow_mod.ROW_COLUMN, *(self.spec.reductions or [arrow_mod.JACOBIAN_COLUMN])]
+        return [arrow_mod.ROW_COLUMN, *(self.spec.reductions or [arrow_mod.JACOBIAN_COLUMN]),
+                *(self.spec.output.keep_columns or ())]
 
     @property
     def stored_row_bytes(self) -> int:
@@ -174,7 +186,8 @@ class PreparedJob:
         """Where each shard's result goes: a part of the output directory."""
         return PartTarget(out_dir=self.out_dir, format=self.spec.output.format, spec_hash=self.spec_hash,
                           dtype=self.spec.jacobian.dtype, reductions=tuple(self.spec.reductions),
-                          in_ndim=len(self.in_shape), rows=self.plan.rows)
+                          in_ndim=len(self.in_shape), rows=self.plan.rows,
+                          keep_columns=tuple(self.spec.output.keep_columns or ()))
 
     def task(self, index: int, start: int, stop: int, *, rows: Any = None) -> ShardTask:
         """Shard ``index`` as a runner's task: rows [start, stop) read from the job's
@@ -261,7 +274,8 @@ def check_job(spec: JobSpec, *, device_here: bool | None = None) -> Source:
     if device_here if device_here is not None else spec.engine.num_workers == 0:
         _check_device_here(spec.engine.device)
     source = open_source(spec.data)
-    find_factory_module(spec.model.factory)
+    check_keep_columns(source, spec.output.keep_columns)
+    find_factory_module(spec.model)
     return source
 
 
@@ -278,18 +292,12 @@ def finished_info(spec: JobSpec) -> dict | None:
     deleted, as on any resume) the run goes on as usual to recompute it. The first run's
     ``_report.json`` is kept when a run reuses every shard.
     """
-    from .io.sink import MANIFEST_NAME, SUCCESS_NAME
-
-    out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
-    if not os.path.exists(os.path.join(out_dir, SUCCESS_NAME)) or not os.path.exists(
-            os.path.join(out_dir, MANIFEST_NAME)):
+    out_dir = resolve_output_path(spec.output.path)
+    if not output_is_complete(out_dir, spec.spec_hash()):
         return None
     try:
-        manifest = Manifest.load(out_dir)
+        info = Manifest.load(out_dir).info
     except Exception:  # unreadable or not distjac's: open_output says what is wrong
-        return None
-    info = manifest.info
-    if manifest.spec_hash != spec.spec_hash() or not manifest.complete:
         return None
     if not isinstance(info.get("output_shape"), list) or not isinstance(info.get("compute_dtype"), str):
         return None
@@ -351,7 +359,7 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
         plan = make_plan(
             source.num_rows, source.shape, out_shape, in_itemsize=itemsize, out_itemsize=itemsize,
             shard_size=shard_size if shard_size is not None else spec.engine.shard_size,
-            parallel_iterations=parallel_iterations or spec.engine.parallel_iterations,
+            parallel_iterations=parallel_iterations or spec.engine.max_in_flight,
             num_workers=max(1, workers), shard_bytes=shard_bytes, gather=False,
         )
     except DistjacError as e:
@@ -361,7 +369,7 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
                             call="Engine.run(spec)" if probe is not None else "run_job(spec)")
     return PreparedJob(
         spec=spec, source=source, in_shape=tuple(source.shape), out_shape=out_shape, compute_dtype=compute_dtype,
-        plan=plan, spec_hash=spec.spec_hash(), out_dir=os.path.abspath(os.path.expanduser(spec.output.path)),
+        plan=plan, spec_hash=spec.spec_hash(), out_dir=resolve_output_path(spec.output.path),
         recipe=recipe, options=options,
     )
 
@@ -389,14 +397,6 @@ def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask]) -> Iterabl
 # -----------------------------------------------------------------------------------------
 
 
-def _progress_bar(progress: bool | None, total: int, done: int):
-    from tqdm.auto import tqdm
-
-    show = sys.stderr.isatty() if progress is None else progress
-    return tqdm(total=total, initial=done, unit="rows", unit_scale=True, dynamic_ncols=True,
-                disable=not show, file=sys.stderr, desc="distjac")
-
-
 def run_job(
     spec: JobSpec,
     executor: Executor | None = None,
@@ -413,8 +413,10 @@ def run_job(
         executor: ``executor(job, tasks) -> Iterable[ShardResult]``, yielding each
             shard's result as it finishes (see the module docstring); None runs the
             shards in this process with :func:`in_process_executor`.
-        progress: show a progress bar (rows/s, ETA); None uses ``spec.engine.progress``,
-            else shows one when stderr is a terminal.
+        progress: show progress (:class:`distjac.progress.Progress`: a bar on a terminal,
+            else a line on stderr every few seconds: rows, rows/s, ETA, shards, retries);
+            None uses ``spec.engine.progress``, else a bar on a terminal and nothing
+            elsewhere (``distjac run`` passes True).
         num_workers: workers to size default shards for (the engine knows; default:
             the spec's, or 1).
         prepared: a PreparedJob of this spec already made (by ``distjac plan`` or the
@@ -467,13 +469,16 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
     if events["read_only"]:
         # A finished, verified output that cannot be written: report it, write nothing.
         return _report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
-    bar = _progress_bar(show, manifest.num_rows, done_rows)
+    bar = Progress(manifest.num_rows, done_rows, show, shards=len(manifest.shards),
+                   shards_done=len(manifest.shards) - len(tasks))
     try:
         for result in (executor or in_process_executor)(job, tasks):
             part = result.part
             manifest.record(part)
             if part.shard not in computed:
-                bar.update(part.rows)
+                bar.update(part.rows, shards=1)
+            if result.retries:
+                bar.set_retries(result.retries)
             computed[part.shard] = part
             timings[part.shard] = {**result.timing.to_dict(), "node": result.node, "pid": result.pid,
                                    **({"wait_s": result.wait_s} if result.wait_s is not None else {})}
@@ -503,9 +508,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
 
 
 def _succeeded_before(out_dir: str) -> bool:
+    from .io import fs
+
     try:
-        with open(os.path.join(out_dir, REPORT_NAME)) as f:
-            return json.load(f).get("status") == "succeeded"
+        return json.loads(bytes(fs.read_buffer(os.path.join(out_dir, REPORT_NAME)))).get("status") == "succeeded"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -552,7 +558,7 @@ def _write_report(job, manifest: Manifest, events, computed: dict[int, PartInfo]
                   *, status: str, error: BaseException | None = None) -> dict[str, Any]:
     report = _report(job, manifest, events, computed, timings, t0, t_run, status=status, error=error)
     try:
-        _atomic_write(os.path.join(job.out_dir, REPORT_NAME), json.dumps(report, indent=1).encode())
+        write_report(job.out_dir, report)
     except OSError:
         if error is None:
             raise

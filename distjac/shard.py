@@ -36,7 +36,6 @@ time is its busy share: the bottleneck is the stage near 1.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -121,6 +120,8 @@ class PartTarget:
         reductions: the job's per-example reductions; empty: the Jacobian itself.
         in_ndim: rank of one example (splits a Jacobian's out and in dimensions).
         rows: the job's rows (for the part's metadata); -1: unknown.
+        keep_columns: source columns carried into the part beside ``row``
+            (``output.keep_columns``), read by the runner with the shard's rows.
     """
 
     out_dir: str
@@ -130,6 +131,7 @@ class PartTarget:
     reductions: tuple[str, ...] = ()
     in_ndim: int = 1
     rows: int = -1
+    keep_columns: tuple[str, ...] = ()
 
     def metadata(self) -> dict[str, str]:
         """What a part's schema records of its job besides its shard: the spec hash, and
@@ -239,6 +241,7 @@ class ShardResult:
         part: the written part's :class:`distjac.io.sink.PartInfo`, for a job's task.
         wait_s: set by the engine's driver: the seconds from submission to receipt less
             the runner's own (queueing in Ray and transfer); None in process.
+        retries: set by the engine's driver: shards resubmitted so far in the run.
     """
 
     shard: int
@@ -251,6 +254,7 @@ class ShardResult:
     batch: Any = None
     part: Any = None
     wait_s: float | None = None
+    retries: int = 0
 
 
 class ShardRunError(Exception):
@@ -367,11 +371,12 @@ class ModelRecipe:
     dtype: str | None = None
 
     def key(self, device: torch.device) -> tuple:
-        s = self.spec
+        """Names the model :meth:`build` makes on ``device`` (this process's cache key)."""
+        from .config import model_cache_key
+
         f = self.factory
         where = (getattr(f, "__module__", None), getattr(f, "__qualname__", None)) if f is not None else None
-        return (repr(s.factory), json.dumps(dict(s.kwargs), sort_keys=True, default=repr), s.weights,
-                getattr(s, "weights_key", None), getattr(s, "output", None), where, self.dtype, str(device))
+        return (*model_cache_key(self.spec), where, self.dtype, str(device))
 
     def build(self, device: torch.device) -> Callable:
         """The model on ``device`` (eval mode, parameters frozen), from this process's cache."""
@@ -564,6 +569,7 @@ class ShardRunner:
             with self._locks["read"]:
                 t0 = time.perf_counter()
                 x = task.read(self.device)
+                kept = self._kept_columns(task)
                 times["read_s"] = time.perf_counter() - t0
             stage = "compute"
             with self._locks["compute"]:
@@ -584,7 +590,8 @@ class ShardRunner:
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # read-only buffers, only read
-                    batch = arrow.to_record_batch(range(task.start, task.stop), dtype=None, **values)
+                    batch = arrow.to_record_batch(range(task.start, task.stop), dtype=None, **values,
+                                                  extra_columns=kept)
                 del values
                 batch = arrow.annotate(batch, {"shard": task.shard, "start": task.start, "stop": task.stop,
                                                "node": self.node, "pid": self.pid, "device": str(self.device),
@@ -614,6 +621,15 @@ class ShardRunner:
             part = replace(part, seconds=timing.busy_s)
         return ShardResult(task.shard, task.start, task.stop, self.node, self.pid, str(self.device), timing,
                            batch=batch, part=part)
+
+    @staticmethod
+    def _kept_columns(task: ShardTask) -> dict | None:
+        """The source columns a job's part keeps (``output.keep_columns``), rows [start, stop)."""
+        if task.target is None or not task.target.keep_columns:
+            return None
+        from .io.sources import read_columns
+
+        return read_columns(task.source, task.target.keep_columns, task.start, task.stop)
 
     @staticmethod
     def _stored(jac: torch.Tensor, target: PartTarget | None) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def test_workers_flag_and_engine_errors(tmp_path, capsys, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-        def run(self, spec):
+        def run(self, spec, progress=None):
             raise RuntimeError("the job failed on the cluster")
 
     monkeypatch.setattr(distjac, "Engine", FakeEngine)

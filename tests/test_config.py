@@ -113,7 +113,7 @@ BAD_VALUES = [
     ("jacobian", "chunk_size", 0, r"jacobian.chunk_size=0 is not valid; use null or an integer >= 1"),
     ("jacobian", "reduce", 3, r"jacobian.reduce=3 is not valid; use null or a list of frobenius"),
     ("engine", "shard_size", -5, r"engine.shard_size=-5 is not valid; use null or an integer >= 1"),
-    ("engine", "parallel_iterations", True, r"engine.parallel_iterations=True is not valid; use an integer >= 1"),
+    ("engine", "max_in_flight", True, r"engine.max_in_flight=True is not valid; use an integer >= 1"),
     ("engine", "max_retries", "3", r"engine.max_retries='3' is not valid; use an integer >= 0"),
     ("engine", "device", "tpu", r"engine.device='tpu' is not valid; use one of 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("engine", "num_workers", -1, r"engine.num_workers=-1 is not valid"),
@@ -127,8 +127,8 @@ BAD_VALUES = [
     ("data", "shape", [], r"data.shape=\[\] is not valid; give a non-empty list of integers >= 1"),
     ("data", "shape", [4, 0], r"data.shape=\[4, 0\] is not valid"),
     ("data", "dtype", "int32", r"data.dtype='int32' is not valid"),
-    ("model", "factory", "distjac.models.mlp", r'model.factory=\'distjac.models.mlp\' is not valid; give an import '
-     r'path "module:callable"'),
+    ("model", "factory", "distjac.models.mlp",
+     r'model.factory=\'distjac.models.mlp\' is not valid; give "module:callable"'),
     ("model", "kwargs", [1], r"model.kwargs=\[1\] is not valid; give a mapping"),
 ]
 
@@ -166,7 +166,7 @@ def test_missing_required(tmp_path, section, values, message):
     ({"data": {"path": "x.npy"}}, "data.path conflicts with data.kind 'synthetic'"),
     ({"data": {"kind": "npy", "path": "x.npy", "shape": None, "column": "x"}},
      "data.column conflicts with data.kind 'npy'"),
-    ({"data": {"kind": "parquet", "path": "x.parquet"}}, "data.shape is only for data.kind 'synthetic'"),
+    ({"data": {"kind": "npy", "path": "x.npy"}}, "data.shape is only for data.kind 'synthetic'"),
     ({"data": {"kind": "parquet", "path": "x.parquet", "shape": None, "seed": 4}}, "data.seed is only for data.kind"),
     ({"data": {"kind": "tensor", "shape": None}}, "data.kind 'tensor' needs data.tensor"),
     ({"engine": {"num_workers": 0, "address": "auto"}},
@@ -212,8 +212,8 @@ def test_malformed_overrides(tmp_path, item, message):
 
 
 def test_override_values_are_validated(tmp_path):
-    with pytest.raises(ConfigError, match=r"engine.parallel_iterations=0 is not valid"):
-        tiny_spec(tmp_path).with_overrides(["engine.parallel_iterations=0"])
+    with pytest.raises(ConfigError, match=r"engine.max_in_flight=0 is not valid"):
+        tiny_spec(tmp_path).with_overrides(["engine.max_in_flight=0"])
 
 
 # ------------------------------------------------------------------------ the spec hash
@@ -223,7 +223,7 @@ def test_spec_hash_ignores_how_and_where(tmp_path):
     base = tiny_spec(tmp_path / "a")
     same = base.with_overrides([
         f"output.path={tmp_path / 'b'}", "output.resume=false", "output.overwrite=true", "engine.num_workers=3",
-        "engine.shard_size=5", "engine.parallel_iterations=2", "engine.max_retries=0", "engine.progress=true",
+        "engine.shard_size=5", "engine.max_in_flight=2", "engine.max_retries=0", "engine.progress=true",
         "engine.device=cpu", "jacobian.chunk_size=2",
     ])
     assert same.spec_hash() == base.spec_hash()

@@ -112,7 +112,8 @@ def test_summary_is_json_and_str_is_a_table():
     assert summary["shards"] == 16 and summary["shard_size"] == 4096
     assert summary["jacobian_shape"] == [65536, 32, 64]
     text = str(plan)
-    for part in ("ShardPlan", "65,536", "16 shards x 4,096 rows", "32.0 MiB", "512.0 MiB", "driver peak", "worker peak"):
+    for part in ("ShardPlan", "65,536", "16 shards x 4,096 rows", "32.0 MiB", "512.0 MiB", "driver peak",
+                 "worker peak"):
         assert part in text
 
 

@@ -502,7 +502,10 @@ def markdown(result: dict[str, Any]) -> str:
              machine_line(result), f"Command: `{result.get('command')}`", ""]
     header = "| method | " + " | ".join(f"{k} (B={result['workloads'][k]['batch']})" for k in names) + " |"
     lines += [header, "|---|" + "---:|" * len(names)]
+    # One footnote per distinct status and reason (a framework that is not importable is
+    # said once, not once per workload and method), listing the cells it applies to.
     notes: list[str] = []
+    where: dict[str, list[str]] = {}
     order: list[str] = []
     for r in result["records"]:
         if r["workload"] in names and r["method"] not in order:
@@ -524,8 +527,12 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 cell = r["status"]
             if r["status"] != "ok":
-                notes.append(f"{k} {mname}: {r['status']}: {r['reason']}")
-                cell += f" [{len(notes)}]"
+                text = f"{r['status']}: {r['reason']}"
+                if text not in where:
+                    notes.append(text)
+                    where[text] = []
+                where[text].append(f"{k} {mname}")
+                cell += f" [{notes.index(text) + 1}]"
             cells.append(cell)
         kind = next((index[(k, mname)]["kind"] for k in names if (k, mname) in index), "")
         label = f"{mname} (peer)" if kind == "peer" else mname
@@ -541,9 +548,16 @@ def markdown(result: dict[str, Any]) -> str:
                      + (f" (first call, measuring included: {first:.2f} s)" if first is not None else ""))
     for r in result["records"]:
         if r["workload"] is None:
-            notes.append(f"peers: {r['status']}: {r['reason']}")
+            text = f"{r['status']}: {r['reason']}"
+            if text not in where:
+                notes.append(text)
+                where[text] = []
+            where[text].append("peers")
     for i, note in enumerate(notes, 1):
-        lines.append(f"- [{i}] {note}")
+        cells = where[note]
+        on = cells[0] if len(cells) == 1 else f"{len(cells)} cells: {', '.join(cells[:4])}" + (
+            ", ..." if len(cells) > 4 else "")
+        lines.append(f"- [{i}] {on}: {note}")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import OutputLockedError
 
-__all__ = ["LOCK_NAME", "OutputLock", "acquire"]
+__all__ = ["LOCK_NAME", "ObjectStoreLock", "OutputLock", "acquire", "acquire_object_store"]
 
 LOCK_NAME = ".distjac.lock"
 # errno values of a directory distjac may read but not write.
@@ -133,3 +133,86 @@ def acquire(out_dir: str) -> OutputLock:
             return OutputLock(path, fd)
         os.close(fd)  # the holder released (and removed) the file between our open and flock
     raise OutputLockedError(f"output.path {out_dir!r}: could not take the lock {path} (it kept changing).")
+
+
+# -----------------------------------------------------------------------------------------
+# object stores (NOTE [object stores] in distjac.io.fs)
+# -----------------------------------------------------------------------------------------
+
+# How long acquire_object_store waits after writing its lock object before reading it back:
+# a second run that wrote its own lock in between is seen, and one of them backs off.
+OBJECT_LOCK_SETTLE_S = 0.2
+
+
+class ObjectStoreLock(OutputLock):
+    """The lock object of an output on an object store; see :func:`acquire_object_store`."""
+
+    def __init__(self, path: str, token: str):
+        super().__init__(path, None)
+        self._token: str | None = token
+
+    def release(self) -> None:
+        token, self._token = self._token, None
+        if token is None:
+            return
+        from . import fs
+
+        try:
+            held = json.loads(fs.read_bytes(self.path) or b"{}")
+        except (OSError, ValueError):
+            return
+        if isinstance(held, dict) and held.get("token") == token:
+            fs.unlink(self.path)
+
+
+def acquire_object_store(out_dir: str) -> ObjectStoreLock:
+    """Take an object store output's lock, best-effort: object stores have no ``flock``.
+
+    The lock is an object ``<out_dir>/.distjac.lock`` holding its owner (host, pid, start
+    time, a random token). A lock object that exists is honoured unless its owner is a
+    process of this host that is no longer alive (then it is taken over); a run on another
+    host, or one killed there, leaves a lock that only deleting the object clears (the
+    message says how). Two runs that start within the same fraction of a second can both
+    write a lock object; each reads it back after :data:`OBJECT_LOCK_SETTLE_S` and the one
+    whose token was overwritten backs off, but a store slower than that to show a write
+    can let both run. This is a guard against mistakes, not a mutex: run one job per
+    output.
+
+    Raises:
+        OutputLockedError: another run's lock object is there (named in the message).
+    """
+    from .. import __version__
+    from . import fs
+
+    path = out_dir.rstrip("/") + "/" + LOCK_NAME
+
+    def holder() -> dict[str, Any] | None:
+        try:
+            d = json.loads(fs.read_bytes(path) or b"{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) else {}
+
+    def refuse(d: dict[str, Any]) -> OutputLockedError:
+        who = (f"host {d.get('host')}, pid {d.get('pid')}, started {d.get('started')}" if d.get("pid")
+               else "holder unknown")
+        return OutputLockedError(
+            f"output.path {out_dir!r} is in use by another run ({who}; an object store has no locks, so distjac "
+            f"cannot tell whether it is alive); wait for it, or delete {path} if no run is using the output.", who)
+
+    d = holder()
+    if d is not None:
+        same_host = d.get("host") == socket.gethostname()
+        if not (same_host and d.get("pid") and not _pid_alive(int(d["pid"]))):
+            raise refuse(d)
+    token = os.urandom(8).hex()
+    mine = {"distjac": __version__, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": token}
+    fs.write_atomic(path, json.dumps(mine).encode())
+    time.sleep(OBJECT_LOCK_SETTLE_S)
+    d = holder()
+    if d is None or d.get("token") != token:
+        raise refuse(d or {})
+    return ObjectStoreLock(path, token)

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from .. import arrow as arrow_mod
 from ..errors import ResultError
+from . import fs as _fs
 from .sink import (
     _PART_RE,
     MANIFEST_NAME,
@@ -54,11 +55,12 @@ def repair_output(path: str | os.PathLike) -> dict[str, Any]:
             their spec or plan, or the directory cannot be written.
         OutputLockedError: a run holds the output.
     """
-    out_dir = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(out_dir):
-        raise ResultError(f"distjac repair: {out_dir!r} is not a directory.")
+    out_dir = _fs.normalize(os.fspath(path))
+    if not _fs.isdir(out_dir):
+        what = "a file, not an output directory" if _fs.isfile(out_dir) else "not a directory"
+        raise ResultError(f"distjac repair: {out_dir!r} is {what}; give a job's output.path.")
     with lock_output(out_dir) as lock:
-        if lock.read_only or not os.access(out_dir, os.W_OK):
+        if lock.read_only or not _fs.writable(out_dir):
             raise ResultError(f"distjac repair: {out_dir!r} cannot be written.")
         manifest, problem = _load_valid(out_dir)
         rejected: list[tuple[str, str]] = []
@@ -71,12 +73,12 @@ def repair_output(path: str | os.PathLike) -> dict[str, Any]:
             rejected += [(part_name(s, manifest.format), why) for s, why in adopted_bad]
         else:
             manifest, rejected = _rebuild_from_parts(out_dir)
-            if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+            if _fs.exists(os.path.join(out_dir, MANIFEST_NAME)):
                 set_aside = _set_aside(out_dir, MANIFEST_NAME)
         manifest.save()
         if not manifest.complete:
             manifest.clear_success()
-        elif not os.path.exists(os.path.join(out_dir, SUCCESS_NAME)):
+        elif not _fs.exists(os.path.join(out_dir, SUCCESS_NAME)):
             manifest.mark_success()
         return {"path": out_dir, "spec_hash": manifest.spec_hash, "rebuilt": problem is not None,
                 "previous_problem": problem, "shards": len(manifest.shards), "finished": len(manifest.parts),

@@ -76,6 +76,7 @@ import pyarrow as pa
 
 from .. import arrow as arrow_mod
 from ..errors import OutputExistsError, ResultError
+from . import fs as _fs
 from . import lock as _lock
 from .lock import LOCK_NAME, OutputLock
 
@@ -93,10 +94,13 @@ __all__ = [
     "iter_result",
     "lock_output",
     "open_output",
+    "output_is_complete",
     "part_name",
     "read_result",
     "repair_output",
+    "resolve_output_path",
     "write_part",
+    "write_report",
 ]
 
 MANIFEST_NAME = "_manifest.json"
@@ -232,26 +236,22 @@ def _serialize(batch: pa.RecordBatch, fmt: str) -> pa.Buffer:
 
 
 def _atomic_write(path: str, data) -> None:
-    """Write ``data`` (bytes-like) to ``path`` through an fsynced temporary and a rename."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    """Write ``data`` (bytes-like) to ``path`` whole or not at all: locally through an
+    fsynced temporary and a rename, on an object store in one upload under the final
+    name (NOTE [object stores] in :mod:`distjac.io.fs`)."""
+    _fs.write_atomic(path, data, fsync_dir=_fsync_dir)
+
+
+def write_report(out_dir: str, report: dict[str, Any]) -> None:
+    """Write ``_report.json`` into an output (a local directory or a URI), atomically."""
+    _atomic_write(os.path.join(out_dir, REPORT_NAME), json.dumps(report, indent=1).encode())
+
+
+def resolve_output_path(path: str | os.PathLike) -> str:
+    """An output path as the job records it: a local path made absolute, a URI
+    (``s3://bucket/prefix``) as it is. Refuses (ConfigError) a URI that lost its ``//``,
+    which would otherwise become a local folder named ``s3:``."""
+    return _fs.normalize(path)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -271,7 +271,7 @@ def file_checksum(path: str) -> tuple[str, int]:
     """(SHA-256 hex, size in bytes) of a file."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with (open(path, "rb") if not _fs.is_remote(path) else _fs.open_input(path)) as f:
         while chunk := f.read(_HASH_BLOCK):
             h.update(chunk)
             size += len(chunk)
@@ -289,19 +289,13 @@ def clean_temporaries(out_dir: str, manifest: Manifest | None = None) -> list[st
     for name in _listdir(out_dir):
         m = _TEMP_RE.match(name)
         if m and (planned is None or m.group(1) in planned or not _PART_RE.match(m.group(1))):
-            try:
-                os.unlink(os.path.join(out_dir, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
+            _fs.unlink(os.path.join(out_dir, name))
+            removed.append(name)
     return sorted(removed)
 
 
 def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []
+    return _fs.listdir(path)
 
 
 def _open_part(path: str, fmt: str) -> pa.RecordBatch | pa.Table:
@@ -309,13 +303,13 @@ def _open_part(path: str, fmt: str) -> pa.RecordBatch | pa.Table:
     if fmt == "arrow":
         import pyarrow.ipc as ipc
 
-        reader = ipc.open_file(pa.memory_map(path, "r"))
+        reader = ipc.open_file(_fs.read_buffer(path))
         if reader.num_record_batches == 1:
             return reader.get_batch(0)
         return reader.read_all()
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, memory_map=True)
+    return pq.read_table(pa.BufferReader(_fs.read_buffer(path)))
 
 
 def _provenance(meta: dict[str, str]) -> bytes:
@@ -330,12 +324,13 @@ def _part_metadata(path: str, fmt: str) -> dict[str, str] | None:
         if fmt == "arrow":
             import pyarrow.ipc as ipc
 
-            with pa.memory_map(path, "r") as f:
+            with _fs.open_input(path) as f:
                 schema = ipc.open_file(f).schema
         else:
             import pyarrow.parquet as pq
 
-            schema = pq.read_schema(path)
+            with _fs.open_input(path) as f:
+                schema = pq.read_schema(f)
         return arrow_mod.schema_metadata(schema)
     except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError):
         return None
@@ -434,8 +429,7 @@ class Manifest:
         or inconsistent (the message names the entry)."""
         path = os.path.join(out_dir, MANIFEST_NAME)
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
+            d = json.loads(_fs.read_bytes(path).decode("utf-8"))
         except FileNotFoundError:
             raise ResultError(
                 f"{out_dir!r} is not a distjac output: it has no {MANIFEST_NAME}. Give the directory "
@@ -602,7 +596,7 @@ class Manifest:
         for shard, part in sorted(self.parts.items()):
             path = _part_path(self.out_dir, part.file)
             try:
-                size = os.path.getsize(path)
+                size = _fs.getsize(path)
             except FileNotFoundError:
                 bad.append((shard, f"{part.file} is missing"))
                 continue
@@ -665,10 +659,7 @@ class Manifest:
 
 
 def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    _fs.unlink(path)
 
 
 # -----------------------------------------------------------------------------------------
@@ -686,13 +677,24 @@ def lock_output(out_dir: str | os.PathLike) -> OutputLock:
         OutputExistsError: the directory holds files distjac did not write.
         OutputLockedError: another run holds it; the message names its host and pid.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.isdir(out_dir):
+    out_dir = resolve_output_path(out_dir)
+    if _fs.isdir(out_dir):
         foreign = [n for n, k in _classify(out_dir, _listdir(out_dir), _load_valid(out_dir)[0]).items()
                    if k == "foreign"]
         if foreign:
             raise _foreign_error(out_dir, sorted(foreign))
+    if _fs.is_remote(out_dir):
+        _check_bucket(out_dir)
+        return _lock.acquire_object_store(out_dir)
     return _lock.acquire(out_dir)
+
+
+def _check_bucket(out_dir: str) -> None:
+    """OutputExistsError naming the bucket when an object store's bucket does not exist."""
+    try:
+        _fs.makedirs(out_dir)
+    except FileNotFoundError as e:
+        raise OutputExistsError(f"output.path {out_dir!r}: {e}") from None
 
 
 # -----------------------------------------------------------------------------------------
@@ -702,8 +704,7 @@ def lock_output(out_dir: str | os.PathLike) -> OutputLock:
 
 def _marker_is_ours(path: str) -> bool:
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        d = json.loads(_fs.read_bytes(path).decode("utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and "distjac" in d
@@ -711,7 +712,7 @@ def _marker_is_ours(path: str) -> bool:
 
 def _load_valid(out_dir: str) -> tuple[Manifest | None, str | None]:
     """(manifest, None) if the directory holds a valid manifest, else (None, why not)."""
-    if not os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+    if not _fs.exists(os.path.join(out_dir, MANIFEST_NAME)):
         return None, f"it has no {MANIFEST_NAME}"
     try:
         return Manifest.load(out_dir), None
@@ -736,7 +737,7 @@ def _classify(out_dir: str, entries: Sequence[str], manifest: Manifest | None) -
             kind = "marker"
         elif name in planned:
             kind = "part"
-        elif m and os.path.isfile(path) and _is_distjac_part(path, m.group(2)):
+        elif m and _fs.isfile(path) and _is_distjac_part(path, m.group(2)):
             kind = "part"
         elif manifest is not None and (t := _TEMP_RE.match(name)) and (t.group(1) in planned or
                                                                         t.group(1) in metadata_names):
@@ -756,7 +757,7 @@ def _classify(out_dir: str, entries: Sequence[str], manifest: Manifest | None) -
 def _set_aside(out_dir: str, name: str) -> str:
     """Rename an unreadable manifest to a hidden name (never delete it); returns the new name."""
     new = f".{name}.invalid-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
-    os.replace(os.path.join(out_dir, name), os.path.join(out_dir, new))
+    _fs.replace(os.path.join(out_dir, name), os.path.join(out_dir, new))
     return new
 
 
@@ -813,12 +814,12 @@ def open_output(
             is not finished.
         ResultError: the manifest disagrees with the job's plan.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    out_dir = resolve_output_path(out_dir)
+    if _fs.isfile(out_dir):
         raise OutputExistsError(f"output.path {out_dir!r} is a file, not a directory; choose another output.path.")
-    if not os.path.isdir(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-    read_only = not os.access(out_dir, os.W_OK)
+    if not _fs.isdir(out_dir):
+        _fs.makedirs(out_dir)
+    read_only = not _fs.writable(out_dir)
     entries = _listdir(out_dir)
     old, problem = _load_valid(out_dir)
     kinds = _classify(out_dir, entries, old)
@@ -872,7 +873,8 @@ def open_output(
     manifest.save()
     if not manifest.complete:
         manifest.clear_success()  # a marker left by a run whose manifest was lost
-    _fsync_dir(os.path.dirname(out_dir))
+    if not _fs.is_remote(out_dir):
+        _fsync_dir(os.path.dirname(out_dir))
     return manifest, events
 
 
@@ -924,8 +926,7 @@ def _part_values(manifest: Manifest, shard: int, columns: Sequence[str], verify:
     again = (f"run `distjac inspect {manifest.out_dir}` to check the output, and the job again to "
              f"recompute the part (or read_result(..., verify=False) to read it as it is)")
     try:
-        with pa.memory_map(path, "r") as f:
-            buf = f.read_buffer()  # the mapping stays alive with the buffer
+        buf = _fs.read_buffer(path)  # local: memory-mapped, the mapping stays alive with the buffer
     except (pa.ArrowException, OSError) as e:
         raise ResultError(f"read_result: part {part.file} cannot be read ({e}); {again}.") from None
     if buf.size != part.bytes:
@@ -979,17 +980,22 @@ def _selection(rows: Any, n: int) -> tuple[int, int] | np.ndarray:
 
 
 def read_result(
-    path: str | os.PathLike, rows: Any = None, *, verify: bool = True,
-) -> np.ndarray | dict[str, np.ndarray]:
-    """Read a job's output as numpy.
+    path: str | os.PathLike, rows: Any = None, *, verify: bool = True, as_tensor: bool = False,
+) -> Any:
+    """Read a job's output as numpy (or torch, ``as_tensor=True``).
 
     Args:
-        path: the output directory (a job's ``output.path``).
+        path: the output directory (a job's ``output.path``): a local path or a URI
+            (``s3://bucket/prefix``, read through pyarrow's file systems).
         rows: None for all rows, or a slice, range or 1-D integer sequence of row indices
             (rows of the source, in the order given).
         verify: check the SHA-256 of every part read against the manifest (sizes are
             always checked). This reads each selected part once more (from the page
             cache that the read then uses); ``verify=False`` skips it for speed.
+        as_tensor: return torch tensors (CPU) instead of numpy arrays: zero-copy where
+            the array is already distjac's own copy, copied where it is a read-only view
+            of a memory-mapped part (torch tensors are writable; this is what spares
+            ``torch.from_numpy``'s "not writable" warning).
 
     Returns:
         For a Jacobian dataset, an array (len(rows), *out, *in) in the stored dtype. When
@@ -1005,7 +1011,21 @@ def read_result(
             the job again computes them), or a part read is truncated, corrupted or holds
             nulls (the message names it).
     """
-    manifest = Manifest.load(os.fspath(path))
+    result = _read_result(path, rows, verify)
+    return _as_tensors(result) if as_tensor else result
+
+
+def _as_tensors(result: np.ndarray | dict[str, np.ndarray]) -> Any:
+    import torch
+
+    def one(a: np.ndarray):
+        return torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C"))
+
+    return {k: one(v) for k, v in result.items()} if isinstance(result, dict) else one(result)
+
+
+def _read_result(path: str | os.PathLike, rows: Any, verify: bool) -> np.ndarray | dict[str, np.ndarray]:
+    manifest = Manifest.load(_result_path(path))
     columns = _value_columns(manifest)
     n = manifest.num_rows
     sel = _selection(rows, n)
@@ -1048,6 +1068,31 @@ def read_result(
     return out if manifest.info.get("reduce") else out[columns[0]]
 
 
+def output_is_complete(out_dir: str | os.PathLike, spec_hash: str) -> bool:
+    """Whether ``out_dir`` holds a finished output of ``spec_hash``: a valid manifest of
+    that hash recording every shard, and ``_SUCCESS``. Reads the manifest only (no part is
+    hashed): a run that finds this true can verify and report without starting Ray."""
+    try:
+        path = resolve_output_path(out_dir)
+        if not _fs.exists(os.path.join(path, SUCCESS_NAME)):
+            return False
+        m = Manifest.load(path)
+    except (ResultError, OSError, ValueError):
+        return False
+    return m.spec_hash == spec_hash and m.complete
+
+
+def _result_path(path: str | os.PathLike) -> str:
+    """An output to read: a URI as it is, a local path made absolute; ResultError for a
+    file (not an output directory)."""
+    p = _fs.normalize(os.fspath(path))
+    if not _fs.is_remote(p):
+        if os.path.isfile(p):
+            raise ResultError(f"{os.fspath(path)!r} is a file, not a distjac output: give the output directory "
+                              f"(a job's output.path), e.g. {os.path.dirname(p) or '.'!r}.")
+    return p
+
+
 def _column_shapes(manifest: Manifest, columns: Sequence[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     dtype = np.dtype(manifest.info.get("dtype", "float32"))
     if manifest.info.get("reduce"):
@@ -1061,7 +1106,7 @@ def iter_result(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | dict[str, np.ndarray]]]:
     """(row ids, values) of every finished part in row order, memory-mapped for Arrow IPC:
     a way through outputs larger than memory. Each part is verified as by read_result."""
-    manifest = Manifest.load(os.fspath(path))
+    manifest = Manifest.load(_result_path(path))
     columns = _value_columns(manifest)
     for shard in sorted(manifest.parts):
         values = _part_values(manifest, shard, [arrow_mod.ROW_COLUMN, *columns], verify)
@@ -1072,7 +1117,7 @@ def iter_result(
 def inspect_output(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
     """A summary of an output: rows, shapes, columns, finished and missing shards, and
     (with ``verify``) every part's SHA-256 checked. Changes nothing on disk."""
-    out_dir = os.path.abspath(os.fspath(path))
+    out_dir = _result_path(path)
     manifest = Manifest.load(out_dir)
     bad = manifest.verify(full=verify, drop=False)
     missing = manifest.missing()
@@ -1094,7 +1139,7 @@ def inspect_output(path: str | os.PathLike, *, verify: bool = True) -> dict[str,
         "checked": "sha256" if verify else "size",
         "bytes": sum(p.bytes for p in manifest.parts.values()),
         "complete": manifest.complete and not bad,
-        "success_marker": os.path.exists(os.path.join(out_dir, SUCCESS_NAME)),
+        "success_marker": _fs.exists(os.path.join(out_dir, SUCCESS_NAME)),
     }
 
 

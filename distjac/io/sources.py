@@ -15,8 +15,14 @@ tensor     a tensor in memory (for the engine's in-memory jobs)
 =========  ==================================================================================
 
 A tensor column is an ``arrow.fixed_shape_tensor`` or a (nested) fixed-size list of
-floats. A path may name one file or a directory, whose files with the format's
-extension are read in name order as one table.
+floats, or a (nested) variable-size list of floats whose rows all hold the same number
+of values (what pandas writes for a column of arrays): the per-row shape is
+``data.shape`` when given (e.g. [3, 4] for rows of 12 values), else the first row's
+list lengths, and a row of another length is refused, naming it. A path may name one
+file or a directory, whose files with the format's extension are read in name order as
+one table. A path may be a URI that pyarrow's file systems open (``s3://bucket/data``;
+see :mod:`distjac.io.fs`): files are read through the file system, Parquet by row group
+and Arrow IPC by record batch, only what a shard needs.
 
 NOTE [tensor columns hold no nulls]
 A null row, or a null value inside a tensor, has no Jacobian (and would silently read as
@@ -41,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +57,7 @@ import torch
 
 from .. import arrow as arrow_mod
 from ..errors import SourceDtypeError, SourceError, SourceNotFoundError
+from . import fs as _fs
 
 __all__ = [
     "ArrowSource",
@@ -58,7 +66,9 @@ __all__ = [
     "Source",
     "SyntheticSource",
     "TensorSource",
+    "check_keep_columns",
     "open_source",
+    "read_columns",
 ]
 
 EXTENSIONS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc")}
@@ -175,23 +185,72 @@ class NpySource(Source):
     @classmethod
     def open(cls, path: str, rows: int | None = None) -> NpySource:
         path = _existing(path)
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise SourceError(f"data: {path!r} cannot be memory-mapped as a .npy array ({e}).") from None
-        if not isinstance(arr, np.ndarray):
-            raise SourceError(f"data: {path!r} is not a single .npy array (an .npz archive?); save one with np.save.")
-        _check_dtype(arr.dtype, f"{path!r}")
-        if arr.ndim < 2:
+        _sniff_npy(path)
+        if _fs.is_remote(path):
+            shape, dtype, _ = _npy_header(path)
+        else:
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise SourceError(f"data: {path!r} cannot be memory-mapped as a .npy array ({e}).") from None
+            if not isinstance(arr, np.ndarray):
+                raise SourceError(f"data: {path!r} is not a single .npy array (an .npz archive?); save one with "
+                                  f"np.save.")
+            shape, dtype = arr.shape, arr.dtype
+        _check_dtype(dtype, f"{path!r}")
+        if len(shape) < 2:
             raise SourceError(
-                f"data: {path!r} has shape {arr.shape}; distjac needs (rows, *example_shape) with rank >= 2. "
-                f"Reshape to {arr.shape + (1,)} and save again."
+                f"data: {path!r} has shape {shape}; distjac needs (rows, *example_shape) with rank >= 2. "
+                f"Reshape to {tuple(shape) + (1,)} and save again."
             )
-        return cls(path=path, rows=_limit(rows, arr.shape[0], path), shape=tuple(arr.shape[1:]), dtype=arr.dtype.name)
+        return cls(path=path, rows=_limit(rows, shape[0], path), shape=tuple(shape[1:]), dtype=dtype.name)
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
+        if _fs.is_remote(self.path):
+            shape, dtype, offset = _npy_header(self.path)
+            row_bytes = dtype.itemsize * math.prod(shape[1:])
+            with _fs.open_input(self.path) as f:
+                buf = f.read_at(row_bytes * (stop - start), offset + row_bytes * start)
+            return torch.from_numpy(np.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:]).copy())
         arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
         return _to_tensor(arr[start:stop])
+
+
+# Magic bytes of files given as data.kind npy by mistake (numpy reports them as pickles).
+_MAGIC_KINDS = ((b"PAR1", "Parquet", "parquet"), (b"ARROW1", "an Arrow IPC file", "arrow"))
+
+
+def _sniff_npy(path: str) -> None:
+    """SourceError naming the right data.kind for a Parquet or Arrow file given as npy."""
+    with _fs.open_input(path) as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        return
+    for magic, what, kind in _MAGIC_KINDS:
+        if head.startswith(magic):
+            raise SourceError(f"data: {path!r} looks like {what}, not a .npy array; set data.kind: {kind} "
+                              f"(and data.column if it has several tensor columns).")
+    raise SourceError(f"data: {path!r} is not a .npy file (it does not start with numpy's magic bytes); save the "
+                      f"array with numpy.save, or set data.kind to parquet or arrow for those formats.")
+
+
+def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a C-ordered .npy file, read through the file system."""
+    from numpy.lib import format as npf
+
+    with _fs.open_input(path) as f:
+        try:
+            version = npf.read_magic(f)
+            read = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as e:
+            raise SourceError(f"data: {path!r} is not a readable .npy file ({e}).") from None
+        offset = f.tell()
+    if fortran and len(shape) > 1:
+        raise SourceError(f"data: {path!r} holds a Fortran-ordered array; save np.ascontiguousarray(a) instead.")
+    if dtype.hasobject:
+        raise SourceError(f"data: {path!r} holds Python objects; distjac reads numeric .npy arrays only.")
+    return tuple(shape), dtype, offset
 
 
 # -----------------------------------------------------------------------------------------
@@ -208,26 +267,37 @@ class _FileTable(Source):
     rows: int
     shape: tuple[int, ...]
     dtype: str
+    lists: bool = False  # the column holds variable-size lists (NOTE in the module docstring)
+    columns: tuple[str, ...] = ()  # every column of the first file
 
     @property
     def num_rows(self) -> int:  # type: ignore[override]
         return self.rows
 
     @classmethod
-    def open(cls, path: str, column: str | None, rows: int | None = None) -> _FileTable:
+    def open(cls, path: str, column: str | None, rows: int | None = None,
+             shape: tuple[int, ...] | None = None) -> _FileTable:
         files = _list_files(path, cls.kind)
-        found_column, shape, dtype, counts = None, None, None, []
+        found_column, found_shape, dtype, counts, lists, names = None, None, None, [], False, ()
         for f in files:
             schema, nrows = cls._schema_and_rows(f)
             name, typ = _pick_column(schema, column, f)
             info = arrow_mod.tensor_info(typ)
-            assert info is not None
+            if info is None:  # a list column (checked by _pick_column)
+                lists = True
+                info = (shape or cls._first_row_shape(f, name), _list_dtype(typ))
+            elif shape is not None and tuple(shape) != tuple(info[0]):
+                raise SourceError(f"data.shape={list(shape)} but column {name!r} of {f!r} is a tensor of shape "
+                                  f"{list(info[0])}; remove data.shape (it is for list columns).")
+            if not names:
+                names = tuple(schema.names)
+            shape_here = info[0]
             if found_column is None:
-                found_column, shape, dtype = name, info[0], info[1]
-            elif (name, info[0], info[1]) != (found_column, shape, dtype):
+                found_column, found_shape, dtype = name, shape_here, info[1]
+            elif (name, info[0], info[1]) != (found_column, found_shape, dtype):
                 raise SourceError(
                     f"data: {f!r} has column {name!r} of shape {info[0]} and dtype {info[1]}, but "
-                    f"{files[0]!r} has {found_column!r} of shape {shape} and dtype {dtype}; "
+                    f"{files[0]!r} has {found_column!r} of shape {found_shape} and dtype {dtype}; "
                     f"all files of a source must agree."
                 )
             counts.append(nrows)
@@ -243,9 +313,38 @@ class _FileTable(Source):
             files=tuple(zip(files, counts)),
             column=found_column,
             rows=limit,
-            shape=tuple(int(s) for s in shape),
+            shape=tuple(int(s) for s in found_shape),
             dtype=np.dtype(dtype).name,
+            lists=lists,
+            columns=names,
         )
+
+    @classmethod
+    def _first_row_shape(cls, path: str, column: str) -> tuple[int, ...]:
+        """The per-row shape of a list column from its first row's (nested) list lengths."""
+        first = cls._first_value(path, column)
+        if first is None:
+            raise SourceError(f"data: column {column!r} of {path!r} is a list column with no rows to learn its "
+                              f"shape from; set data.shape.")
+        shape = []
+        value = first
+        while isinstance(value, (list, tuple)):
+            shape.append(len(value))
+            value = value[0] if value else None
+        if not shape or 0 in shape:
+            raise SourceError(f"data: column {column!r} of {path!r}: its first row holds an empty list; set "
+                              f"data.shape, or drop empty rows.")
+        return tuple(shape)
+
+    @staticmethod
+    def _first_value(path: str, column: str) -> Any:
+        raise NotImplementedError
+
+    def _values(self, col: pa.Array | pa.ChunkedArray, path: str, base: int) -> np.ndarray:
+        """A column slice's values (rows, *shape), list columns checked and reshaped."""
+        if not self.lists:
+            return arrow_mod.column_values(col)
+        return _list_values(col, self.shape, self.dtype, path, self.column, base)
 
     @staticmethod
     def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
@@ -267,6 +366,28 @@ class _FileTable(Source):
             offset += n
             if offset >= stop:
                 break
+
+    def read_columns(self, names: Sequence[str], start: int, stop: int) -> dict[str, pa.Array]:
+        """Columns ``names`` of rows [start, stop), as Arrow arrays (any type, copied from
+        the files' pieces): what ``output.keep_columns`` carries to the output."""
+        self._check_range(start, stop)
+        pieces: dict[str, list] = {n: [] for n in names}
+        for _, path, lo, hi in self._pieces(start, stop):
+            table = self._read_file_columns(path, list(names), lo, hi)
+            for n in names:
+                pieces[n].extend(table.column(n).chunks)
+        out = {}
+        for n in names:
+            chunks = [c for c in pieces[n] if len(c)]
+            out[n] = pa.concat_arrays(chunks) if chunks else pa.array([], type=self._column_type(n))
+        return out
+
+    def _read_file_columns(self, path: str, names: list[str], lo: int, hi: int) -> pa.Table:
+        raise NotImplementedError
+
+    def _column_type(self, name: str) -> pa.DataType:
+        schema, _ = self._schema_and_rows(self.files[0][0])
+        return schema.field(name).type
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
         out = np.empty((stop - start, *self.shape), dtype=self.dtype)
@@ -296,19 +417,29 @@ class ParquetSource(_FileTable):
 
     @staticmethod
     def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
-        import pyarrow.parquet as pq
 
         try:
-            meta = pq.read_metadata(path)
+            meta = _pq_metadata(path)
             return meta.schema.to_arrow_schema(), meta.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise SourceError(f"data: {path!r} is not a readable Parquet file ({e}).") from None
 
     @staticmethod
-    def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
-        import pyarrow.parquet as pq
+    def _first_value(path: str, column: str) -> Any:
+        for batch in _pq_file(path).iter_batches(batch_size=1, columns=[column]):
+            if batch.num_rows:
+                return batch.column(0)[0].as_py()
+        return None
 
-        meta = pq.read_metadata(path)
+    def _read_file_columns(self, path: str, names: list[str], lo: int, hi: int) -> pa.Table:
+        starts = _parquet_row_group_starts(path)
+        groups = [g for g in range(len(starts) - 1) if starts[g + 1] > lo and starts[g] < hi]
+        table = _pq_file(path).read_row_groups(groups, columns=names)
+        return table.slice(lo - starts[groups[0]], hi - lo) if groups else table.slice(0, 0)
+
+    @staticmethod
+    def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
+        meta = _pq_metadata(path)
         leaves = [i for i in range(meta.num_columns)
                   if meta.schema.column(i).path.split(".")[0] == column]
         g_lo = 0
@@ -318,7 +449,7 @@ class ParquetSource(_FileTable):
                 break
             stats = [group.column(i).statistics for i in leaves]
             if not all(st is not None and st.has_null_count and st.null_count == 0 for st in stats):
-                table = pq.ParquetFile(path).read_row_group(g, columns=[column])
+                table = _pq_file(path).read_row_group(g, columns=[column])
                 _refuse_nulls(table.column(0), path, column, base + g_lo, stop=rows - g_lo)
             g_lo += group.num_rows
 
@@ -328,7 +459,7 @@ class ParquetSource(_FileTable):
             g_lo, g_hi = starts[g], starts[g + 1]
             if g_hi <= lo or g_lo >= hi:
                 continue
-            values = _parquet_row_group(path, g, self.column, base + g_lo)
+            values = _parquet_row_group(path, g, self.column, base + g_lo, self)
             yield values[max(lo, g_lo) - g_lo : min(hi, g_hi) - g_lo]
 
 
@@ -342,6 +473,28 @@ class ArrowSource(_FileTable):
     def _schema_and_rows(path: str) -> tuple[pa.Schema, int]:
         reader = _ipc_reader(path)
         return reader.schema, sum(_ipc_batch_rows(path))
+
+    @staticmethod
+    def _first_value(path: str, column: str) -> Any:
+        reader = _ipc_reader(path)
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            if batch.num_rows:
+                return batch.column(batch.schema.get_field_index(column))[0].as_py()
+        return None
+
+    def _read_file_columns(self, path: str, names: list[str], lo: int, hi: int) -> pa.Table:
+        reader = _ipc_reader(path)
+        offsets = np.concatenate([[0], np.cumsum(_ipc_batch_rows(path))])
+        batches = []
+        for b in range(len(offsets) - 1):
+            b_lo, b_hi = int(offsets[b]), int(offsets[b + 1])
+            if b_hi <= lo or b_lo >= hi:
+                continue
+            batch = reader.get_batch(b).select(names)
+            batches.append(batch.slice(max(lo, b_lo) - b_lo, min(hi, b_hi) - max(lo, b_lo)))
+        return pa.Table.from_batches(batches, schema=reader.schema.select(names)) if batches else \
+            reader.schema.select(names).empty_table()
 
     @staticmethod
     def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
@@ -369,7 +522,7 @@ class ArrowSource(_FileTable):
             col = batch.column(batch.schema.get_field_index(self.column))
             col = col.slice(max(lo, b_lo) - b_lo, min(hi, b_hi) - max(lo, b_lo))
             _refuse_nulls(col, path, self.column, base + max(lo, b_lo))
-            yield arrow_mod.column_values(col)
+            yield self._values(col, path, base + max(lo, b_lo))
 
 
 # Per-process caches, keyed by (path, size, mtime) so a rewritten file is read afresh.
@@ -377,9 +530,18 @@ _CACHES: dict[str, OrderedDict] = {"ipc": OrderedDict(), "ipc_rows": OrderedDict
                                    "pq_values": OrderedDict()}
 
 
+def _stat(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a file, local or through its file system."""
+    if not _fs.is_remote(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    fs, p = _fs.file_system(path)
+    info = fs.get_file_info(p)
+    return int(info.size or 0), int(info.mtime_ns or 0)
+
+
 def _cached(cache: str, key: tuple, make):
-    st = os.stat(key[0])
-    full = (*key, st.st_size, st.st_mtime_ns)
+    full = (*key, *_stat(key[0]))
     c = _CACHES[cache]
     if full in c:
         c.move_to_end(full)
@@ -396,7 +558,7 @@ def _ipc_reader(path: str):
 
     def make():
         try:
-            return ipc.open_file(pa.memory_map(path, "r"))
+            return ipc.open_file(_fs.open_input(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise SourceError(
                 f"data: {path!r} is not an Arrow IPC file ({e}). distjac reads the IPC file format "
@@ -412,26 +574,40 @@ def _ipc_batch_rows(path: str) -> list[int]:
                    lambda: [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
 
 
-def _parquet_row_group_starts(path: str) -> list[int]:
+def _pq_file(path: str):
+    """A pyarrow.parquet.ParquetFile of a local file or a URI (through its file system)."""
     import pyarrow.parquet as pq
 
+    if not _fs.is_remote(path):
+        return pq.ParquetFile(path)
+    fs, p = _fs.file_system(path)
+    return pq.ParquetFile(p, filesystem=fs)
+
+
+def _pq_metadata(path: str):
+    return _pq_file(path).metadata
+
+
+def _parquet_row_group_starts(path: str) -> list[int]:
     def make():
-        meta = pq.read_metadata(path)
+        meta = _pq_metadata(path)
         return [0, *np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)]).tolist()]
 
     return _cached("pq_groups", (path,), make)
 
 
-def _parquet_row_group(path: str, group: int, column: str, base: int) -> np.ndarray:
+def _parquet_row_group(path: str, group: int, column: str, base: int, source: Any = None) -> np.ndarray:
     """Row group ``group``'s values (its first row is the source's row ``base``)."""
-    import pyarrow.parquet as pq
 
     def make():
-        table = pq.ParquetFile(path).read_row_group(group, columns=[column])
+        table = _pq_file(path).read_row_group(group, columns=[column])
         _refuse_nulls(table.column(0), path, column, base)
+        if source is not None:
+            return source._values(table.column(0), path, base)
         return arrow_mod.column_values(table.column(0))
 
-    return _cached("pq_values", (path, group, column), make)
+    shape = (source.shape, source.lists) if source is not None else None
+    return _cached("pq_values", (path, group, column, shape), make)
 
 
 # -----------------------------------------------------------------------------------------
@@ -496,10 +672,11 @@ def open_source(data) -> Source:
         return SyntheticSource(rows=data.rows, shape=tuple(data.shape), seed=data.seed, dtype=data.dtype or "float32")
     if kind == "npy":
         return NpySource.open(data.path, data.rows)
+    shape = tuple(data.shape) if data.shape is not None else None
     if kind == "parquet":
-        return ParquetSource.open(data.path, data.column, data.rows)
+        return ParquetSource.open(data.path, data.column, data.rows, shape)
     if kind == "arrow":
-        return ArrowSource.open(data.path, data.column, data.rows)
+        return ArrowSource.open(data.path, data.column, data.rows, shape)
     if kind == "tensor":
         src = TensorSource(data.tensor)
         if data.rows is not None:
@@ -509,20 +686,25 @@ def open_source(data) -> Source:
 
 
 def _existing(path: str) -> str:
-    full = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(full):
+    full = _fs.normalize(path)
+    try:
+        found = _fs.exists(full)
+    except OSError as e:
+        raise SourceError(f"data: cannot open {path!r} ({type(e).__name__}: {str(e).splitlines()[0]}); check the "
+                          f"URI and the credentials (AWS_* environment variables, ~/.aws).") from None
+    if not found:
         raise SourceNotFoundError(f"data: input file {path!r} does not exist (looked for {full}).")
     return full
 
 
 def _list_files(path: str, kind: str) -> list[str]:
     full = _existing(path)
-    if not os.path.isdir(full):
+    if not _fs.isdir(full):
         return [full]
     exts = EXTENSIONS[kind]
     files = sorted(
-        os.path.join(full, n) for n in os.listdir(full)
-        if n.endswith(exts) and not n.startswith((".", "_")) and os.path.isfile(os.path.join(full, n))
+        os.path.join(full, n) for n in _fs.listdir(full)
+        if n.endswith(exts) and not n.startswith((".", "_")) and _fs.isfile(os.path.join(full, n))
     )
     if not files:
         raise SourceNotFoundError(f"data: directory {path!r} holds no {kind} files ({', '.join(exts)}).")
@@ -550,7 +732,7 @@ def _pick_column(schema: pa.Schema, column: str | None, path: str) -> tuple[str,
     """The tensor column to read: the named one (checked), or the only tensor-like one."""
     listing = ", ".join(f"{f.name} ({_type_name(f.type)})" for f in schema)
     if column is None:
-        tensors = [f for f in schema if arrow_mod.tensor_info(f.type) is not None]
+        tensors = [f for f in schema if arrow_mod.tensor_info(f.type) is not None or _is_float_list(f.type)]
         if len(tensors) != 1:
             what = "no tensor column" if not tensors else f"{len(tensors)} tensor columns"
             raise SourceError(
@@ -563,13 +745,103 @@ def _pick_column(schema: pa.Schema, column: str | None, path: str) -> tuple[str,
             raise SourceError(f"data: {path!r} has no column {column!r}; its columns are: {listing}.")
         field = schema.field(idx)
     info = arrow_mod.tensor_info(field.type)
+    if info is None and _is_float_list(field.type):
+        _check_dtype(_list_dtype(field.type), repr(path), field.name)
+        return field.name, field.type
     if info is None:
         raise SourceError(
             f"data: column {field.name!r} of {path!r} has type {_type_name(field.type)}, not a tensor; "
-            f"distjac reads arrow.fixed_shape_tensor or fixed_size_list<float> columns."
+            f"distjac reads arrow.fixed_shape_tensor, fixed_size_list<float> and list<float> columns."
         )
     _check_dtype(np.dtype(info[1]), repr(path), field.name)
     return field.name, field.type
+
+
+def _list_leaf(typ: pa.DataType) -> pa.DataType | None:
+    """The value type under (nested) lists of any kind, None if ``typ`` is not a list."""
+    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)):
+        return None
+    while pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        typ = typ.value_type
+    return typ
+
+
+def _is_float_list(typ: pa.DataType) -> bool:
+    """A (nested) list column of numbers that is not already a tensor type."""
+    leaf = _list_leaf(typ)
+    return leaf is not None and arrow_mod.tensor_info(typ) is None and (
+        pa.types.is_floating(leaf) or pa.types.is_integer(leaf))
+
+
+def _list_dtype(typ: pa.DataType) -> np.dtype:
+    return np.dtype(_list_leaf(typ).to_pandas_dtype())
+
+
+def _list_values(col: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], dtype: str, path: str, column: str,
+                 base: int) -> np.ndarray:
+    """The values of a (nested) list column as (rows, *shape), every row checked to hold
+    prod(shape) values (SourceError naming the first row that does not)."""
+    import pyarrow.compute as pc
+
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    n = math.prod(shape)
+    out = []
+    offset = 0
+    for chunk in chunks:
+        flat = chunk
+        counts = None
+        while pa.types.is_list(flat.type) or pa.types.is_large_list(flat.type) or \
+                pa.types.is_fixed_size_list(flat.type):
+            lengths = pc.list_value_length(flat).to_numpy(zero_copy_only=False)
+            if counts is None:
+                counts = lengths.astype(np.int64)
+            else:  # per row: the sum of its sub-lists' lengths
+                idx = np.repeat(np.arange(len(counts)), counts)
+                counts = np.bincount(idx, weights=lengths, minlength=len(counts)).astype(np.int64)
+            flat = flat.flatten()
+        bad = np.flatnonzero(counts != n) if counts is not None else np.arange(0)
+        if bad.size:
+            r = int(bad[0])
+            raise SourceError(
+                f"data: column {column!r} of {path!r}: row {base + offset + r} holds {int(counts[r])} values, but "
+                f"rows of shape {list(shape)} hold {n}; set data.shape to the rows' shape, or fix that row."
+            )
+        if flat.null_count:
+            r = int(np.searchsorted(np.cumsum(counts), int(np.flatnonzero(flat.is_null().to_numpy(
+                zero_copy_only=False))[0]), side="right"))
+            raise SourceError(
+                f"data: column {column!r} of {path!r} has a null value at row {base + offset + r}; a tensor cannot "
+                f"hold nulls. Drop or fill those rows and write the file again, or set data.rows below that row."
+            )
+        values = flat.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        out.append(values.reshape(len(chunk), *shape))
+        offset += len(chunk)
+    if not out:
+        return np.empty((0, *shape), dtype=dtype)
+    return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+
+
+def check_keep_columns(source: Source, columns: Sequence[str] | None) -> None:
+    """SourceError unless every column of ``output.keep_columns`` exists in the source
+    (a Parquet or Arrow source; the others have no columns) and none is the tensor
+    column or an output column name."""
+    if not columns:
+        return
+    if not isinstance(source, _FileTable):
+        raise SourceError(f"output.keep_columns={list(columns)}: a {source.kind} source has no columns to keep; "
+                          f"keep_columns needs data.kind parquet or arrow.")
+    missing = [c for c in columns if c not in source.columns]
+    if missing:
+        raise SourceError(f"output.keep_columns: {', '.join(map(repr, missing))} not in the data "
+                          f"({source.files[0][0]!r}); its columns are: {', '.join(source.columns)}.")
+
+
+def read_columns(source: Source, columns: Sequence[str], start: int, stop: int) -> dict[str, pa.Array]:
+    """The source's columns ``columns`` for rows [start, stop), as Arrow arrays in row
+    order (for ``output.keep_columns``; pass them to ``arrow.to_record_batch(...,
+    extra_columns=...)``). Only Parquet and Arrow sources have columns."""
+    check_keep_columns(source, columns)
+    return source.read_columns(list(columns), start, stop)
 
 
 def _first_null(col: pa.Array) -> tuple[str, int] | None:
