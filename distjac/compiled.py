@@ -10,13 +10,17 @@ The whole Jacobian of one block of examples is one traced function: reverse mode
 ``vmap`` of ``torch.func.jvp`` over one-hot tangents, compiled with
 ``torch.compile(fullgraph=True)`` (Inductor: C++ on a CPU, Triton on a GPU), with the
 block's batch dimension marked dynamic so blocks of other sizes reuse the graph (blocks
-of one row run eagerly: torch specializes size 1). torch.compile is applied outside
-the torch.func transforms, the documented order that composes.
+of one row run eagerly: torch specializes size 1; forward mode is compiled for one
+block size, see :func:`dynamic_batch`). torch.compile is applied outside the torch.func
+transforms, the documented order that composes.
 
 Rules a caller can rely on:
 
-- the compiled function is run on the probe rows and compared with the eager result
-  (``allclose`` at the dtype's tolerance) before it is used for anything;
+- the compiled function is run on the probe rows (a static graph: on the first block,
+  whose eager result is the one returned) and compared with the eager result
+  (``allclose`` at the dtype's tolerance) before its results are used for anything;
+- a compiled graph that fails later (a recompile for a new shape that does not trace)
+  is dropped and the block runs eagerly;
 - any failure (an error while compiling, a graph break, which ``fullgraph=True`` turns
   into an error, or a mismatch) falls back to eager, with the reason kept where
   ``choose_strategy(...).record`` and :func:`distjac.kernels.compiled_status` show it; no
@@ -35,6 +39,8 @@ explicit compiled strategy runs eagerly, saying so in its status).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
@@ -154,25 +160,56 @@ class Compiled:
         fn: the compiled (Bb, *in) -> (Bb, M, N) function; None when it fell back.
         reason: why it fell back (None when ``fn`` is usable).
         compile_s: seconds the first (compiling) call took, probe rows included.
-        max_abs_err: the check's largest difference from eager on the probe rows.
+        max_abs_err: the check's largest difference from eager on the checked rows.
+        rows: the one block size a static graph runs (None: any, the batch is dynamic).
     """
 
     fn: Callable | None
     reason: str | None
     compile_s: float = 0.0
     max_abs_err: float | None = None
+    rows: int | None = None
 
     @property
     def status(self) -> str:
         if self.fn is None:
             return f"fell back to eager: {self.reason}"
         err = "" if self.max_abs_err is None else f", max abs diff from eager {self.max_abs_err:.2g}"
-        return f"compiled in {self.compile_s:.1f} s, checked on the probe rows{err}"
+        what = "any block size" if self.rows is None else f"blocks of {self.rows} rows"
+        return f"compiled in {self.compile_s:.1f} s for {what}, checked against eager{err}"
+
+
+def dynamic_batch(mode: str) -> bool:
+    """Whether mode's graph is compiled with a dynamic batch dimension. Reverse mode is;
+    forward mode (vmap of jvp) is not: with torch 2.13 its dual tensors fail to trace
+    with a symbolic batch size ("RuntimeError when making fake tensor call" in
+    _make_dual), so it compiles for one block size, checked on a whole first block,
+    and blocks of other sizes (a remainder) run eagerly."""
+    return mode == "rev"
+
+
+@contextlib.contextmanager
+def _quiet_compiler():
+    """torch.compile logs a failure's whole trace at ERROR level before raising it; the
+    failure is distjac's to report (as a fallback reason), so those loggers are quiet
+    while it compiles."""
+    names = ("torch._dynamo", "torch._inductor", "torch._subclasses.fake_tensor", "torch.fx.experimental")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for logger, _ in saved:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 def compile_block(fn: Callable, mode: str, chunk: int | None, xp: torch.Tensor,
                   eager: torch.Tensor) -> Compiled:
-    """Compile the block Jacobian of ``fn`` and check it on the probe rows ``xp`` against
+    """Compile the block Jacobian of ``fn`` and check it on the rows ``xp`` (the probe
+    rows, or for a static graph a whole block of the size it is compiled for) against
     the eager (Bp, M, N) Jacobian ``eager``. Never raises (NOTE [compiled blocks])."""
     if not compile_enabled():
         return Compiled(None, "compiling is disabled (DISTJAC_COMPILE=0)")
@@ -183,13 +220,14 @@ def compile_block(fn: Callable, mode: str, chunk: int | None, xp: torch.Tensor,
     def block(xb: torch.Tensor) -> torch.Tensor:
         return func_block(fn, xb, mode, chunk)
 
+    dynamic = dynamic_batch(mode)
     t0 = time.perf_counter()
     try:
-        compiled = torch.compile(block, fullgraph=True)
+        compiled = torch.compile(block, fullgraph=True, dynamic=None if dynamic else False)
         xd = xp.detach().clone()
-        mark_batch_dynamic(xd)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        if dynamic:
+            mark_batch_dynamic(xd)
+        with torch.no_grad(), _quiet_compiler():
             got = compiled(xd)
         if xp.device.type == "cuda":
             torch.cuda.synchronize(xp.device)
@@ -206,16 +244,23 @@ def compile_block(fn: Callable, mode: str, chunk: int | None, xp: torch.Tensor,
     atol = atol_scale * max(scale, 1e-30)
     diff = (got.detach() - eager).abs().nan_to_num(nan=math.inf).max().item() if eager.numel() else 0.0
     if not torch.allclose(got.detach(), eager, rtol=rtol, atol=atol, equal_nan=True):
-        return Compiled(None, f"the compiled result differs from eager on the probe rows (max abs diff "
-                        f"{diff:.3g}, rtol {rtol:g}, atol {atol:.3g})", seconds, diff)
-    return Compiled(compiled, None, seconds, diff)
+        return Compiled(None, f"the compiled result differs from eager on {xp.shape[0]} checked rows (max abs "
+                        f"diff {diff:.3g}, rtol {rtol:g}, atol {atol:.3g})", seconds, diff)
+    return Compiled(compiled, None, seconds, diff, None if dynamic else xp.shape[0])
+
+
+def fits(c: Compiled, xb: torch.Tensor) -> bool:
+    """Whether the compiled graph of ``c`` runs a block of ``xb``'s size."""
+    rows = xb.shape[0]
+    return c.fn is not None and rows >= MIN_COMPILED_ROWS and (c.rows is None or c.rows == rows)
 
 
 def run_compiled(c: Compiled, xb: torch.Tensor) -> torch.Tensor:
     """The (Bb, M, N) Jacobian of one block by the compiled function (no history)."""
     xd = xb.detach()
-    mark_batch_dynamic(xd)
-    with torch.no_grad():
+    if c.rows is None:
+        mark_batch_dynamic(xd)
+    with torch.no_grad(), _quiet_compiler():
         return c.fn(xd)
 
 

@@ -885,7 +885,7 @@ def choose_strategy(
                 compiled=compiled, work_rows=work_rows)
     if compiled and not s.compiled and s.mode in ("rev", "fwd"):
         c = replace(s, vectorize=True, compiled=True, record=None)
-        status = _compiled_for(fn, x, c, probe.out_shape, call)
+        status = _compiled_for(fn, x, c, probe.out_shape, call)[0]
         note = f"compiled: {status.status}"
         if status.fn is not None:
             s = replace(c, record=replace(s.record, strategy=str(c), notes=s.record.notes + (note,)))
@@ -1088,8 +1088,10 @@ def _maybe_compiled(fn, xs, probe, best: Strategy, best_t: float, work_rows: int
         notes.append(f"compiled: not tried: a compile (~{predicted:.2g} s predicted) cannot pay back on "
                      f"{work_rows} rows (at most ~{gain:.2g} s to gain)")
         return best
-    cand = replace(best, vectorize=True, compiled=True)
-    status = _compiled_for(fn, xs, cand, probe.out_shape, "auto's compiled candidate")
+    # A static graph (forward mode) serves one block size: blocks of the sample's size.
+    block = best.block if _compiled.dynamic_batch(best.mode) else (best.block or xs.shape[0])
+    cand = replace(best, vectorize=True, compiled=True, block=block)
+    status = _compiled_for(fn, xs, cand, probe.out_shape, "auto's compiled candidate")[0]
     notes.append(f"compiled: {status.status}")
     if status.fn is None:
         return best
@@ -1170,27 +1172,42 @@ def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _compiled_for(fn: Callable, x: torch.Tensor, s: Strategy, out_shape: tuple, call: str) -> _compiled.Compiled:
+def _compiled_for(fn: Callable, x: torch.Tensor, s: Strategy, out_shape: tuple, call: str,
+                  rows: int | None = None) -> tuple[_compiled.Compiled, torch.Tensor | None]:
     """The compiled block function of strategy ``s`` (NOTE [compiled blocks]), compiled
-    and checked on the probe rows on first use, cached per (fn, fingerprint, shape,
-    dtype, device, mode, chunk); a fallback's reason is cached too (no second try)."""
-    key = _shape_key(fn, x) + (s.mode, s.chunk)
+    and checked on first use, cached per (fn, fingerprint, shape, dtype, device, mode,
+    chunk, and a static graph's block size ``rows``); a fallback's reason is cached too
+    (no second try). Also returns the eager (rows, M, N) Jacobian of ``x[:rows]`` when
+    the check computed it (a static graph's first block), else None."""
+    dynamic = _compiled.dynamic_batch(s.mode)
+    if rows is None:
+        rows = min(s.block or x.shape[0], x.shape[0])
+    key = _shape_key(fn, x) + (s.mode, s.chunk, None if dynamic else rows)
     hit = _COMPILED.get(fn, key)
     if hit is not None:
-        return hit
-    xp = x[:min(x.shape[0], PROBE_ROWS)].detach()
+        return hit, None
+    xp = x[:min(x.shape[0], PROBE_ROWS if dynamic else rows)].detach()
     if xp.shape[0] < _compiled.MIN_COMPILED_ROWS:
-        return _compiled.Compiled(None, f"a batch of {x.shape[0]} row(s) runs eagerly")
+        return _compiled.Compiled(None, f"a block of {xp.shape[0]} row(s) runs eagerly"), None
     try:
         eager = _run(fn, xp, replace(s, compiled=False, block=None, vectorize=True), create_graph=False,
                      call=call, out_shape=out_shape)
     except (VectorizationError, RuntimeError) as err:
-        c = _compiled.Compiled(None, f"the eager check failed ({type(err).__name__})")
+        c, eager = _compiled.Compiled(None, f"the eager check failed ({type(err).__name__})"), None
     else:
         eager = eager.reshape(xp.shape[0], math.prod(out_shape), math.prod(xp.shape[1:]))
         c = _compiled.compile_block(fn, s.mode, s.chunk, xp, eager)
     _COMPILED.put(fn, key, c)
-    return c
+    return c, (None if dynamic else eager)
+
+
+def _compiled_broke(fn: Callable, x: torch.Tensor, s: Strategy, comp: _compiled.Compiled, rows: int,
+                    err: Exception) -> None:
+    """Forget a compiled graph that failed on a block (it runs eagerly from now on)."""
+    key = _shape_key(fn, x) + (s.mode, s.chunk, comp.rows)
+    _COMPILED.put(fn, key, _compiled.Compiled(
+        None, f"the compiled graph failed on a block of {rows} rows ({type(err).__name__}: "
+        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})", comp.compile_s))
 
 
 def compiled_status(fn: Callable, x: torch.Tensor, strategy: Strategy) -> str:
@@ -1200,7 +1217,7 @@ def compiled_status(fn: Callable, x: torch.Tensor, strategy: Strategy) -> str:
     if not strategy.compiled:
         return "not a compiled strategy"
     probe = _probe(fn, x, "compiled_status(fn, x, strategy)")
-    return _compiled_for(fn, x, strategy, probe.out_shape, "compiled_status(fn, x, strategy)").status
+    return _compiled_for(fn, x, strategy, probe.out_shape, "compiled_status(fn, x, strategy)")[0].status
 
 
 def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max_memory: int | None,
@@ -1271,11 +1288,11 @@ def _run(
         # Provably elementwise (checked by whoever chose it): the dense result is the
         # diagonal scattered into zeros.
         return _structure.dense_from_diagonal(_diagonal(fn, x, s.block, create_graph=create_graph, call=call))
-    comp = None
+    comp = first = None
     if s.compiled and s.mode in ("rev", "fwd") and not create_graph and not _in_transform():
         if out_shape is None:
             out_shape = _probe(fn, x, call).out_shape
-        comp = _compiled_for(fn, x, s, out_shape, call)
+        comp, first = _compiled_for(fn, x, s, out_shape, call, rows=block)
         comp = comp if comp.fn is not None else None
     if s.mode == "chain":
         assert out_shape is not None, "the chain strategy needs the probed output shape"
@@ -1287,10 +1304,17 @@ def _run(
                         call=call, out_shape=out_shape)
     for b0 in range(0, b, block):
         xb = x[b0:b0 + block]
-        if comp is not None and xb.shape[0] >= _compiled.MIN_COMPILED_ROWS:
+        jac_c = first if b0 == 0 else None  # a static graph's check computed block 0 eagerly
+        if jac_c is None and comp is not None and _compiled.fits(comp, xb):
+            try:
+                jac_c = _compiled.run_compiled(comp, xb)
+            except Exception as err:  # noqa: BLE001 - NOTE [compiled blocks]: eager from now on
+                _compiled_broke(fn, x, s, comp, xb.shape[0], err)
+                comp = None
+        if jac_c is not None:
+            jac = jac_c
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
-            jac = _compiled.run_compiled(comp, xb)
             if out is None and block < b:
                 out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
             if out is not None:
