@@ -1510,14 +1510,14 @@ def _diagonal_result(fn: Callable, x: torch.Tensor, unconnected, create_graph: b
                               f"{tuple(x.shape[1:])}, so its Jacobian is not square; leave structure=None.")
         return torch.zeros_like(x)
     probe = _probe(fn, x, call)
+    if not probe.connected and tuple(probe.out_shape) == tuple(x.shape[1:]):
+        return None if unconnected is UnconnectedGradients.NONE else torch.zeros_like(x)
     reason = _elementwise(fn, x, probe.out_shape)
     if reason is not None:
         raise OptionError(
             f"{call}: fn is not provably elementwise ({reason}), so its Jacobian is not known to be "
             "diagonal. Leave structure=None for the dense Jacobian."
         )
-    if not probe.connected:
-        return None if unconnected is UnconnectedGradients.NONE else torch.zeros_like(x)
     return _diagonal(fn, x, None, create_graph=create_graph, call=call)
 
 

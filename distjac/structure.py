@@ -51,6 +51,11 @@ _COPIES = {
     _aten.clone.default, _aten.alias.default, _aten.detach.default, _aten._to_copy.default,
     _aten.lift_fresh_copy.default,
 }
+# Operators whose result depends on x's shape and dtype only, never its values.
+_SHAPE_ONLY = {
+    _aten.ones_like.default, _aten.zeros_like.default, _aten.empty_like.default, _aten.full_like.default,
+    _aten.new_zeros.default, _aten.new_ones.default, _aten.new_empty.default, _aten.new_full.default,
+}
 _SAME_SHAPE_VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.expand.default}
 
 
@@ -87,6 +92,8 @@ def elementwise_reason(fn: Callable, x: torch.Tensor) -> str | None:
         if not any(i in dep for i in inputs):
             continue
         target = node.target
+        if target in _SHAPE_ONLY:
+            continue  # a constant of x's shape: not x-dependent
         name = str(getattr(target, "__name__", target))
         val = node.meta.get("val")
         if not _is_tensor(val):
