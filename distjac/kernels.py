@@ -168,10 +168,14 @@ class Decision:
     Attributes:
         strategy: the chosen strategy, as text (after fitting the memory budget).
         how: "explicit" (the mode was given), "sizes" (auto decided from the per-example
-            sizes without measuring), "measured" (auto timed candidates now) or "cached"
-            (a measurement made earlier for the same key).
+            sizes without measuring), "structure" (fn is provably elementwise: the
+            diagonal strategy, nothing to measure), "measured" (auto timed candidates
+            now), "cached" (a measurement made earlier in this process for the same key)
+            or "tuning cache" (a measurement read from the on-disk tuning cache, NOTE
+            [the tuning cache] in tuning.py).
         key: what the cached choice is keyed on besides fn (per-example shape, dtype,
-            device, fn's fingerprint, the modes considered and max_memory); None when
+            device, fn's fingerprint, the modes considered, the power-of-two bucket of
+            the batch size, the compiled flag asked for and max_memory); None when
             nothing is cached.
         times: (candidate, seconds per example) for every candidate timed, in order.
         notes: candidates left out and why (e.g. "chain: not applicable: ...").
@@ -916,7 +920,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             record = Decision("", "structure", notes=(
                 "fn is provably elementwise (every operation on x pointwise, from its traced graph): its "
                 "Jacobian is diagonal, and one forward pass with ones gives it",))
-        elif user_fixed or b * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
+        elif user_fixed or max(b, work_rows or b) * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
             why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
                    f"{b} x {m} x {n} Jacobian elements: too few to measure" if b >= 2 else "one example")
