@@ -10,7 +10,8 @@ Side by side in one process, on the four workloads of issue 2 (item 7):
 
 Methods: distjac ``auto``, ``rev``, ``fwd``, ``rev`` with ``experimental_use_pfor=False``
 and the compiled strategy (``torch.compile``; its first call, the compile, is its
-``first_call_s``), with auto's first call (measuring included) as a row of its own, against the baselines torch.func ``vmap(jacrev)``, ``vmap(jacfwd)``, ``jacrev`` of the
+``first_call_s``), with auto's first call (measuring included) as a row of its own,
+against the baselines torch.func ``vmap(jacrev)``, ``vmap(jacfwd)``, ``jacrev`` of the
 batch sum, ``autograd.grad(is_grads_batched=True)`` and a plain loop of ``autograd.grad``
 over output rows. Peers (``tf.function`` batch_jacobian with pfor on and off, JAX
 ``jit(vmap(jacrev))`` and ``jit(vmap(jacfwd))``) run in a second interpreter
