@@ -26,6 +26,25 @@ per-layer Jacobians as batched GEMMs. It is exact, computes no autograd history 
 that must be differentiable runs reverse mode instead) and is chosen only if it measures
 fastest; ``choose_strategy(fn, x).record`` lists what was timed and why a chain did not
 apply. ``run_strategy(fn, x, Strategy("chain", block=128))`` forces it (tests, benchmarks).
+
+NOTE [auto's order of business]
+``mode="auto"`` (:func:`_choose`) decides, in this order: (1) a fn that is provably
+elementwise (structure.py, NOTE [elementwise functions]) gets ``Strategy("diag")``, one
+forward pass, without measuring; (2) sizes decide when one side is AUTO_MODE_RATIO x the
+other or the problem (its rows, or a job's, times M x N) is too small to measure; (3)
+otherwise a measured choice, cached in memory per (fn, fingerprint, shape, dtype, device,
+modes, power-of-two bucket of the batch size, compiled flag, max_memory) and on disk
+(tuning.py, NOTE [the tuning cache]), which is read before anything is measured. The
+measuring itself is NOTE [measuring] (:class:`_Race`) and is bounded by AUTO_MEASURE_SHARE
+of the work the choice serves; its last stage weighs compiling the winner (compiled.py,
+NOTE [compiled blocks]) against that work.
+
+NOTE [shipping a choice]
+A :class:`Strategy` (and its :class:`Decision` record) is a picklable value. The choice
+made once, by the driver or a first worker (``choose_strategy(fn, x)``, or
+``tuning.tune_job`` for a job), is passed to other processes and used as given with
+``batch_jacobian(fn, x, strategy=s)`` (or ``run_strategy(fn, x, s)``): nothing is
+measured there; chunk and block are fitted to that process's memory budget.
 """
 
 from __future__ import annotations
