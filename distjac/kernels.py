@@ -81,8 +81,8 @@ from .options import (
 from .plan import format_bytes
 
 __all__ = [
-    "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "graph_batch_jacobian",
-    "graph_jacobian", "run_strategy",
+    "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "compiled_status",
+    "graph_batch_jacobian", "graph_jacobian", "run_strategy",
 ]
 
 # Fraction of the device's free memory used when no max_memory is given: leaves room for
