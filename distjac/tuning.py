@@ -103,6 +103,8 @@ def _value_parts(v, out: list) -> None:
 
     if isinstance(v, torch.Tensor):
         out.append(_tensor_desc(v))
+    elif isinstance(v, torch.nn.Module):  # a model the function closes over
+        _module_parts(v, out)
     elif isinstance(v, (int, float, str, bool, type(None))):
         out.append(repr(v)[:200])
     elif isinstance(v, (tuple, list)) and len(v) <= 16:

@@ -57,6 +57,8 @@ def test_fingerprint_follows_code_and_shapes_not_values():
     assert tuning.fingerprint(f1) == tuning.fingerprint(f1_again)
     w_small, w_big = torch.ones(3, 2), torch.ones(5, 2)
     assert tuning.fingerprint(lambda z: z @ w_small.T) != tuning.fingerprint(lambda z: z @ w_big.T)
+    m1, m2 = models.mlp([4, 8, 3]), models.mlp([4, 5, 3])
+    assert tuning.fingerprint(lambda z: m1(z)) != tuning.fingerprint(lambda z: m2(z))
     assert tuning.fingerprint(torch.tanh) is None  # a builtin: nothing stable to hash
 
 
