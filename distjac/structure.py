@@ -27,7 +27,9 @@ random op, a matmul) means "not provably elementwise", and the reason names it. 
 proof holds for the operations the trace recorded: Python control flow that looks at
 x's values goes through ``.item()``/``bool()`` of an x-dependent tensor, which is
 itself refused; control flow on anything else (a global flag, the batch size) is
-outside what a trace can see, as for torch.compile.
+outside what a trace can see, as for torch.compile. A custom ``torch.autograd.Function``
+anywhere in fn's autograd graph means "not proved" too: its backward, not the forward
+the trace records, is what autograd differentiates with.
 """
 
 from __future__ import annotations
@@ -120,6 +122,29 @@ def elementwise_reason(fn: Callable, x: torch.Tensor) -> str | None:
         outputs = outputs[0]
     if outputs not in dep:
         return "fn's output does not depend on x"
+    return _custom_function(fn, xs)
+
+
+def _custom_function(fn: Callable, xs: torch.Tensor) -> str | None:
+    """Why the trace proves nothing when fn runs a custom ``torch.autograd.Function``: its
+    ``backward`` (what autograd differentiates with; a straight-through estimator, say)
+    need not be the derivative of the ``forward`` that the trace saw; else None."""
+    try:
+        xd = xs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = fn(xd)
+    except Exception as err:  # noqa: BLE001
+        return f"fn failed with autograd on ({type(err).__name__})"
+    stack, seen = [getattr(y, "grad_fn", None)], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return (f"fn runs a custom autograd.Function ({type(node).__name__}), whose backward, not its "
+                    "traced forward, defines the derivative")
+        stack.extend(n for n, _ in node.next_functions)
     return None
 
 

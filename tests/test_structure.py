@@ -68,6 +68,23 @@ def test_other_functions_are_not_and_say_why(name):
     assert reason is not None and word in reason, reason
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward rounds (pointwise); backward passes the cotangent through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_custom_autograd_function_is_not_proved():
+    reason = elementwise_reason(lambda z: _StraightThrough.apply(z) * z, randn(3, 4))
+    assert reason is not None and "custom autograd.Function (_StraightThroughBackward)" in reason
+
+
 def test_writing_x_into_a_constant_is_refused():
     buf = torch.zeros(1, 4)
 
