@@ -109,8 +109,10 @@ AUTO_VMAP_MARGIN = 1.25
 AUTO_MAX_ROUNDS = 5
 AUTO_PRIOR_DOUBT = 4.0
 # Stages after the pilot run only while the measuring so far is below this share of the
-# work the choice serves (its rows at the pilot's best speed).
-AUTO_MEASURE_SHARE = 0.25
+# work the choice serves (its rows at the pilot's best speed): a first call costs at most
+# about twice a steady one, more only where the choice serves more rows than the call
+# (choose_strategy(work_rows=...), distjac tune for a job).
+AUTO_MEASURE_SHARE = 1.0
 # A compile is tried only when this share of the work the choice serves (what a compiled
 # graph could save at best, a guess on the safe side) exceeds its predicted cost; the
 # compiled candidate is chosen only when it races this much faster than eager.
