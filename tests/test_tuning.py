@@ -139,9 +139,10 @@ def test_another_process_reads_the_choice(cache):
     and a batch of the same shape find the choice on disk, without measuring."""
     fn, x = _fn()
     first = choose_strategy(fn, x, mode="auto")
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import torch
         from distjac import kernels, models
+        torch.set_num_threads({torch.get_num_threads()})  # part of the key: the same machine setup
         kernels.AUTO_MEASURE_MIN_ELEMENTS = 1
         fn = models.mlp([6, 10, 6], seed=7)  # other weights, same shapes
         x = torch.randn(48, 6)
