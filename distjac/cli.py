@@ -113,9 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("path", metavar="PATH", help="an output directory (a job's output.path)")
     rep.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    tune = sub.add_parser("tune", parents=[common], help="choose a job's kernel strategy and cache it",
+    tune = sub.add_parser("tune", parents=[common], help="choose a job's kernel strategy, cache it, print why",
                           description="Build the job's model, read a few rows of its source, choose the kernel "
-                          "strategy as mode: auto would (measuring if needed), store it in the tuning cache "
+                          "strategy by the job's jacobian.mode (auto: measuring if needed, weighed against "
+                          "the job's rows), store it in the tuning cache "
                           "(docs/architecture.md, \"The tuning cache\") and print the decision record. " + _TRUST)
     tune.add_argument("config", metavar="CONFIG", help="the job's YAML file")
     _add_set(tune)
