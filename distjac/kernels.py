@@ -824,8 +824,9 @@ class _Race:
     """NOTE [measuring]: candidates timed in interleaved rounds (each round starts one
     candidate later, so drift from other load hits all alike), compared by the median of
     their samples, until the leader separates from the rest (its slowest sample faster
-    than every other's fastest), at most AUTO_MAX_ROUNDS rounds. A candidate whose
-    fastest sample is AUTO_KEEP x the leader's median is dropped (it cannot win). The
+    than every other's fastest), at most AUTO_MAX_ROUNDS rounds. From the minimum of
+    rounds on, a candidate whose fastest sample is AUTO_KEEP x the leader's median is
+    dropped (it cannot win). The
     cost model is the prior: while the leader is a candidate that the prior puts
     AUTO_PRIOR_DOUBT x slower than another one still in the race, the rounds go on to
     the maximum, so one noisy sample cannot crown a strategy the sizes say is far
@@ -855,7 +856,8 @@ class _Race:
                 break
             med = {c: _median(samples[c]) for c in alive}
             lead = min(alive, key=med.get)
-            alive = [c for c in alive if c is lead or min(samples[c]) <= AUTO_KEEP * med[lead]]
+            if r + 1 >= min_rounds:  # never on one sample each: a lucky leader must not drop the rest
+                alive = [c for c in alive if c is lead or min(samples[c]) <= AUTO_KEEP * med[lead]]
             others = [c for c in alive if c is not lead]
             separated = not others or max(samples[lead]) < min(min(samples[c]) for c in others)
             prior = _prior_passes(lead, self.m, self.n)
