@@ -1105,6 +1105,7 @@ def _maybe_compiled(fn, xs, probe, best: Strategy, best_t: float, work_rows: int
     cost (measured earlier in this process, else compiled.COMPILE_COST_PRIOR_S) against
     AUTO_COMPILE_GAIN of the work the choice serves; then compiled and eager raced."""
     if best.mode not in ("rev", "fwd"):
+        notes.append(f"compiled: not considered: {best.mode} won (only rev and fwd compile)")
         return best
     if not _compiled.compile_enabled():
         notes.append("compiled: off (DISTJAC_COMPILE=0)")
