@@ -20,6 +20,7 @@ from collections.abc import Iterator
 __all__ = [
     "gcs_cluster_id",
     "in_functorch_transform",
+    "mark_batch_dynamic",
     "pickled_by_value",
     "ray_address_file",
     "ray_cluster_mode_off",
@@ -137,6 +138,23 @@ def in_functorch_transform() -> bool:
     if peek is None:  # pragma: no cover - another torch version
         return False
     return peek() is not None
+
+
+def mark_batch_dynamic(t) -> bool:
+    """Tell torch.compile that dimension 0 of ``t`` (the batch of a block) varies, so
+    blocks of other sizes reuse one compiled graph instead of recompiling.
+
+    Tested with torch 2.13.0: ``torch._dynamo.mark_dynamic(t, 0)`` (the documented way;
+    torch.compiler has no public alias of it there). The fallback, where it is gone,
+    marks nothing and says False: each new block size then compiles once more.
+    """
+    import torch
+
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_dynamic", None)
+    if mark is None:  # pragma: no cover - another torch version
+        return False
+    mark(t, 0)
+    return True
 
 
 # -- cloudpickle -----------------------------------------------------------------------

@@ -8,6 +8,7 @@
                                                    dry run: checks, shapes, shard plan, bytes
     distjac inspect PATH [--json] [--quick]        rows, shapes, finished/missing shards, checksums
     distjac repair PATH [--json]                   rebuild a lost or damaged manifest from the parts
+    distjac tune CONFIG [--set ...] [--device D]   choose the job's kernel strategy, cache it, print why
     distjac bench [SUITE ...] [--size tiny|full] [--out DIR] ...
                                                    kernels, scaling, memory: JSON, Markdown, plots
     distjac --version
@@ -80,7 +81,7 @@ def _parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     p = _Parser(prog="distjac", description="Per-example Jacobians of a model over a dataset, "
                 "from one process to a Ray cluster.", parents=[common])
     p.add_argument("--version", action="version", version=f"distjac {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect,repair,bench}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,plan,inspect,repair,tune,bench}", parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], help="run a job (resumes an unfinished one)",
                          description="Run a job from a YAML config; an unfinished output of the same "
@@ -123,6 +124,15 @@ def _parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
                          "checks are reported, never deleted. Exit 1 when a part failed.")
     rep.add_argument("path", metavar="PATH", help="an output directory (a job's output.path)")
     rep.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    tune = sub.add_parser("tune", parents=[common], help="choose a job's kernel strategy, cache it, print why",
+                          description="Build the job's model, read a few rows of its source, choose the kernel "
+                          "strategy by the job's jacobian.mode (auto: measuring if needed, weighed against "
+                          "the job's rows), store it in the tuning cache "
+                          "(docs/architecture.md, \"The tuning cache\") and print the decision record. " + _TRUST)
+    tune.add_argument("config", metavar="CONFIG", help="the job's YAML file")
+    _add_set(tune)
+    tune.add_argument("--device", default=None, help="where to tune (default: the config's engine.device)")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmark suites: kernels, scaling, memory",
                            description="Run benchmark suites side by side and write <out>/<suite>.json, "
@@ -344,6 +354,15 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return EXIT_FAILED if s["rejected"] else EXIT_OK
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tuning import cache_path, enabled, tune_job
+
+    record = tune_job(_load_spec(args), device=args.device)
+    print(record)
+    print(f"tuning cache: {cache_path() if enabled() else 'off (DISTJAC_TUNING_CACHE=0)'}")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import SUITES, kernels, memory, scaling
 
@@ -399,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise _UsageError("distjac: give a command: run, plan, inspect or bench (see distjac --help)")
         command = {"run": _cmd_run, "plan": _cmd_plan, "inspect": _cmd_inspect, "repair": _cmd_repair,
-                   "bench": _cmd_bench}[args.command]
+                   "tune": _cmd_tune, "bench": _cmd_bench}[args.command]
         return command(args)
     except SystemExit as e:  # --help and --version
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
@@ -424,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def argv_command(argv: Sequence[str]) -> str:
     for a in argv:
-        if a in ("run", "plan", "inspect", "repair", "bench"):
+        if a in ("run", "plan", "inspect", "repair", "tune", "bench"):
             return a
     return ""
 

@@ -26,6 +26,25 @@ per-layer Jacobians as batched GEMMs. It is exact, computes no autograd history 
 that must be differentiable runs reverse mode instead) and is chosen only if it measures
 fastest; ``choose_strategy(fn, x).record`` lists what was timed and why a chain did not
 apply. ``run_strategy(fn, x, Strategy("chain", block=128))`` forces it (tests, benchmarks).
+
+NOTE [auto's order of business]
+``mode="auto"`` (:func:`_choose`) decides, in this order: (1) a fn that is provably
+elementwise (structure.py, NOTE [elementwise functions]) gets ``Strategy("diag")``, one
+forward pass, without measuring; (2) sizes decide when one side is AUTO_MODE_RATIO x the
+other or the problem (its rows, or a job's, times M x N) is too small to measure; (3)
+otherwise a measured choice, cached in memory per (fn, fingerprint, shape, dtype, device,
+modes, power-of-two bucket of the batch size, compiled flag, max_memory) and on disk
+(tuning.py, NOTE [the tuning cache]), which is read before anything is measured. The
+measuring itself is NOTE [measuring] (:class:`_Race`) and is bounded by AUTO_MEASURE_SHARE
+of the work the choice serves; its last stage weighs compiling the winner (compiled.py,
+NOTE [compiled blocks]) against that work.
+
+NOTE [shipping a choice]
+A :class:`Strategy` (and its :class:`Decision` record) is a picklable value. The choice
+made once, by the driver or a first worker (``choose_strategy(fn, x)``, or
+``tuning.tune_job`` for a job), is passed to other processes and used as given with
+``batch_jacobian(fn, x, strategy=s)`` (or ``run_strategy(fn, x, s)``): nothing is
+measured there; chunk and block are fitted to that process's memory budget.
 """
 
 from __future__ import annotations
@@ -43,9 +62,12 @@ import torch
 from torch.func import jvp, vmap
 
 from . import chain as _chain
+from . import compiled as _compiled
+from . import structure as _structure
+from . import tuning as _tuning
 from ._compat import in_functorch_transform as _in_transform  # inside an outer torch.func transform?
 from ._proc import proc_bytes
-from .errors import CoupledExamplesError, MemoryBudgetError, VectorizationError
+from .errors import CoupledExamplesError, MemoryBudgetError, OptionError, VectorizationError
 from .options import (
     UnconnectedGradients,
     check_batched,
@@ -59,8 +81,8 @@ from .options import (
 from .plan import format_bytes
 
 __all__ = [
-    "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "graph_batch_jacobian",
-    "graph_jacobian", "run_strategy",
+    "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "compiled_status",
+    "graph_batch_jacobian", "graph_jacobian", "run_strategy",
 ]
 
 # Fraction of the device's free memory used when no max_memory is given: leaves room for
@@ -83,12 +105,27 @@ AUTO_PILOT_FRACTION = 8
 AUTO_KEEP = 1.5
 # A vectorized finalist is chosen over a loop only when it is this much faster.
 AUTO_VMAP_MARGIN = 1.25
+# NOTE [measuring]: interleaved rounds per race at most; the prior's doubt factor.
+AUTO_MAX_ROUNDS = 5
+AUTO_PRIOR_DOUBT = 4.0
+# Stages after the pilot run only while the measuring so far is below this share of the
+# work the choice serves (its rows at the pilot's best speed): a first call costs at most
+# about twice a steady one, more only where the choice serves more rows than the call
+# (choose_strategy(work_rows=...), distjac tune for a job).
+AUTO_MEASURE_SHARE = 1.0
+# A compile is tried only when this share of the work the choice serves (what a compiled
+# graph could save at best, a guess on the safe side) exceeds its predicted cost; the
+# compiled candidate is chosen only when it races this much faster than eager.
+AUTO_COMPILE_GAIN = 0.5
+AUTO_COMPILED_MARGIN = 1.1
 # Per-example sizes decide the mode outright when one side is this many times the other.
 AUTO_MODE_RATIO = 4.0
 # Examples per probe call (the probe learns output shape, connectivity and activation bytes).
 # The Engine's probe on a worker uses the same rows (distjac.worker imports it); a job's
 # driver-side probe is jobs.JOB_PROBE_ROWS, smaller on purpose.
 PROBE_ROWS = 8
+# Every mode a Strategy may have: the public two, and the internal structured ones.
+STRATEGY_MODES = ("rev", "fwd", "chain", "diag")
 
 
 @dataclass(frozen=True)
@@ -101,21 +138,48 @@ class Strategy:
             plain autograd pass per row (TF's ``experimental_use_pfor=False``).
         chunk: passes per vectorized pass (TF's ``parallel_iterations``); None for all.
         block: examples per call of ``fn``; None for the whole batch.
+        compiled: run each block's Jacobian as one ``torch.compile``'d graph (rev and
+            fwd, vectorized; NOTE [compiled blocks] in compiled.py), checked against
+            eager on the probe rows first and falling back to eager if anything fails.
+
+    Besides "rev" and "fwd", ``mode`` may be "chain" (distjac/chain.py) or "diag" (one
+    forward pass for a provably elementwise fn, NOTE [elementwise functions] in
+    structure.py); both are internal. A Strategy pickles (its record too), so a choice
+    made on the driver or a first worker can be shipped to other workers and passed
+    back as ``batch_jacobian(fn, x, strategy=s)`` or ``run_strategy(fn, x, s)``.
     """
 
     mode: str = "rev"
     vectorize: bool = True
     chunk: int | None = None
     block: int | None = None
+    compiled: bool = False
     # How it was chosen (choose_strategy fills it in); not part of the value: two equal
     # strategies chosen differently compare equal.
     record: Decision | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
-        if self.mode == "chain":
-            return f"chain/block={self.block or 'all'}"
+        if self.mode in ("chain", "diag"):
+            return f"{self.mode}/block={self.block or 'all'}"
         how = f"vmap x{self.chunk or 'all'}" if self.vectorize else "loop"
-        return f"{self.mode}/{how}/block={self.block or 'all'}"
+        return f"{self.mode}/{how}/block={self.block or 'all'}" + ("/compiled" if self.compiled else "")
+
+    def to_dict(self) -> dict:
+        """The value as plain JSON types (the tuning cache stores it)."""
+        return {"mode": self.mode, "vectorize": self.vectorize, "chunk": self.chunk, "block": self.block,
+                "compiled": self.compiled}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Strategy:
+        """The inverse of :meth:`to_dict`; ValueError for a value that is not a strategy."""
+        mode = d.get("mode")
+        if mode not in STRATEGY_MODES:
+            raise ValueError(f"not a strategy mode: {mode!r}")
+        chunk, block = d.get("chunk"), d.get("block")
+        for v in (chunk, block):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"not a chunk or block size: {v!r}")
+        return cls(mode, bool(d.get("vectorize", True)), chunk, block, bool(d.get("compiled", False)))
 
 
 @dataclass(frozen=True)
@@ -125,10 +189,14 @@ class Decision:
     Attributes:
         strategy: the chosen strategy, as text (after fitting the memory budget).
         how: "explicit" (the mode was given), "sizes" (auto decided from the per-example
-            sizes without measuring), "measured" (auto timed candidates now) or "cached"
-            (a measurement made earlier for the same key).
+            sizes without measuring), "structure" (fn is provably elementwise: the
+            diagonal strategy, nothing to measure), "measured" (auto timed candidates
+            now), "cached" (a measurement made earlier in this process for the same key)
+            or "tuning cache" (a measurement read from the on-disk tuning cache, NOTE
+            [the tuning cache] in tuning.py).
         key: what the cached choice is keyed on besides fn (per-example shape, dtype,
-            device, fn's fingerprint, the modes considered and max_memory); None when
+            device, fn's fingerprint, the modes considered, the power-of-two bucket of
+            the batch size, the compiled flag asked for and max_memory); None when
             nothing is cached.
         times: (candidate, seconds per example) for every candidate timed, in order.
         notes: candidates left out and why (e.g. "chain: not applicable: ...").
@@ -509,14 +577,19 @@ _PROBES = _FnCache()
 _CHAINS = _FnCache()  # ChainPlan, or why fn is not a chain of known layers
 _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
+_ELEMENTWISE = _FnCache()  # ("yes",) or ("no", why): NOTE [elementwise functions]
+_COMPILED = _FnCache()  # compiled.Compiled per (fn, shape, mode, chunk)
 
 
 def clear_caches() -> None:
-    """Forget every probed shape and measured auto choice."""
+    """Forget every probed shape, measured auto choice, structure proof and compiled
+    function of this process (the on-disk tuning cache: distjac.tuning.clear())."""
     _PROBES.clear()
     _CHAINS.clear()
     _CHOICES.clear()
     _FWD_FAILED.clear()
+    _ELEMENTWISE.clear()
+    _COMPILED.clear()
 
 
 def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
@@ -612,6 +685,8 @@ def _act_bytes(fn: Callable, x: torch.Tensor, probe: _Probe, s: Strategy) -> int
         plan = chain_plan(fn, x, probe.out_shape)
         if not isinstance(plan, str):
             return plan.work_bytes(x.element_size())
+    if s.mode == "diag":  # one forward pass: its activations, the tangents and the diagonal
+        return probe.act_bytes + 3 * math.prod(x.shape[1:]) * x.element_size()
     return probe.act_bytes
 
 
@@ -656,11 +731,11 @@ def fit_to_budget(
             f"elements) but the memory budget is {format_bytes(budget)}. Pass a larger "
             "max_memory, split the batch, or use distjac.Engine to stream results to disk."
         )
-    if s.mode == "chain":  # act_bytes: the chain's working set per example (ChainPlan.work_bytes)
+    if s.mode in ("chain", "diag"):  # act_bytes: the whole working set per example
         fit = (budget - out_bytes) // max(1, act_bytes)
         if fit < 1:
             raise MemoryBudgetError(
-                f"{call}: the chain strategy needs about {format_bytes(act_bytes)} per example beyond "
+                f"{call}: the {s.mode} strategy needs about {format_bytes(act_bytes)} per example beyond "
                 f"the {format_bytes(out_bytes)} result, which exceeds the memory budget of "
                 f"{format_bytes(budget)}. Pass a larger max_memory."
             )
@@ -703,22 +778,25 @@ def _hows(modes: Sequence[str], rows_of: dict) -> list[Strategy]:
     return out
 
 
+def _time_once(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str) -> float:
+    """Seconds per example of one run of strategy ``s`` on the sample ``xs``."""
+    _sync(xs.device)
+    t0 = time.perf_counter()
+    _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape)
+    _sync(xs.device)
+    return (time.perf_counter() - t0) / xs.shape[0]
+
+
 def _time_strategy(
     fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str, *, bar: float = math.inf,
     runs: int = 2,
 ) -> float:
-    """Seconds per example of strategy ``s`` on the sample ``xs``.
-
-    The best of ``runs`` runs; later ones are skipped when one is already ``AUTO_KEEP``
-    times slower than ``bar`` (the best so far), since it cannot win.
-    """
+    """Seconds per example of strategy ``s`` on the sample ``xs``: the best of ``runs``
+    runs; later ones are skipped when one is already ``AUTO_KEEP`` times slower than
+    ``bar`` (the best so far), since it cannot win."""
     best = math.inf
     for _ in range(runs):
-        _sync(xs.device)
-        t0 = time.perf_counter()
-        _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape)
-        _sync(xs.device)
-        best = min(best, (time.perf_counter() - t0) / xs.shape[0])
+        best = min(best, _time_once(fn, xs, s, out_shape, call))
         if best > AUTO_KEEP * bar:
             break
     return best
@@ -729,6 +807,79 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prior_passes(s: Strategy, m: int, n: int) -> int | None:
+    """The cost model's prior for a candidate: autograd passes over the block (rev: one
+    per output element, fwd: one per input element, whether looped or stacked in vmap);
+    None where it says nothing (the chain, whose cost is GEMMs, not passes)."""
+    return {"rev": m, "fwd": n}.get(s.mode)
+
+
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    k = len(v)
+    return v[k // 2] if k % 2 else 0.5 * (v[k // 2 - 1] + v[k // 2])
+
+
+class _Race:
+    """NOTE [measuring]: candidates timed in interleaved rounds (each round starts one
+    candidate later, so drift from other load hits all alike), compared by the median of
+    their samples, until the leader separates from the rest (its slowest sample faster
+    than every other's fastest), at most AUTO_MAX_ROUNDS rounds. From the minimum of
+    rounds on, a candidate whose fastest sample is AUTO_KEEP x the leader's median is
+    dropped (it cannot win). The
+    cost model is the prior: while the leader is a candidate that the prior puts
+    AUTO_PRIOR_DOUBT x slower than another one still in the race, the rounds go on to
+    the maximum, so one noisy sample cannot crown a strategy the sizes say is far
+    slower. The clock of every run is kept (``spent``) for the measuring budget."""
+
+    def __init__(self, fn, out_shape, call, m: int, n: int, log: list, notes: list):
+        self.fn, self.out_shape, self.call, self.m, self.n = fn, out_shape, call, m, n
+        self.log, self.notes = log, notes
+        self.spent = 0.0
+
+    def run(self, cands: Sequence[Strategy], rows: torch.Tensor, *, min_rounds: int = 2,
+            max_rounds: int | None = None, deadline: float = math.inf) -> dict[Strategy, float]:
+        max_rounds = max_rounds or AUTO_MAX_ROUNDS
+        samples: dict[Strategy, list[float]] = {c: [] for c in cands}
+        alive = list(cands)
+        t_start = time.perf_counter()
+        for r in range(max_rounds):
+            k = r % max(1, len(alive))
+            for c in alive[k:] + alive[:k]:
+                try:
+                    samples[c].append(_time_once(self.fn, rows, c, self.out_shape, self.call))
+                except (VectorizationError, RuntimeError) as err:
+                    self.notes.append(f"{c}: failed ({type(err).__name__})")
+                    samples.pop(c)
+            alive = [c for c in alive if c in samples]
+            if not alive:
+                break
+            med = {c: _median(samples[c]) for c in alive}
+            lead = min(alive, key=med.get)
+            if r + 1 >= min_rounds:  # never on one sample each: a lucky leader must not drop the rest
+                alive = [c for c in alive if c is lead or min(samples[c]) <= AUTO_KEEP * med[lead]]
+            others = [c for c in alive if c is not lead]
+            separated = not others or max(samples[lead]) < min(min(samples[c]) for c in others)
+            prior = _prior_passes(lead, self.m, self.n)
+            doubt = prior is not None and any(
+                (p := _prior_passes(c, self.m, self.n)) is not None and prior > AUTO_PRIOR_DOUBT * p for c in others)
+            if r + 1 >= min_rounds and separated and not doubt:
+                break
+            if time.perf_counter() > deadline and r + 1 >= min_rounds:
+                break
+        self.spent += time.perf_counter() - t_start
+        out = {c: _median(v) for c, v in samples.items() if v}
+        for c, t in out.items():
+            self.log.append((f"{c} on {rows.shape[0]} rows, median of {len(samples[c])}", t))
+        return out
+
+
+def _rows_bucket(b: int) -> int:
+    """The power-of-two bucket of a batch size (a choice measured for 3,000 rows serves
+    2,049-4,096; another bucket measures afresh)."""
+    return max(1, b).bit_length()
+
+
 def choose_strategy(
     fn: Callable,
     x: torch.Tensor,
@@ -737,24 +888,47 @@ def choose_strategy(
     parallel_iterations: int | None = None,
     experimental_use_pfor: bool = True,
     max_memory: int | None = None,
+    compiled: bool | None = None,
+    work_rows: int | None = None,
     call: str = "batch_jacobian(fn, x)",
 ) -> Strategy:
     """The strategy :func:`batch_jacobian` would use for ``fn`` on ``x`` (probes fn).
 
     Its ``record`` (a :class:`Decision`) says how it was chosen: the candidates timed,
-    those left out and why, and the key a measured choice is cached under.
+    those left out and why, and the key a measured choice is cached under. The result
+    pickles: pass it to ``batch_jacobian(fn, x, strategy=s)`` (or ``run_strategy``) in
+    another process to reuse the choice.
+
+    Args:
+        compiled: True asks for the compiled variant of the chosen rev/fwd strategy
+            (compiled and checked now; a fallback to eager is said in the record);
+            None lets auto decide (NOTE [compiled blocks]); False never compiles.
+        work_rows: rows the choice will serve (a job's whole source, say); auto weighs
+            its measuring and compiling against that much work (default: x's rows).
     """
     mode = parse_mode(mode, call)
     probe = _probe(fn, x, call)
-    return _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
+    s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call,
+                compiled=compiled, work_rows=work_rows)
+    if compiled and not s.compiled and s.mode in ("rev", "fwd"):
+        c = replace(s, vectorize=True, compiled=True, record=None)
+        status = _compiled_for(fn, x, c, probe.out_shape, call)[0]
+        note = f"compiled: {status.status}"
+        if status.fn is not None:
+            s = replace(c, record=replace(s.record, strategy=str(c), notes=s.record.notes + (note,)))
+        else:
+            s = replace(s, record=replace(s.record, notes=s.record.notes + (note,)))
+    return s
 
 
-def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call) -> Strategy:
+def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call, *, compiled=None,
+            work_rows=None) -> Strategy:
     b = x.shape[0]
     n, m = math.prod(x.shape[1:]), math.prod(probe.out_shape)
     user_fixed = parallel_iterations is not None or not use_pfor
     record = Decision("", "explicit")
     if mode == "auto":
+        structure = None if user_fixed else _elementwise(fn, x, probe.out_shape)
         if _FWD_FAILED.get(fn, _shape_key(fn, x)):
             modes = ["rev"]
         elif n >= AUTO_MODE_RATIO * m:
@@ -763,14 +937,24 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
             modes = ["fwd"]
         else:
             modes = ["rev", "fwd"]
-        if user_fixed or b * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
+        if not user_fixed and structure is None and not _FWD_FAILED.get(fn, _shape_key(fn, x)):
+            # One forward pass instead of N, whatever the sizes: nothing to measure.
+            s = Strategy("diag")
+            record = Decision("", "structure", notes=(
+                "fn is provably elementwise (every operation on x pointwise, from its traced graph): its "
+                "Jacobian is diagonal, and one forward pass with ones gives it",))
+        elif user_fixed or max(b, work_rows or b) * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
             why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
                    f"{b} x {m} x {n} Jacobian elements: too few to measure" if b >= 2 else "one example")
-            record = Decision("", "sizes", notes=(f"not measured: {why}",))
+            notes = (f"not measured: {why}",) + ((f"diag: not applicable: {structure}",) if structure else ())
+            record = Decision("", "sizes", notes=notes)
         else:
-            s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory)
+            s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory, compiled=compiled,
+                                 work_rows=work_rows or b)
             record = s.record
+            if structure:
+                record = replace(record, notes=record.notes + (f"diag: not applicable: {structure}",))
     else:
         s = Strategy(mode)
     if user_fixed:
@@ -785,24 +969,55 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call)
     return replace(s, record=replace(record, strategy=str(s)))
 
 
-def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = None) -> Strategy:
-    """Measure, once per (function, shape, max_memory), how to compute this batch Jacobian
-    fastest; the result's ``record`` lists what was timed.
+def _from_tuning_cache(fn, x, key) -> tuple[Strategy | None, tuple | None]:
+    """The choice stored on disk for this key (NOTE [the tuning cache]), and the disk key."""
+    if not _tuning.enabled():
+        return None, None
+    made = _tuning.make_key(fn, x, key[4:])  # (shape, dtype, device: in the disk key already)
+    if made is None:
+        return None, None
+    disk_key, _ = made
+    entry = _tuning.lookup(disk_key)
+    if entry is None:
+        return None, disk_key
+    try:
+        s = Strategy.from_dict(entry["strategy"])
+    except (ValueError, TypeError, AttributeError):
+        return None, disk_key
+    times = tuple((str(a), float(t)) for a, t in entry.get("times", ()) if isinstance(t, (int, float)))
+    notes = (f"from the tuning cache {_tuning.cache_path()} (measured {time.ctime(entry.get('stored', 0))})",)
+    notes += tuple(str(n) for n in entry.get("notes", ()))
+    return replace(s, record=Decision(str(s), "tuning cache", key, times, notes)), disk_key
 
-    Stage one times each way of computing (mode x loop/vmap/chunked vmap; on a CPU,
-    reverse mode only as a loop) on a small pilot block; stage two times the ways within
-    AUTO_KEEP of the best over a few block sizes on a larger sample; stage three times
-    the two best again. Stages one to three use the first rows of the batch; stage four
-    (when the batch is larger than the sample) times the chosen block size against one
-    pass over the whole batch. Candidates that fail (no vmap rule, no forward
-    derivative) are simply not chosen.
+
+def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = None, *, compiled=None,
+                     work_rows: int | None = None) -> Strategy:
+    """Measure, once per (function, shape, batch bucket, max_memory), how to compute
+    this batch Jacobian fastest; the result's ``record`` lists what was timed.
+
+    Stage one races each way of computing (mode x loop/vmap/chunked vmap; on a CPU,
+    reverse mode only as a loop; the chain where it applies) on a small pilot block
+    (NOTE [measuring]); stage two races the ways within AUTO_KEEP of the best over a few
+    block sizes on a larger sample; stage three (when the batch is larger than the
+    sample) times the chosen block size against one pass over the whole batch; stage four
+    weighs compiling the winner (NOTE [compiled blocks]). After stage one, every further
+    stage runs only while the measuring so far is below AUTO_MEASURE_SHARE of the work the
+    choice will serve (``work_rows`` examples at the best pilot speed), so a first call
+    costs a bounded share of the work. Candidates that fail (no vmap rule, no forward
+    derivative) are simply not chosen. The choice is kept in memory and in the on-disk
+    tuning cache (NOTE [the tuning cache]), which is read first.
     """
-    # max_memory is part of the key: stage four's whole-batch pass is sized by it.
-    key = _shape_key(fn, x) + (tuple(modes), max_memory)
+    b = x.shape[0]
+    # max_memory is part of the key: stage three's whole-batch pass is sized by it.
+    key = _shape_key(fn, x) + (tuple(modes), _rows_bucket(b), compiled, max_memory)
     cached = _CHOICES.get(fn, key)
     if cached is not None:
         return replace(cached, record=replace(cached.record, how="cached"))
-    b = x.shape[0]
+    from_disk, disk_key = _from_tuning_cache(fn, x, key)
+    if from_disk is not None:
+        _CHOICES.put(fn, key, from_disk)
+        return from_disk
+    work_rows = max(b, work_rows or b)
     per_row = max(1, m * n)
     rows_cap = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
     sample = min(rows_cap, max(16, AUTO_SAMPLE_ELEMENTS // per_row))
@@ -814,17 +1029,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     xs = x[:sample].detach()
     log: list[tuple[str, float]] = []
     notes: list[str] = []
-
-    def timed(cands: Sequence[Strategy], rows: torch.Tensor) -> dict[Strategy, float]:
-        out: dict[Strategy, float] = {}
-        for c in cands:
-            try:
-                out[c] = _time_strategy(fn, rows, c, probe.out_shape, call, bar=min(out.values(), default=math.inf))
-            except (VectorizationError, RuntimeError) as err:
-                notes.append(f"{c}: failed ({type(err).__name__})")
-                continue
-            log.append((f"{c} on {rows.shape[0]} rows", out[c]))
-        return out
+    race = _Race(fn, probe.out_shape, call, m, n, log, notes)
 
     hows = _hows(modes, {"rev": m, "fwd": n})
     if x.device.type == "cpu":
@@ -848,33 +1053,79 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     else:
         notes.append(f"chain: {plan}")
         hows.append(Strategy("chain", vectorize=False))
-    stage1 = timed(hows, xs[:pilot])
+    stage1 = race.run(hows, xs[:pilot])
+    best_t = min(stage1.values()) if stage1 else math.inf
     if not stage1:
         best = Strategy(modes[0], vectorize=False)
     else:
-        fastest = min(stage1.values())
-        keep = sorted((t, str(h), h) for h, t in stage1.items() if t <= AUTO_KEEP * fastest)[:2]
+        # The measuring budget: a share of the work this choice serves.
+        budget = AUTO_MEASURE_SHARE * best_t * work_rows
+        keep = sorted((t, str(h), h) for h, t in stage1.items() if t <= AUTO_KEEP * stage1[min(stage1, key=stage1.get)])
+        keep = keep[:2]
         blocks = [sample] if heavy else sorted({blk for blk in AUTO_BLOCKS if blk < sample} | {sample})
-        stage2 = timed([replace(h, block=blk) for _, _, h in keep for blk in blocks], xs)
-        if stage2:
-            # Stage three: the two best of stage two once more, best of three runs, since
-            # candidates often lie within the noise of a shared machine.
-            finalists = sorted(stage2, key=stage2.get)[:2]
-            again = {}
-            for c in finalists:
-                again[c] = min(stage2[c], _time_strategy(fn, xs, c, probe.out_shape, call))
-                log.append((f"{c} on {xs.shape[0]} rows, best of 3", again[c]))
-            # A vectorized pass must win clearly to be chosen over the loop: it holds more
-            # memory, and a gain inside the measurement's noise is not a gain.
-            best = min(again, key=lambda c: again[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
+        cands = [replace(h, block=blk) for _, _, h in keep for blk in blocks]
+        predicted = sum(stage1[h] for _, _, h in keep) * len(blocks) * sample * 2
+        if race.spent + predicted > budget and sample > pilot:
+            notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
+                         f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
+            best = replace(keep[0][2], block=None if heavy else min(blocks, key=lambda k: abs(k - pilot)))
         else:
-            best = replace(keep[0][2], block=sample)
+            stage2 = race.run(cands, xs, min_rounds=3, deadline=time.perf_counter() + max(0.0, budget - race.spent))
+            if stage2:
+                # A vectorized pass must win clearly to be chosen over the loop: it holds more
+                # memory, and a gain inside the measurement's noise is not a gain.
+                best = min(stage2, key=lambda c: stage2[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
+                best_t = stage2[best]
+            else:
+                best = replace(keep[0][2], block=sample)
         if heavy or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
         elif best.block is not None:
-            best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory, log)
+            if race.spent + 2 * best_t * b <= budget:
+                t0 = time.perf_counter()
+                best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory, log)
+                race.spent += time.perf_counter() - t0
+            else:
+                notes.append("whole-batch pass not timed: it would pass the measuring budget")
+        if compiled is not False:
+            best = _maybe_compiled(fn, xs, probe, best, best_t, work_rows, race, notes)
+    notes.append(f"measuring took {race.spent:.2g} s")
     best = replace(best, record=Decision(str(best), "measured", key, tuple(log), tuple(notes)))
     _CHOICES.put(fn, key, best)
+    if disk_key is not None:
+        _tuning.store(disk_key, {"strategy": best.to_dict(), "times": [list(t) for t in log], "notes": notes,
+                                 "describe": f"{getattr(fn, '__qualname__', type(fn).__qualname__)} on "
+                                             f"{tuple(x.shape[1:])} {x.dtype} {x.device.type}"})
+    return best
+
+
+def _maybe_compiled(fn, xs, probe, best: Strategy, best_t: float, work_rows: int, race: _Race,
+                    notes: list) -> Strategy:
+    """Stage four: compile ``best`` (rev/fwd) where it can pay: the compile's predicted
+    cost (measured earlier in this process, else compiled.COMPILE_COST_PRIOR_S) against
+    AUTO_COMPILE_GAIN of the work the choice serves; then compiled and eager raced."""
+    if best.mode not in ("rev", "fwd"):
+        notes.append(f"compiled: not considered: {best.mode} won (only rev and fwd compile)")
+        return best
+    if not _compiled.compile_enabled():
+        notes.append("compiled: off (DISTJAC_COMPILE=0)")
+        return best
+    predicted = _compiled.predicted_compile_s(xs.device.type)
+    gain = AUTO_COMPILE_GAIN * best_t * work_rows
+    if gain < predicted:
+        notes.append(f"compiled: not tried: a compile (~{predicted:.2g} s predicted) cannot pay back on "
+                     f"{work_rows} rows (at most ~{gain:.2g} s to gain)")
+        return best
+    # A static graph (forward mode) serves one block size: blocks of the sample's size.
+    block = best.block if _compiled.dynamic_batch(best.mode) else (best.block or xs.shape[0])
+    cand = replace(best, vectorize=True, compiled=True, block=block)
+    status = _compiled_for(fn, xs, cand, probe.out_shape, "auto's compiled candidate")[0]
+    notes.append(f"compiled: {status.status}")
+    if status.fn is None:
+        return best
+    times = race.run([best, cand], xs, min_rounds=3)
+    if cand in times and best in times and times[cand] * AUTO_COMPILED_MARGIN < times[best]:
+        return cand
     return best
 
 
@@ -912,36 +1163,140 @@ def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, m
 # --------------------------------------------------------------------------------------
 
 
+def _elementwise(fn: Callable, x: torch.Tensor, out_shape: tuple) -> str | None:
+    """None when fn is provably elementwise on batches like x (NOTE [elementwise
+    functions] in structure.py), else why not; cached like the probe."""
+    if tuple(out_shape) != tuple(x.shape[1:]):
+        return f"its per-example output shape {tuple(out_shape)} is not its input shape {tuple(x.shape[1:])}"
+    if _in_transform():
+        return "inside a torch.func transform (it is not traced there)"
+    key = _shape_key(fn, x)
+    cached = _ELEMENTWISE.get(fn, key)
+    if cached is None:
+        reason = _structure.elementwise_reason(fn, x)
+        cached = ("yes",) if reason is None else ("no", reason)
+        _ELEMENTWISE.put(fn, key, cached)
+    return None if cached[0] == "yes" else cached[1]
+
+
+def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph: bool, call: str) -> torch.Tensor:
+    """(B, *in) diagonals of an elementwise fn's per-example Jacobians, block by block:
+    one forward pass with ones (or, where the result must be differentiable, one reverse
+    pass with ones, J^T 1, which is the same diagonal and records history)."""
+    b = x.shape[0]
+    step = b if block is None else max(1, min(block, b))
+    pieces = []
+    for b0 in range(0, b, step):
+        xb = x[b0:b0 + step]
+        if create_graph and not _in_transform():
+            xd = xb if xb.requires_grad else xb.detach().requires_grad_(True)
+            with torch.enable_grad(), _Differentiating():
+                y = _check_output(fn(xd), xd, call)
+                (d,) = torch.autograd.grad(y, xd, torch.ones_like(y), create_graph=True, allow_unused=True)
+            pieces.append(torch.zeros_like(xb) if d is None else d)
+        else:
+            with torch.set_grad_enabled(create_graph):
+                pieces.append(_structure.diagonal_block(fn, xb))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _compiled_for(fn: Callable, x: torch.Tensor, s: Strategy, out_shape: tuple, call: str,
+                  rows: int | None = None) -> tuple[_compiled.Compiled, torch.Tensor | None]:
+    """The compiled block function of strategy ``s`` (NOTE [compiled blocks]), compiled
+    and checked on first use, cached per (fn, fingerprint, shape, dtype, device, mode,
+    chunk, and a static graph's block size ``rows``); a fallback's reason is cached too
+    (no second try). Also returns the eager (rows, M, N) Jacobian of ``x[:rows]`` when
+    the check computed it (a static graph's first block), else None."""
+    dynamic = _compiled.dynamic_batch(s.mode)
+    if rows is None:
+        rows = min(s.block or x.shape[0], x.shape[0])
+    key = _shape_key(fn, x) + (s.mode, s.chunk, None if dynamic else rows)
+    hit = _COMPILED.get(fn, key)
+    if hit is not None:
+        return hit, None
+    xp = x[:min(x.shape[0], PROBE_ROWS if dynamic else rows)].detach()
+    if xp.shape[0] < _compiled.MIN_COMPILED_ROWS:
+        return _compiled.Compiled(None, f"a block of {xp.shape[0]} row(s) runs eagerly"), None
+    try:
+        eager = _run(fn, xp, replace(s, compiled=False, block=None, vectorize=True), create_graph=False,
+                     call=call, out_shape=out_shape)
+    except (VectorizationError, RuntimeError) as err:
+        c, eager = _compiled.Compiled(None, f"the eager check failed ({type(err).__name__})"), None
+    else:
+        eager = eager.reshape(xp.shape[0], math.prod(out_shape), math.prod(xp.shape[1:]))
+        c = _compiled.compile_block(fn, s.mode, s.chunk, xp, eager)
+    _COMPILED.put(fn, key, c)
+    return c, (None if dynamic else eager)
+
+
+def _compiled_broke(fn: Callable, x: torch.Tensor, s: Strategy, comp: _compiled.Compiled, rows: int,
+                    err: Exception) -> None:
+    """Forget a compiled graph that failed on a block (it runs eagerly from now on)."""
+    key = _shape_key(fn, x) + (s.mode, s.chunk, comp.rows)
+    _COMPILED.put(fn, key, _compiled.Compiled(
+        None, f"the compiled graph failed on a block of {rows} rows ({type(err).__name__}: "
+        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})", comp.compile_s))
+
+
+def compiled_status(fn: Callable, x: torch.Tensor, strategy: Strategy) -> str:
+    """Internal: what happened to ``strategy``'s compiled graph for fn on batches like x
+    ("compiled in ... s, checked ..." or "fell back to eager: <reason>"); compiles now
+    if nothing was tried yet."""
+    if not strategy.compiled:
+        return "not a compiled strategy"
+    probe = _probe(fn, x, "compiled_status(fn, x, strategy)")
+    return _compiled_for(fn, x, strategy, probe.out_shape, "compiled_status(fn, x, strategy)")[0].status
+
+
+def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max_memory: int | None,
+           call: str) -> Strategy:
+    """A strategy handed in (run_strategy, or batch_jacobian(strategy=...)): checked, and
+    its chunk and block fitted to this process's memory budget as auto's choices are."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"{call}: strategy must be a distjac.kernels.Strategy, got {type(strategy).__name__}.")
+    if strategy.mode not in STRATEGY_MODES:
+        raise ValueError(f"{call}: strategy mode {strategy.mode!r} is not valid; use one of {STRATEGY_MODES}.")
+    if strategy.mode == "chain":
+        plan = chain_plan(fn, x, probe.out_shape)
+        if isinstance(plan, str):
+            raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
+    if strategy.mode == "diag":
+        reason = _elementwise(fn, x, probe.out_shape)
+        if reason is not None:
+            raise ValueError(f"{call}: the diag strategy needs a provably elementwise fn: {reason}.")
+    budget = max_memory if max_memory is not None else default_memory_budget(x.device)
+    b, n, m = x.shape[0], math.prod(x.shape[1:]), math.prod(probe.out_shape)
+    if strategy.chunk is not None:
+        return strategy
+    fitted = fit_to_budget(
+        strategy, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, strategy), itemsize=x.element_size(),
+        budget=budget, call=call,
+    )
+    return replace(fitted, record=strategy.record)
+
+
 def run_strategy(
     fn: Callable, x: torch.Tensor, strategy: Strategy, *, max_memory: int | None = None,
     call: str = "run_strategy(fn, x, strategy)",
 ) -> torch.Tensor | None:
-    """Internal (tests, benchmarks): batch_jacobian(fn, x) computed by ``strategy``, e.g.
-    ``Strategy("chain", block=128)``, with its chunk and block fitted to the memory
-    budget as auto's choices are. Same result as every mode.
+    """Internal (tests, benchmarks, workers): batch_jacobian(fn, x) computed by
+    ``strategy``, e.g. ``Strategy("chain", block=128)`` or ``Strategy("rev",
+    compiled=True)``, with its chunk and block fitted to the memory budget as auto's
+    choices are. Same result as every mode. Equal to ``batch_jacobian(fn, x,
+    strategy=strategy, max_memory=max_memory)``.
 
     Raises:
         ValueError: a chain strategy for a function that is not a chain of known layers
-            (the message says which layer), or an unknown strategy mode.
+            (the message says which layer), a diag strategy for a function that is not
+            provably elementwise, or an unknown strategy mode.
     """
     x, _, _ = check_functional_call(fn, x, "rev", "none", call)
-    if strategy.mode not in ("rev", "fwd", "chain"):
-        raise ValueError(f"{call}: strategy mode {strategy.mode!r} is not valid; use 'rev', 'fwd' or 'chain'.")
     if x.shape[0] == 0:
         return batch_jacobian(fn, x, mode="rev")
     probe = _probe(fn, x, call)
     if not probe.connected:
         return None
-    if strategy.mode == "chain":
-        plan = chain_plan(fn, x, probe.out_shape)
-        if isinstance(plan, str):
-            raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
-    budget = max_memory if max_memory is not None else default_memory_budget(x.device)
-    b, n, m = x.shape[0], math.prod(x.shape[1:]), math.prod(probe.out_shape)
-    s = strategy if strategy.chunk is not None else fit_to_budget(
-        strategy, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, strategy), itemsize=x.element_size(),
-        budget=budget, call=call,
-    )
+    s = _given(fn, x, probe, strategy, max_memory, call)
     return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape)
 
 
@@ -957,6 +1312,16 @@ def _run(
     out: torch.Tensor | None = None
     pieces: list[torch.Tensor] = []
     plan = None
+    if s.mode == "diag":
+        # Provably elementwise (checked by whoever chose it): the dense result is the
+        # diagonal scattered into zeros.
+        return _structure.dense_from_diagonal(_diagonal(fn, x, s.block, create_graph=create_graph, call=call))
+    comp = first = None
+    if s.compiled and s.mode in ("rev", "fwd") and not create_graph and not _in_transform():
+        if out_shape is None:
+            out_shape = _probe(fn, x, call).out_shape
+        comp, first = _compiled_for(fn, x, s, out_shape, call, rows=block)
+        comp = comp if comp.fn is not None else None
     if s.mode == "chain":
         assert out_shape is not None, "the chain strategy needs the probed output shape"
         plan = chain_plan(fn, x, out_shape)
@@ -967,7 +1332,22 @@ def _run(
                         call=call, out_shape=out_shape)
     for b0 in range(0, b, block):
         xb = x[b0:b0 + block]
-        if plan is not None:
+        jac_c = first if b0 == 0 else None  # a static graph's check computed block 0 eagerly
+        if jac_c is None and comp is not None and _compiled.fits(comp, xb):
+            try:
+                jac_c = _compiled.run_compiled(comp, xb)
+            except Exception as err:  # noqa: BLE001 - NOTE [compiled blocks]: eager from now on
+                _compiled_broke(fn, x, s, comp, xb.shape[0], err)
+                comp = None
+        if jac_c is not None:
+            jac = jac_c
+            y_shape = tuple(out_shape)
+            m = math.prod(y_shape)
+            if out is None and block < b:
+                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+            if out is not None:
+                out[b0:b0 + block].copy_(jac)
+        elif plan is not None:
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
             jac = _chain.chain_jacobian(fn, plan, xb)
@@ -1027,6 +1407,8 @@ def batch_jacobian(
     unconnected_gradients: str | UnconnectedGradients = "none",
     max_memory: int | None = None,
     check_independence: bool = False,
+    structure: str | None = None,
+    strategy: Strategy | None = None,
 ) -> torch.Tensor | None:
     """Per-example Jacobians of ``fn`` over the batch ``x``.
 
@@ -1053,6 +1435,17 @@ def batch_jacobian(
         check_independence: compare a few examples' Jacobians computed alone against the
             batched ones and check that no example's output depends on another example;
             raises CoupledExamplesError if so (BatchNorm in train mode, batch means...).
+        structure: None (default) returns the dense Jacobians. "diagonal" returns only
+            their diagonals, shape (B, x1..xm), for a fn that is provably elementwise
+            (every operation on x pointwise, checked on a traced graph: NOTE
+            [elementwise functions] in distjac/structure.py), in one forward pass;
+            1/N of the dense bytes. A fn that is not provably elementwise, or whose
+            output shape is not its input shape, raises OptionError saying why.
+            (mode="auto" uses the same proof internally for the dense result.)
+        strategy: internal: a :class:`Strategy` chosen earlier (by
+            :func:`choose_strategy`, on the driver or another worker) to run instead
+            of choosing one; mode, parallel_iterations and experimental_use_pfor are
+            then not consulted, and its chunk and block are fitted to max_memory.
 
     Returns:
         A tensor of shape (B, y1..yn, x1..xm) and x's dtype, or None (see
@@ -1087,13 +1480,17 @@ def batch_jacobian(
     if max_memory is not None:
         check_positive_int(max_memory, "max_memory", call, allow_none=False)
     create_graph = result_is_differentiable(x)
+    if structure not in _structure.STRUCTURES:
+        raise OptionError(f"{call}: structure={structure!r} is not valid; use None (dense) or 'diagonal'.")
+    if structure == "diagonal":
+        return _diagonal_result(fn, x, unconnected, create_graph, call)
 
     if x.shape[0] == 0:
         with torch.enable_grad():
             y = _check_output(fn(x), x, call)
         return torch.zeros((0, *y.shape[1:], *x.shape[1:]), dtype=x.dtype, device=x.device)
 
-    explicit_rev = mode == "rev" and (parallel_iterations is not None or not experimental_use_pfor)
+    explicit_rev = strategy is None and mode == "rev" and (parallel_iterations is not None or not experimental_use_pfor)
     if explicit_rev and not check_independence and unconnected is UnconnectedGradients.NONE:
         # Nothing to learn about fn beforehand: run straight on the graph.
         s = Strategy("rev", vectorize=experimental_use_pfor, chunk=parallel_iterations)
@@ -1107,6 +1504,10 @@ def batch_jacobian(
 
     if not probe.connected:
         return unconnected_result()
+    if strategy is not None:
+        s = _given(fn, x, probe, strategy, max_memory, call)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+        return unconnected_result() if jac is None else jac
     s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
     try:
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
@@ -1124,6 +1525,28 @@ def batch_jacobian(
     if check_independence:
         _check_independence(fn, x, jac, s, call)
     return jac
+
+
+def _diagonal_result(fn: Callable, x: torch.Tensor, unconnected, create_graph: bool, call: str):
+    """batch_jacobian(..., structure="diagonal"): (B, *in) diagonals, or why not."""
+    call = f"{call} with structure='diagonal'"
+    if x.shape[0] == 0:
+        with torch.enable_grad():
+            y = _check_output(fn(x), x, call)
+        if tuple(y.shape[1:]) != tuple(x.shape[1:]):
+            raise OptionError(f"{call}: fn's per-example output shape {tuple(y.shape[1:])} is not its input shape "
+                              f"{tuple(x.shape[1:])}, so its Jacobian is not square; leave structure=None.")
+        return torch.zeros_like(x)
+    probe = _probe(fn, x, call)
+    if not probe.connected and tuple(probe.out_shape) == tuple(x.shape[1:]):
+        return None if unconnected is UnconnectedGradients.NONE else torch.zeros_like(x)
+    reason = _elementwise(fn, x, probe.out_shape)
+    if reason is not None:
+        raise OptionError(
+            f"{call}: fn is not provably elementwise ({reason}), so its Jacobian is not known to be "
+            "diagonal. Leave structure=None for the dense Jacobian."
+        )
+    return _diagonal(fn, x, None, create_graph=create_graph, call=call)
 
 
 _COUPLED_ADVICE = (

@@ -11,3 +11,12 @@ import sys
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+# distjac's on-disk caches (the tuning cache, Inductor's artifacts) go to a folder of this
+# session, not the user's ~/.cache, and the tuning cache is off unless a test turns it on
+# (tests/test_tuning.py): a choice stored by one test must not decide another's record.
+if "DISTJAC_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["DISTJAC_CACHE_DIR"] = tempfile.mkdtemp(prefix="distjac-test-cache-")
+os.environ.setdefault("DISTJAC_TUNING_CACHE", "0")

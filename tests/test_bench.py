@@ -58,8 +58,11 @@ def keep_threads():
 # --------------------------------------------------------------------------------------
 
 
-def test_kernels_tiny(tmp_path, keep_threads):
+def test_kernels_tiny(tmp_path, keep_threads, monkeypatch):
     torch.set_num_threads(1)
+    # The compiled method runs, but eagerly (its compile is tens of seconds per workload;
+    # tests/test_compiled.py compiles for real): its row is what is checked here.
+    monkeypatch.setenv("DISTJAC_COMPILE", "0")
     doc = kernels.run(tmp_path, size="tiny", workloads=["W1", "W3"], repeats=2)
     assert torch.get_num_threads() == 1, "run() restores the caller's thread count"
     _common_shape(doc, "kernels", tmp_path, ["kernels.png"])
@@ -71,7 +74,9 @@ def test_kernels_tiny(tmp_path, keep_threads):
         assert wl["best_baseline"] in torch_methods and wl["best_baseline_examples_per_s"] > 0
         assert "/" in wl["auto_strategy"]
         mine = {r["method"]: r for r in doc["records"] if r["workload"] == w and r["kind"] != "peer"}
-        assert list(mine) == torch_methods
+        assert list(mine) == torch_methods + ["distjac auto (first call)"]
+        first = mine.pop("distjac auto (first call)")
+        assert first["times_s"] == [mine["distjac auto"]["first_call_s"]] and first["first_call_share"] > 0
         for name, r in mine.items():
             assert r["status"] == "ok", (w, name, r["reason"])  # tiny sizes: all run, all match
             assert len(r["times_s"]) == 2 and r["examples_per_s"] > 0 and r["max_rel_err"] < 1e-4
@@ -90,6 +95,8 @@ def test_kernels_tiny(tmp_path, keep_threads):
                 assert r["examples_per_s"] > 0 and r["ratio_to_best_baseline"] > 0
     table = (tmp_path / "kernels.md").read_text()
     assert "| distjac auto |" in table and "(peer)" in table and "auto chose" in table
+    assert "| distjac compiled |" in table and "| distjac auto (first call) |" in table
+    assert "a steady-state call)" in table
 
 
 def test_kernels_cli(tmp_path, capsys, keep_threads):

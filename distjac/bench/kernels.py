@@ -8,7 +8,9 @@ Side by side in one process, on the four workloads of issue 2 (item 7):
     W3  y = x**3, x of shape (B, 512)                    B = 1024
     W4  conv 1x28x28 -> conv(8, 3x3) -> relu -> linear 10   B = 2048
 
-Methods: distjac ``auto``, ``rev``, ``fwd`` and ``rev`` with ``experimental_use_pfor=False``
+Methods: distjac ``auto``, ``rev``, ``fwd``, ``rev`` with ``experimental_use_pfor=False``
+and the compiled strategy (``torch.compile``; its first call, the compile, is its
+``first_call_s``), with auto's first call (measuring included) as a row of its own,
 against the baselines torch.func ``vmap(jacrev)``, ``vmap(jacfwd)``, ``jacrev`` of the
 batch sum, ``autograd.grad(is_grads_batched=True)`` and a plain loop of ``autograd.grad``
 over output rows. Peers (``tf.function`` batch_jacobian with pfor on and off, JAX
@@ -183,6 +185,25 @@ class Method:
     name: str
     kind: str  # "distjac" or "baseline"
     run: Callable
+    # Its first call compiles (a torch.compile'd strategy): the pilot runs it once untimed,
+    # so the compile is not extrapolated to the full batch as if it were work.
+    compiles: bool = False
+
+
+# Blocks of the compiled strategy: forward mode compiles one graph per block size
+# (NOTE [compiled blocks] in distjac/compiled.py), so a fixed block keeps it to one
+# compile per workload; reverse mode's graph takes any block size.
+COMPILED_BENCH_BLOCK = 512
+
+
+def m_distjac_compiled(f, x):
+    """distjac's compiled strategy, in the mode the sizes suggest (rev when outputs <= inputs)."""
+    from distjac.kernels import Strategy, run_strategy
+
+    with torch.no_grad():
+        m = math.prod(f(x[:1]).shape[1:])
+    mode = "rev" if m <= math.prod(x.shape[1:]) else "fwd"
+    return run_strategy(f, x, Strategy(mode, compiled=True, block=None if mode == "rev" else COMPILED_BENCH_BLOCK))
 
 
 METHODS = [
@@ -190,6 +211,7 @@ METHODS = [
     Method("distjac rev", "distjac", m_distjac("rev")),
     Method("distjac fwd", "distjac", m_distjac("fwd")),
     Method("distjac rev loop", "distjac", m_distjac("rev", use_pfor=False)),
+    Method("distjac compiled", "distjac", m_distjac_compiled, compiles=True),
     Method("vmap(jacrev)", "baseline", m_vmap_jacrev),
     Method("vmap(jacfwd)", "baseline", m_vmap_jacfwd),
     Method("jacrev(batch sum)", "baseline", m_jacrev_batch_sum),
@@ -264,6 +286,13 @@ def _pilot(method: Method, f, x, device, max_call_s: float) -> str | None:
     if rows >= b:
         return None
     xs = x[:rows]
+    if method.compiles:
+        try:
+            method.run(f, xs)  # the compile (and its check), not timed as work
+        except Exception as err:
+            if _is_oom(err):
+                return f"out of memory already on a pilot of {rows} rows"
+            raise
     gc.collect()
     rss0 = _status_bytes("VmRSS")
     can_peak = _reset_peak_rss() and rss0 is not None
@@ -391,6 +420,16 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
         if r["times_s"]:
             r["median_s"] = statistics.median(r["times_s"])
             r["examples_per_s"] = b / r["median_s"]
+    # Auto's first call (measuring, and compiling if it chose to, included) as a row of its
+    # own, with its cost as a share of a steady-state call.
+    auto = rec["methods"].get("distjac auto")
+    if auto and auto.get("first_call_s") and auto["status"] in ("ok", "mismatch"):
+        first = auto["first_call_s"]
+        rec["methods"]["distjac auto (first call)"] = {
+            "kind": "distjac", "status": auto["status"], "reason": auto["reason"], "times_s": [first],
+            "median_s": first, "examples_per_s": b / first,
+            "first_call_share": first / auto["median_s"] if auto.get("median_s") else None,
+        }
     baselines = {k: r for k, r in rec["methods"].items()
                  if r["kind"] == "baseline" and r["status"] == "ok" and "examples_per_s" in r}
     best = max(baselines, key=lambda k: baselines[k]["examples_per_s"], default=None)
@@ -544,8 +583,11 @@ def markdown(result: dict[str, Any]) -> str:
         wl = result["workloads"][k]
         auto = index.get((k, "distjac auto"), {})
         first = auto.get("first_call_s")
+        share = index.get((k, "distjac auto (first call)"), {}).get("first_call_share")
         lines.append(f"- {k} ({wl['description']}): auto chose `{wl.get('auto_strategy', 'n/a')}`"
-                     + (f" (first call, measuring included: {first:.2f} s)" if first is not None else ""))
+                     + (f" (first call, measuring included: {first:.2f} s" if first is not None else "")
+                     + (f", {share:.1f}x a steady-state call)" if share is not None else ")" if first is not None
+                        else ""))
     for r in result["records"]:
         if r["workload"] is None:
             text = f"{r['status']}: {r['reason']}"
@@ -634,6 +676,10 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     # default lets cuDNN convolutions use TF32, whose ~1e-3 relative error fails the check
     # of modes that take another convolution path (measured on an H200: W4 fwd vs rev).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # Auto's first call is reported as measured from scratch: its on-disk tuning cache
+    # (NOTE [the tuning cache]) stays off for the suite.
+    saved_tuning = os.environ.get("DISTJAC_TUNING_CACHE")
+    os.environ["DISTJAC_TUNING_CACHE"] = "0"
     peer_python = peer_python or sys.executable
     config = {"size": size, "repeats": repeats, "threads": threads, "device": str(dev), "rtol": rtol,
               "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "workloads": list(workloads),
@@ -664,6 +710,10 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
                 result["peers"] = {k: v for k, v in out.items() if k != "workloads"}
                 result["records"] += _peer_records(out, peer_python)
     finally:
+        if saved_tuning is None:
+            os.environ.pop("DISTJAC_TUNING_CACHE", None)
+        else:
+            os.environ["DISTJAC_TUNING_CACHE"] = saved_tuning
         torch.set_num_threads(saved[0])
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[1:]
     _add_ratios(result)

@@ -1,0 +1,155 @@
+"""mode="auto" on models and shapes it was never tuned on, and its measuring (NOTE
+[measuring] in kernels.py) with a scripted clock: interleaved rounds, medians, the cost
+model's prior, the measuring budget. No test here depends on how fast anything runs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import assert_close, randn, reference_batch_jacobian
+from torch import nn
+
+import distjac
+from distjac import kernels
+from distjac.kernels import Strategy, choose_strategy, clear_caches
+
+
+def _seeded(build, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+# Beyond the benchmark's workloads: other activations and normalizations, pooling,
+# several conv layers, a residual block (not a Sequential), a function with a closure.
+UNSEEN = {
+    "bn_eval_selu": (lambda: nn.Sequential(nn.Linear(5, 9), nn.BatchNorm1d(9), nn.SELU(), nn.Linear(9, 4)), (5,)),
+    "groupnorm_conv_pool": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Hardswish(),
+                                                  nn.MaxPool2d(2), nn.Conv2d(4, 3, 2), nn.AvgPool2d(2),
+                                                  nn.Flatten(), nn.Linear(3, 5)), (2, 6, 6)),
+    "three_convs_1d": (lambda: nn.Sequential(nn.Conv1d(1, 3, 3), nn.Mish(), nn.Conv1d(3, 3, 3, dilation=2),
+                                             nn.LogSigmoid(), nn.Conv1d(3, 2, 1), nn.AdaptiveAvgPool1d(2),
+                                             nn.Flatten()), (1, 12)),
+    "rmsnorm_like_softmax": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=-1), nn.Linear(6, 6),
+                                                   nn.LayerNorm(6)), (4,)),
+}
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+UNSEEN["residual"] = (_Residual, (6,))
+
+
+CASES = [(name, b) for name in sorted(UNSEEN) for b in (3, 40)] + [("bn_eval_selu", 20000), ("residual", 20000),
+                                                                   ("groupnorm_conv_pool", 3000)]
+
+
+@pytest.mark.parametrize("name, b", CASES)
+def test_auto_equals_rev_on_unseen_models_and_batches(name, b):
+    build, shape = UNSEEN[name]
+    fn = _seeded(build).double()
+    x = randn(b, *shape, seed=b, dtype=torch.float64)
+    jac = distjac.batch_jacobian(fn, x, mode="auto")
+    rev = distjac.batch_jacobian(fn, x, mode="rev")
+    assert_close(jac, rev, msg=name)
+    assert_close(jac[:3], reference_batch_jacobian(fn, x[:3]), msg=name)
+
+
+@pytest.mark.parametrize("name", ["bn_eval_selu", "residual"])
+def test_measured_choice_is_right_on_other_batch_sizes(monkeypatch, name):
+    """A choice measured at one batch size is not reused across power-of-two buckets, and
+    each is right (equal to rev) at its own size."""
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    clear_caches()
+    build, shape = UNSEEN[name]
+    fn = _seeded(build)
+    recs = []
+    for b in (5, 70, 700):
+        x = randn(b, *shape, seed=b)
+        assert_close(distjac.batch_jacobian(fn, x, mode="auto"), distjac.batch_jacobian(fn, x, mode="rev"))
+        recs.append(choose_strategy(fn, x, mode="auto").record)
+    assert [r.how for r in recs] == ["cached"] * 3  # each measured by its own first call
+    assert len({r.key for r in recs}) == 3
+
+
+# --------------------------------------------------------------------------------------
+# The race, with a scripted clock
+# --------------------------------------------------------------------------------------
+
+
+def _scripted(monkeypatch, times: dict):
+    """Replace the clock of one run: ``times[str(strategy)]`` yields its seconds per example."""
+    its = {k: iter(v) if not isinstance(v, float) else itertools.repeat(v) for k, v in times.items()}
+    calls: list[str] = []
+
+    def fake(fn, xs, s, out_shape, call):
+        calls.append(str(s))
+        return next(its[str(s)])
+
+    monkeypatch.setattr(kernels, "_time_once", fake)
+    return calls
+
+
+def _race(m=4, n=4):
+    log, notes = [], []
+    return kernels._Race(None, (m,), "t", m, n, log, notes), log, notes
+
+
+def test_one_noisy_sample_cannot_pick_a_much_slower_candidate(monkeypatch):
+    fast, slow = Strategy("rev", vectorize=False), Strategy("fwd", vectorize=False)
+    # slow's first sample is a fluke 100x faster than it really is
+    _scripted(monkeypatch, {str(fast): 1.0, str(slow): iter([0.01, 10.0, 10.0, 10.0, 10.0])})
+    race, log, _ = _race()
+    times = race.run([fast, slow], torch.zeros(4, 4))
+    assert min(times, key=times.get) == fast
+
+
+def test_rounds_are_interleaved_and_stop_when_the_leader_separates(monkeypatch):
+    a, b, c = Strategy("rev", vectorize=False), Strategy("fwd", vectorize=False), Strategy("fwd", vectorize=True)
+    calls = _scripted(monkeypatch, {str(a): 1.0, str(b): 1.2, str(c): 1.1})
+    race, _, _ = _race()
+    race.run([a, b, c], torch.zeros(4, 4))
+    # two rounds (the minimum), each starting one candidate later
+    assert calls == [str(a), str(b), str(c), str(b), str(c), str(a)]
+
+
+def test_the_prior_keeps_measuring_when_sizes_say_the_leader_is_far_slower(monkeypatch):
+    """Reverse mode with 64 outputs against forward mode with 4 inputs: the cost model puts
+    rev 16x slower; a rev that leads anyway must keep leading over every round."""
+    rev, fwd = Strategy("rev", vectorize=False), Strategy("fwd", vectorize=False)
+    calls = _scripted(monkeypatch, {str(rev): 0.9, str(fwd): 1.0})
+    race, _, _ = _race(m=64, n=4)
+    times = race.run([rev, fwd], torch.zeros(4, 4))
+    assert calls.count(str(rev)) == kernels.AUTO_MAX_ROUNDS
+    assert min(times, key=times.get) == rev  # measured consistently: the measurement wins
+
+
+def test_hopeless_candidates_are_dropped(monkeypatch):
+    a, b = Strategy("rev", vectorize=False), Strategy("fwd", vectorize=False)
+    calls = _scripted(monkeypatch, {str(a): iter([1.0, 1.3, 0.8, 1.2, 1.0]), str(b): 5.0})
+    race, _, _ = _race()
+    race.run([a, b], torch.zeros(4, 4))
+    assert calls.count(str(b)) == 2  # the minimum of rounds, then dropped
+
+
+def test_first_call_measuring_is_bounded_by_the_work_it_serves(monkeypatch):
+    """A batch whose whole work is tiny next to what stage two would cost stops after the
+    pilot, and the record says so; the answer is still right."""
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e-6)
+    clear_caches()
+    fn = _seeded(UNSEEN["residual"][0])
+    x = randn(600, 6, seed=1)
+    s = choose_strategy(fn, x, mode="auto", compiled=False)
+    assert any(n.startswith("measuring stopped after stage one") for n in s.record.notes), s.record
+    assert not any("on 600 rows" in t for t, _ in s.record.times)
+    assert_close(distjac.batch_jacobian(fn, x, mode="auto"), distjac.batch_jacobian(fn, x, mode="rev"))

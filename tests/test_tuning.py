@@ -1,0 +1,186 @@
+"""The on-disk tuning cache (distjac/tuning.py, NOTE [the tuning cache]), shipping a chosen
+Strategy to another process, and ``distjac tune CONFIG``. Assertions are on records and
+files, never on times."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close, make_mlp, randn, reference_batch_jacobian
+
+import distjac
+from distjac import kernels, models, tuning
+from distjac.kernels import Strategy, choose_strategy, clear_caches
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """The tuning cache on, in a folder of this test; auto measures even tiny problems."""
+    monkeypatch.setenv("DISTJAC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DISTJAC_TUNING_CACHE", "1")
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    clear_caches()
+    yield tmp_path / "tuning.json"
+    clear_caches()
+
+
+def _fn():
+    return models.mlp([6, 10, 6], seed=1), randn(48, 6, seed=2)
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------
+
+
+def test_fingerprint_follows_code_and_shapes_not_values():
+    a, b = models.mlp([4, 8, 3], seed=0), models.mlp([4, 8, 3], seed=1)
+    assert tuning.fingerprint(a) == tuning.fingerprint(b)  # other weights, same work
+    assert tuning.fingerprint(a) != tuning.fingerprint(models.mlp([4, 9, 3]))
+    assert tuning.fingerprint(a) != tuning.fingerprint(a.double())
+    a.train()
+    assert tuning.fingerprint(a) != tuning.fingerprint(b)
+    f1 = lambda z: torch.tanh(z) * 2  # noqa: E731
+    f2 = lambda z: torch.tanh(z) * 3  # noqa: E731
+    f1_again = lambda z: torch.tanh(z) * 2  # noqa: E731
+    assert tuning.fingerprint(f1) != tuning.fingerprint(f2)
+    assert tuning.fingerprint(f1) == tuning.fingerprint(f1_again)
+    w_small, w_big = torch.ones(3, 2), torch.ones(5, 2)
+    assert tuning.fingerprint(lambda z: z @ w_small.T) != tuning.fingerprint(lambda z: z @ w_big.T)
+    m1, m2 = models.mlp([4, 8, 3]), models.mlp([4, 5, 3])
+    assert tuning.fingerprint(lambda z: m1(z)) != tuning.fingerprint(lambda z: m2(z))
+    assert tuning.fingerprint(torch.tanh) is None  # a builtin: nothing stable to hash
+
+
+# --------------------------------------------------------------------------------------
+# The file
+# --------------------------------------------------------------------------------------
+
+
+def test_store_lookup_clear_and_atomic_writes(cache):
+    assert tuning.lookup("k") is None
+    assert tuning.store("k", {"strategy": Strategy("fwd", block=8).to_dict()})
+    assert tuning.lookup("k")["strategy"] == Strategy("fwd", block=8).to_dict()
+    assert [p.name for p in cache.parent.iterdir()] == ["tuning.json"]  # no temporary left behind
+    doc = json.loads(cache.read_text())
+    assert doc["format"] == tuning.FORMAT and "k" in doc["entries"]
+    assert tuning.clear() and not cache.exists() and not tuning.clear()
+
+
+def test_corrupt_file_is_ignored_with_a_warning_and_rewritten(cache):
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("{ not json")
+    fn, x = _fn()
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning cache .*not valid JSON"):
+        s = choose_strategy(fn, x, mode="auto")
+    assert s.record.how == "measured"
+    assert json.loads(cache.read_text())["entries"]  # rewritten with the new entry
+    # an entry that is not a strategy is skipped, not trusted
+    doc = json.loads(cache.read_text())
+    for entry in doc["entries"].values():
+        entry["strategy"] = {"mode": "sideways"}
+    cache.write_text(json.dumps(doc))
+    clear_caches()
+    assert choose_strategy(fn, x, mode="auto").record.how == "measured"
+
+
+def test_disabled_reads_and_writes_nothing(cache, monkeypatch):
+    monkeypatch.setenv("DISTJAC_TUNING_CACHE", "0")
+    fn, x = _fn()
+    assert choose_strategy(fn, x, mode="auto").record.how == "measured"
+    assert not cache.exists()
+
+
+# --------------------------------------------------------------------------------------
+# choose_strategy consults it; a choice travels to another process
+# --------------------------------------------------------------------------------------
+
+
+def test_choice_comes_back_from_the_tuning_cache(cache):
+    fn, x = _fn()
+    first = choose_strategy(fn, x, mode="auto")
+    assert first.record.how == "measured" and cache.exists()
+    clear_caches()  # a new process, as far as memory goes
+    again = choose_strategy(fn, x, mode="auto")
+    assert again.record.how == "tuning cache", again.record
+    assert any(n.startswith("from the tuning cache") for n in again.record.notes)
+    assert again == first and again.record.times
+    assert_close(distjac.batch_jacobian(fn, x, mode="auto"), reference_batch_jacobian(fn, x))
+    # another batch-size bucket, max_memory or dtype is another key: measured afresh
+    assert choose_strategy(fn, randn(3000, 6, seed=1), mode="auto").record.how == "measured"
+    assert choose_strategy(fn, x, mode="auto", max_memory=1 << 30).record.how == "measured"
+    assert choose_strategy(fn.double(), x.double(), mode="auto").record.how == "measured"
+
+
+def test_a_chosen_strategy_pickles_and_is_reused_as_given():
+    fn, x = make_mlp((5, 7, 3), seed=2, dtype=torch.float64), randn(9, 5, seed=1, dtype=torch.float64)
+    for s in (Strategy("fwd", block=4), Strategy("rev", vectorize=False), Strategy("chain", block=2),
+              choose_strategy(fn, x, mode="auto")):
+        shipped = pickle.loads(pickle.dumps(s))
+        assert shipped == s and str(shipped) == str(s)
+        assert (shipped.record is None) == (s.record is None)
+        assert_close(distjac.batch_jacobian(fn, x, strategy=shipped), reference_batch_jacobian(fn, x))
+    with pytest.raises(TypeError, match="strategy must be a distjac.kernels.Strategy"):
+        distjac.batch_jacobian(fn, x, strategy="rev")
+
+
+def test_another_process_reads_the_choice(cache):
+    """What a Ray worker on the same node does: the same model built from its import path
+    and a batch of the same shape find the choice on disk, without measuring."""
+    fn, x = _fn()
+    first = choose_strategy(fn, x, mode="auto")
+    code = textwrap.dedent(f"""
+        import torch
+        from distjac import kernels, models
+        torch.set_num_threads({torch.get_num_threads()})  # part of the key: the same machine setup
+        kernels.AUTO_MEASURE_MIN_ELEMENTS = 1
+        fn = models.mlp([6, 10, 6], seed=7)  # other weights, same shapes
+        x = torch.randn(48, 6)
+        s = kernels.choose_strategy(fn, x, mode="auto")
+        print(s.record.how, "|", s)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.strip()
+    assert out == f"tuning cache | {first}", out
+
+
+# --------------------------------------------------------------------------------------
+# distjac tune CONFIG
+# --------------------------------------------------------------------------------------
+
+
+def test_tune_subcommand_prints_the_record_and_fills_the_cache(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        model: {{factory: "distjac.models:mlp", kwargs: {{sizes: [16, 24, 16], seed: 0}}}}
+        data: {{kind: synthetic, rows: 20000, shape: [16], seed: 0}}
+        jacobian: {{mode: auto}}
+        engine: {{device: cpu, shard_size: 512}}
+        output: {{path: {tmp_path / 'out'}}}
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTJAC_CACHE_DIR": str(tmp_path / "cache"),
+           "DISTJAC_TUNING_CACHE": "1"}
+    cmd = [sys.executable, "-m", "distjac.cli", "tune", str(cfg)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "(measured)" in first.stdout.splitlines()[0], first.stdout
+    assert f"tuning cache: {tmp_path / 'cache' / 'tuning.json'}" in first.stdout
+    entries = json.loads((tmp_path / "cache" / "tuning.json").read_text())["entries"]
+    assert len(entries) == 1
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "(tuning cache)" in second.stdout.splitlines()[0], second.stdout
+    assert first.stdout.splitlines()[0].split()[0] == second.stdout.splitlines()[0].split()[0]
+    bad = subprocess.run([sys.executable, "-m", "distjac.cli", "tune", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr
