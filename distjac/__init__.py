@@ -22,6 +22,7 @@ from .errors import (
     TapeError,
     VectorizationError,
 )
+from .estimate import Estimate, estimate, sketch
 from .io.sink import read_result
 from .kernels import batch_jacobian
 from .options import UnconnectedGradients
@@ -38,6 +39,7 @@ __all__ = [
     "DistjacError",
     "DtypeError",
     "Engine",
+    "Estimate",
     "GradientTape",
     "JobInputError",
     "JobSpec",
@@ -57,6 +59,8 @@ __all__ = [
     "VectorizationError",
     "__version__",
     "batch_jacobian",
+    "estimate",
     "make_plan",
     "read_result",
+    "sketch",
 ]
