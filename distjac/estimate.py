@@ -44,6 +44,7 @@ __all__ = [
     "estimate",
     "estimate_block",
     "estimate_columns",
+    "estimate_products",
     "probe_vectors",
     "sketch",
     "sketch_matrix",
@@ -196,9 +197,13 @@ class _Products:
             y, y_dot = jvp(self.fn, (self.x,), (t,))
             return y_dot
 
-        if self.y is None:  # check the output once, outside vmap
-            self.y = _check_output(self.fn(self.x), self.x, self.call)
-        return self._apply(push, tangents)
+        # The probe (kernels._probe) has checked fn's output rank and dtype on a few rows;
+        # the batch size is checked here, on the products themselves (no extra forward pass).
+        out = self._apply(push, tangents)
+        if out.dim() < 2 or out.shape[1] != self.x.shape[0]:
+            raise ShapeError(f"{self.call}: fn returned a batch of {out.shape[1] if out.dim() > 1 else '?'} rows for "
+                             f"{self.x.shape[0]} input rows; row i of fn's output must depend only on row i of x.")
+        return out
 
     def reverse(self, cotangents: torch.Tensor) -> torch.Tensor:
         return self._apply(lambda u: self.pullback(u), cotangents)
@@ -679,6 +684,22 @@ def check_estimates(mapping: Any, out_shape: Sequence[int] | None = None, in_sha
 def estimate_columns(mapping: Mapping[str, Any]) -> list[str]:
     """The output columns of an estimate mapping, in order: ``name`` and ``name_stderr`` each."""
     return [c for name in mapping for c in (name, f"{name}_stderr")]
+
+
+def estimate_products(mapping: Mapping[str, Any], out_shape: Sequence[int], in_shape: Sequence[int]) -> dict[str, int]:
+    """Jacobian-vector products (JVPs + VJPs, counting a VJP's shared forward pass as one)
+    each estimate of a mapping costs per example, at most (spectral with ``tol`` may stop
+    earlier); the exact Jacobian costs min(M, N) products. For ``distjac plan``."""
+    checked = check_estimates(mapping, out_shape, in_shape)
+    n, m = math.prod(in_shape), math.prod(out_shape)
+    out = {}
+    for name, o in checked.items():
+        if name == "spectral":
+            out[name] = 2 * o["iters"] + 1
+        else:
+            fwd = o["mode"] == "fwd" or (o["mode"] == "auto" and (name == "trace" or n <= m))
+            out[name] = o["probes"] + (0 if fwd else 1)
+    return out
 
 
 def estimate_block(fn: Callable, x: torch.Tensor, mapping: Mapping[str, Any], *, row_offset: int = 0,

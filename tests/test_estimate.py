@@ -15,6 +15,7 @@ from distjac.estimate import (
     check_estimates,
     estimate_block,
     estimate_columns,
+    estimate_products,
     probe_vectors,
     sketch_matrix,
 )
@@ -447,6 +448,14 @@ def test_check_estimates_errors(mapping, shapes, match):
     with pytest.raises(distjac.ConfigError, match=match) as info:
         check_estimates(mapping, *(shapes or (None, None)))
     assert isinstance(info.value, ValueError)
+
+
+def test_estimate_products_match_what_estimate_spends(wide, tall):
+    mapping = {"frobenius": {"probes": 4}, "spectral": {"iters": 5}}
+    for fn, x in (wide, tall):
+        want = {k: distjac.estimate(fn, x[:3], k, **o).products for k, o in mapping.items()}
+        assert estimate_products(mapping, (fn(x[:1]).shape[1],), (x.shape[1],)) == want
+    assert estimate_products({"trace": {"probes": 6}}, (4,), (4,)) == {"trace": 6}
 
 
 def test_estimate_block_equals_estimate(wide):
