@@ -1,6 +1,10 @@
 """Matrix-free per-example estimates of a Jacobian: norms, trace and sketches from JVPs
 and VJPs only, never building J (docs/estimates.md).
 
+``distjac.estimate`` is the function (``distjac/__init__.py`` imports it over this module's
+name): import the module's other names with ``from distjac.estimate import estimate_block``
+(``import distjac.estimate as m`` binds the function too).
+
 Each example's Jacobian is read as an M x N matrix, M = prod(out), N = prod(in), both
 flattened in C order, as :mod:`distjac.reduce` reads it, so an estimate estimates exactly
 the reduction of the same name.
