@@ -471,3 +471,30 @@ def test_estimate_block_equals_estimate(wide):
 def test_public_names():
     assert distjac.Estimate is distjac.estimate(torch.tanh, torch.ones(1, 1), "frobenius").__class__
     assert callable(distjac.sketch) and math.isfinite(distjac.estimate(torch.tanh, torch.ones(1, 1), "trace").value)
+
+
+# --------------------------------------------------------------------------------------
+# The large reference model
+# --------------------------------------------------------------------------------------
+
+
+def test_resnet_small():
+    big = models.resnet_small()
+    assert not big.training  # eval: batch norm uses running statistics, examples stay independent
+    with torch.no_grad():
+        assert big(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+    small = models.resnet_small(num_classes=10, width=4, seed=1)
+    again = models.resnet_small(num_classes=10, width=4, seed=1)
+    other = models.resnet_small(num_classes=10, width=4, seed=2)
+    sd, sd2, sd3 = small.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert not all(torch.equal(sd[k], sd3[k]) for k in sd if sd[k].is_floating_point())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # eval mode: an example's output does not depend on the batch around it
+        torch.testing.assert_close(small(x[1:2]), small(x)[1:2])
+    jac = distjac.batch_jacobian(small, x, mode="rev")
+    est = distjac.estimate(small, x, "frobenius", probes=16)
+    want = reduce_block(jac, ["frobenius"], 3)["frobenius"]
+    assert ((est.value - want).abs() <= 5 * est.stderr).all()
+    with pytest.raises(ValueError, match="every size must be >= 1"):
+        models.resnet_small(width=0)
