@@ -45,14 +45,24 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 def stack_column(values: Any, column: str = "x") -> np.ndarray:
     """A batch's tensor column as one array (n, *shape): an ndarray as it is, or a numpy
     object array of per-row arrays or lists (what Parquet list columns become) stacked."""
-    arr = values.to_numpy() if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray) else values
-    arr = np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
-    if arr.dtype != object:
-        return arr
-    if len(arr) == 0:
+    if not isinstance(values, np.ndarray):
+        values = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
+    if values.dtype != object:
+        return values
+    if len(values) == 0:
         raise ShapeError(f"{_CALL}: column {column!r} is an empty object column; its row shape is unknown.")
-    rows = [stack_column(np.asarray(v) if not isinstance(v, np.ndarray) or v.dtype == object else v, column)
-            if (not isinstance(v, np.ndarray) or v.dtype == object) else v for v in arr]
+    rows = []
+    for i, v in enumerate(values):
+        if v is None:
+            raise ShapeError(f"{_CALL}: row {i} of the batch's column {column!r} is null; every row needs a tensor "
+                             f"(filter the nulls out before map_batches).")
+        if not isinstance(v, np.ndarray):
+            try:
+                v = np.asarray(v)
+            except ValueError as err:  # ragged nested lists
+                raise ShapeError(f"{_CALL}: row {i} of column {column!r} is not a rectangular tensor "
+                                 f"({err}).") from None
+        rows.append(stack_column(v, column) if v.dtype == object and v.ndim > 0 else v)
     shapes = {r.shape for r in rows}
     if len(shapes) != 1:
         raise ShapeError(f"{_CALL}: the rows of column {column!r} have different shapes "

@@ -49,6 +49,20 @@ def test_object_columns_flat_rows_and_dtypes():
     assert out64["jacobian"].dtype == np.float64
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
     assert stack_column(col).shape == (5, 16)
+    nested = np.empty(2, dtype=object)  # a list<list<float>> column: arrays of arrays
+    for i in range(2):
+        inner = np.empty(3, dtype=object)
+        for j in range(3):
+            inner[j] = np.full(4, i * 3 + j, dtype=np.float32)
+        nested[i] = inner
+    assert stack_column(nested).shape == (2, 3, 4) and stack_column(nested)[1, 2, 0] == 5
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros(3), np.zeros(4)
+    with pytest.raises(distjac.ShapeError, match="different shapes"):
+        stack_column(ragged)
+    ragged[1] = None
+    with pytest.raises(distjac.ShapeError, match="row 1 of the batch's column 'x' is null"):
+        stack_column(ragged)
 
 
 def test_reduce_and_estimate_columns():
