@@ -37,6 +37,7 @@ __all__ = [
     "DistjacError",
     "DtypeError",
     "Engine",
+    "Estimate",
     "GradientTape",
     "JobInputError",
     "JobSpec",
@@ -56,24 +57,30 @@ __all__ = [
     "VectorizationError",
     "__version__",
     "batch_jacobian",
+    "estimate",
     "make_plan",
     "read_result",
+    "sketch",
 ]
 
 # public name -> the module that defines it (imported on first use)
 _LAZY = {
     "Engine": ".engine",
+    "Estimate": ".estimates",
     "GradientTape": ".tape",
     "JobSpec": ".config",
     "ShardPlan": ".plan",
     "UnconnectedGradients": ".options",
     "batch_jacobian": ".kernels",
+    "estimate": ".estimates",
+    "sketch": ".estimates",
     "make_plan": ".plan",
     "read_result": ".io.sink",
 }
 # submodules that ``distjac.<name>`` reaches without an import statement, as before
 _SUBMODULES = ("arrow", "config", "engine", "io", "jobs", "kernels", "models", "options", "plan", "progress",
-               "ray_data", "reduce", "tape", "worker", "chain", "bench")
+               "ray_data", "reduce", "tape", "worker", "chain", "bench", "estimates", "shard",
+               "compiled", "structure", "tuning")
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@
     distjac repair PATH [--json]                   rebuild a lost or damaged manifest from the parts
     distjac tune CONFIG [--set ...] [--device D]   choose the job's kernel strategy, cache it, print why
     distjac bench [SUITE ...] [--size tiny|full] [--out DIR] ...
-                                                   kernels, scaling, memory: JSON, Markdown, plots
+                                                   kernels, scaling, memory, estimates: JSON, Markdown, plots
     distjac --version
 
 Exit status: 0 on success; 2 for a usage or config error (the job never started: bad
@@ -134,7 +134,7 @@ def _parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     _add_set(tune)
     tune.add_argument("--device", default=None, help="where to tune (default: the config's engine.device)")
 
-    bench = sub.add_parser("bench", parents=[common], help="benchmark suites: kernels, scaling, memory",
+    bench = sub.add_parser("bench", parents=[common], help="benchmark suites: kernels, scaling, memory, estimates",
                            description="Run benchmark suites side by side and write <out>/<suite>.json, "
                            ".md and .png (plots need matplotlib: pip install 'distjac[plot]'). "
                            "See docs/benchmarks.md.")
@@ -144,16 +144,16 @@ def _parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    from .bench import SIZES, SUITES, kernels, memory, scaling
+    from .bench import SIZES, SUITES, estimates, kernels, memory, scaling
 
     p.add_argument("suites", nargs="*", metavar="SUITE", help=f"any of {', '.join(SUITES)} (default: all)")
     p.add_argument("--size", choices=SIZES, default="full", help="tiny: a smoke run in seconds; full: the "
                    "sizes of docs/benchmarks.md (default)")
     p.add_argument("--out", default="bench_out", help="output folder (default: bench_out)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (kernels, scaling, memory)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (every suite)")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    for module in (kernels, scaling, memory):
+    for module in (kernels, scaling, memory, estimates):
         module.add_arguments(p)
 
 
@@ -364,14 +364,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import SUITES, kernels, memory, scaling
+    from .bench import SUITES, estimates, kernels, memory, scaling
 
     suites = list(dict.fromkeys(args.suites)) or list(SUITES)
     if bad := [s for s in suites if s not in SUITES]:
         raise _UsageError(f"distjac bench: unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)}")
     if args.repeats is not None and args.repeats < 1:
         raise _UsageError("distjac bench: --repeats must be >= 1")
-    modules = {"kernels": kernels, "scaling": scaling, "memory": memory}
+    modules = {"kernels": kernels, "scaling": scaling, "memory": memory, "estimates": estimates}
     for name in suites:  # every suite's arguments first: a bad one runs and writes nothing
         try:
             modules[name].check_args(args)

@@ -204,3 +204,18 @@ def test_memory_tiny(tmp_path):
             assert r["worker_peak_rss_bytes"] <= 1.02 * r["driver_peak_rss_bytes"]
     table = (tmp_path / "memory.md").read_text()
     assert "| engine | 3,000 |" in table and "driver peak" in table
+
+
+def test_estimates_tiny(tmp_path, keep_threads):
+    from distjac.bench import estimates
+
+    doc = estimates.run(tmp_path, size="tiny", estimate_rows=2, repeats=1)
+    assert doc["suite"] == "estimates" and doc["files"]["plots"] == [] and doc["versions"]["torch"]
+    assert json.loads((tmp_path / "estimates.json").read_text())["records"] == json.loads(json.dumps(doc["records"]))
+    est, exact = doc["records"]
+    assert est["method"].startswith("estimate frobenius (8 probes)") and est["products_per_row"] == 9
+    assert 0 < est["rel_stderr_median"] <= est["rel_stderr_max"] < 1
+    assert exact["rows"] == 1 and exact["rows_per_s"] > 0
+    assert doc["speedup"] == pytest.approx(est["rows_per_s"] / exact["rows_per_s"])
+    assert doc["check"]["max_z"] < 5  # the estimate agrees with the exact norm within its error bar
+    assert "| estimate frobenius (8 probes) | 2 |" in (tmp_path / "estimates.md").read_text()

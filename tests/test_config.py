@@ -27,7 +27,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------------ loading
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def _shipped_configs():
+    # configs/large_frobenius.yaml uses jacobian.estimate (issue 13), which config.py does not
+    # parse yet: strict, so the marker must go once it does.
+    pending = {"large_frobenius.yaml": "jacobian.estimate is not wired into config.py yet (issue 13)"}
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, raises=ConfigError,
+                                                    reason=pending[os.path.basename(p)]))
+            if os.path.basename(p) in pending else p
+            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))]
+
+
+@pytest.mark.parametrize("path", _shipped_configs())
 def test_shipped_configs_are_valid(path):
     spec = JobSpec.from_yaml(path)
     assert spec.output.path.startswith("results/")

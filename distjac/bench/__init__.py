@@ -1,6 +1,6 @@
 """distjac's experiment harness: ``distjac bench SUITE...`` (docs/benchmarks.md).
 
-Three suites, each measured side by side in one run, after a warm-up, repeated, with the
+Four suites, each measured side by side in one run, after a warm-up, repeated, with the
 median reported, and checked for correctness before anything is timed:
 
 ``kernels``
@@ -14,6 +14,10 @@ median reported, and checked for correctness before anything is timed:
     efficiency against linear scaling, and each shard's time by stage.
 ``memory``
     Peak resident memory of the driver and of the workers as a job's rows grow.
+``estimates``
+    On the large reference model (``distjac.models.resnet_small``, 3x224x224 -> 1,000):
+    rows/s of the matrix-free Frobenius estimate (8 probes) against the exact Jacobian's
+    measured cost on a small slice, with the estimate's relative standard error.
 
 Each suite writes ``<out>/<suite>.json`` (machine, versions, config, and one record per
 measurement), ``<out>/<suite>.md`` (the tables) and PNG plots when matplotlib is installed
@@ -22,7 +26,7 @@ measurement), ``<out>/<suite>.md`` (the tables) and PNG plots when matplotlib is
 
 from __future__ import annotations
 
-SUITES = ("kernels", "scaling", "memory")
+SUITES = ("kernels", "scaling", "memory", "estimates")
 SIZES = ("tiny", "full")
 
 __all__ = ["SIZES", "SUITES"]
