@@ -193,6 +193,10 @@ class JacobianSpec:
         dtype: the stored values' dtype: float32 (default), float16 or float64.
         compute_dtype: the dtype the model and its inputs are evaluated in; null uses
             the model's parameter dtype (the source's dtype for a model without any).
+        estimate: null, or matrix-free per-example estimates instead of the Jacobian,
+            e.g. ``{frobenius: {probes: 8}, spectral: {iters: 20}}`` (docs/estimates.md):
+            the parts hold the columns ``frobenius``, ``frobenius_stderr``, ... and the
+            Jacobian is never built. Not with ``reduce``.
     """
 
     mode: str = "auto"
@@ -200,6 +204,7 @@ class JacobianSpec:
     reduce: tuple[str, ...] | None = None
     dtype: str = "float32"
     compute_dtype: str | None = None
+    estimate: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -456,6 +461,8 @@ class JobSpec:
                 "reduce": list(self.jacobian.reduce) if self.jacobian.reduce else None,
                 "dtype": self.jacobian.dtype,
                 "compute_dtype": self.jacobian.compute_dtype,
+                # only when set: outputs written before the key existed keep their hash
+                **({"estimate": self.estimates} if self.jacobian.estimate is not None else {}),
             },
             "output": {"format": self.output.format,
                        **({"keep_columns": list(self.output.keep_columns)} if self.output.keep_columns else {})},
@@ -479,6 +486,15 @@ class JobSpec:
     def reductions(self) -> tuple[str, ...]:
         """The reductions asked for (empty when the whole Jacobian is kept)."""
         return tuple(self.jacobian.reduce or ())
+
+    @property
+    def estimates(self) -> dict[str, dict[str, Any]]:
+        """The estimates asked for, every option filled in (empty when none)."""
+        if self.jacobian.estimate is None:
+            return {}
+        from .estimates import check_estimates
+
+        return check_estimates(self.jacobian.estimate, call="config: jacobian.estimate")
 
 
 # -------------------------------------------------------------------------------------
@@ -815,6 +831,16 @@ def _validate_jacobian(j: JacobianSpec) -> None:
     _check_int("jacobian.chunk_size", j.chunk_size, minimum=1, allow_none=True)
     _check_choice("jacobian.dtype", j.dtype, STORAGE_DTYPES)
     _check_choice("jacobian.compute_dtype", j.compute_dtype, COMPUTE_DTYPES, allow_none=True)
+    if j.estimate is not None:
+        from .estimates import check_estimates
+
+        check_estimates(j.estimate, call="config: jacobian.estimate")
+        if j.reduce is not None:
+            raise ConfigError(
+                "config: jacobian.reduce and jacobian.estimate are both set; a job keeps either exact "
+                "reductions (computed from the whole Jacobian) or matrix-free estimates (which never build "
+                "it). Keep one of them (for large Jacobians, estimate)."
+            )
     if j.reduce is None:
         return
     if not isinstance(j.reduce, tuple) or not j.reduce:

@@ -134,6 +134,7 @@ class PreparedJob:
         recipe: the model as shipped to where the shards run (built there; its dtype
             None: the model's own, which is ``compute_dtype``).
         options: the kernel's options for every shard.
+        path: which path the shards take, exact or matrix-free, and why (:func:`job_path`).
     """
 
     spec: JobSpec
@@ -146,17 +147,27 @@ class PreparedJob:
     out_dir: str
     recipe: ModelRecipe
     options: KernelOptions
+    path: dict
 
     @property
     def columns(self) -> list[str]:
-        return [arrow_mod.ROW_COLUMN, *(self.spec.reductions or [arrow_mod.JACOBIAN_COLUMN]),
-                *(self.spec.output.keep_columns or ())]
+        return [arrow_mod.ROW_COLUMN, *self.value_columns, *(self.spec.output.keep_columns or ())]
+
+    @property
+    def value_columns(self) -> list[str]:
+        """The columns of values: the Jacobian, one per reduction, or two per estimate."""
+        if self.spec.estimates:
+            from .estimates import estimate_columns
+
+            return estimate_columns(self.spec.estimates)
+        return list(self.spec.reductions) or [arrow_mod.JACOBIAN_COLUMN]
 
     @property
     def stored_row_bytes(self) -> int:
         """Bytes one example takes in the output (its row id included)."""
         item = torch.empty((), dtype=getattr(torch, self.spec.jacobian.dtype)).element_size()
-        values = len(self.spec.reductions) if self.spec.reductions else math.prod(self.out_shape + self.in_shape)
+        values = math.prod(self.out_shape + self.in_shape) if self.value_columns == [arrow_mod.JACOBIAN_COLUMN] \
+            else len(self.value_columns)
         return 8 + values * item
 
     def info(self) -> dict[str, Any]:
@@ -174,6 +185,8 @@ class PreparedJob:
             "dtype": self.spec.jacobian.dtype,
             "compute_dtype": self.compute_dtype,
             "reduce": list(self.spec.reductions) or None,
+            **({"estimate": self.spec.estimates, "estimate_columns": self.value_columns}
+               if self.spec.estimates else {}),
             "columns": self.columns,
             "shard_size": self.plan.shard_size,
             "source": self.source.describe(),
@@ -187,7 +200,8 @@ class PreparedJob:
         return PartTarget(out_dir=self.out_dir, format=self.spec.output.format, spec_hash=self.spec_hash,
                           dtype=self.spec.jacobian.dtype, reductions=tuple(self.spec.reductions),
                           in_ndim=len(self.in_shape), rows=self.plan.rows,
-                          keep_columns=tuple(self.spec.output.keep_columns or ()))
+                          keep_columns=tuple(self.spec.output.keep_columns or ()),
+                          estimate=self.spec.estimates or None)
 
     def task(self, index: int, start: int, stop: int, *, rows: Any = None) -> ShardTask:
         """Shard ``index`` as a runner's task: rows [start, stop) read from the job's
@@ -206,6 +220,8 @@ class PreparedJob:
             "compute_dtype": self.compute_dtype,
             "mode": self.spec.jacobian.mode,
             "reduce": list(self.spec.reductions) or None,
+            "estimate": self.spec.estimates or None,
+            "path": {k: v for k, v in self.path.items() if k != "plan_out_shape"},
             "output": self.out_dir,
             "format": self.spec.output.format,
             "columns": self.columns,
@@ -221,7 +237,9 @@ class PreparedJob:
             ("spec hash", s["spec_hash"]),
             ("model", f"{s['model']} ({self.compute_dtype}, mode {s['mode']})"),
             ("data", s["source"]),
-            ("keeps", ", ".join(s["reduce"]) if s["reduce"] else f"jacobian {self.out_shape + self.in_shape} per row"),
+            ("keeps", ", ".join(self.value_columns) if self.value_columns != ["jacobian"]
+             else f"jacobian {self.out_shape + self.in_shape} per row"),
+            ("path", f"{self.path['path']}: {self.path['why']}"),
             ("output", f"{s['output']} ({s['format']}, {self.spec.jacobian.dtype})"),
             ("stored", f"{b(s['stored_bytes_total'])} total, {b(s['stored_bytes_per_shard'])} per shard"),
             ("driver", "holds no shard data: workers read their rows and write their parts"),
@@ -304,6 +322,48 @@ def finished_info(spec: JobSpec) -> dict | None:
     return {"out_shape": info["output_shape"], "compute_dtype": info["compute_dtype"]}
 
 
+def job_path(spec: JobSpec, out_shape: tuple[int, ...], in_shape: tuple[int, ...], itemsize: int,
+             budget: int | None = None) -> dict[str, Any]:
+    """Which path a job's shards take, and why: ``exact`` (the per-example Jacobian is
+    built, then kept or reduced) or ``matrix-free`` (``jacobian.estimate``: JVPs and VJPs
+    only). ``plan_out_shape`` is what the shard plan sizes shards by: the Jacobian's
+    output shape, or for estimates the probes (each a vector the size of an input).
+
+    Raises:
+        ConfigError: the exact path, and one example's Jacobian does not fit the memory
+            budget (``budget``, default: half of this machine's available memory, the
+            kernels' default on a CPU worker); the message points to the estimates.
+    """
+    m, n = math.prod(out_shape), math.prod(in_shape)
+    jac_bytes = m * n * itemsize
+    if spec.estimates:
+        from .estimates import check_estimates, estimate_products
+
+        check_estimates(spec.estimates, out_shape, in_shape, call="config: jacobian.estimate")
+        products = estimate_products(spec.estimates, out_shape, in_shape)
+        probes = max(1, sum(products.values()))
+        return {"path": "matrix-free", "products_per_example": products, "exact_products": min(m, n),
+                "jacobian_bytes_per_example": jac_bytes, "plan_out_shape": (probes,),
+                "why": f"jacobian.estimate: {sum(products.values())} JVP/VJP products per example instead of "
+                       f"the {min(m, n):,} of the exact {m:,} x {n:,} Jacobian ({format_bytes(jac_bytes)}), "
+                       f"which is never built"}
+    if budget is None:
+        from .kernels import _host_available_bytes
+
+        budget = _host_available_bytes() // 2
+    if jac_bytes > budget:
+        kept = f"reduce: [{', '.join(spec.reductions)}]" if spec.reductions else "the whole Jacobian"
+        raise ConfigError(
+            f"config: one example's Jacobian is {m:,} x {n:,} ({format_bytes(jac_bytes)}), more than the "
+            f"memory budget of {format_bytes(budget)}, so {kept} cannot be computed exactly. Estimate "
+            f"the per-example numbers without building it: jacobian.estimate: {{frobenius: {{probes: 8}}}} "
+            f"(also spectral, trace; docs/estimates.md), or a sketch with distjac.sketch."
+        )
+    return {"path": "exact", "jacobian_bytes_per_example": jac_bytes, "plan_out_shape": tuple(out_shape),
+            "why": f"the {m:,} x {n:,} Jacobian of each example ({format_bytes(jac_bytes)}) is built"
+                   + (f" and reduced ({', '.join(spec.reductions)})" if spec.reductions else "")}
+
+
 def local_probe(spec: JobSpec) -> Probe:
     """The probe of a job whose model runs in this process: built on the job's device
     when its shards run here (engine.num_workers: 0), else on the CPU (``distjac plan
@@ -349,15 +409,16 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
     out_shape, compute_dtype = tuple(probed["out_shape"]), probed["compute_dtype"]
     if spec.reductions:
         check_reductions(spec.reductions, out_shape, source.shape)
+    itemsize = torch.empty((), dtype=getattr(torch, compute_dtype)).element_size()
+    path = job_path(spec, out_shape, tuple(source.shape), itemsize)
     workers = num_workers if num_workers is not None else spec.engine.num_workers
     if workers is None:
         # The Engine's default: one worker per CPU of the local Ray instance it starts (a
         # cluster's size is known only once joined; its Engine passes num_workers).
         workers = (os.cpu_count() or 1) if spec.engine.address is None else 1
-    itemsize = torch.empty((), dtype=getattr(torch, compute_dtype)).element_size()
     try:
         plan = make_plan(
-            source.num_rows, source.shape, out_shape, in_itemsize=itemsize, out_itemsize=itemsize,
+            source.num_rows, source.shape, path["plan_out_shape"], in_itemsize=itemsize, out_itemsize=itemsize,
             shard_size=shard_size if shard_size is not None else spec.engine.shard_size,
             parallel_iterations=parallel_iterations or spec.engine.max_in_flight,
             num_workers=max(1, workers), shard_bytes=shard_bytes, gather=False,
@@ -370,7 +431,7 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
     return PreparedJob(
         spec=spec, source=source, in_shape=tuple(source.shape), out_shape=out_shape, compute_dtype=compute_dtype,
         plan=plan, spec_hash=spec.spec_hash(), out_dir=resolve_output_path(spec.output.path),
-        recipe=recipe, options=options,
+        recipe=recipe, options=options, path=path,
     )
 
 

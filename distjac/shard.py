@@ -122,6 +122,9 @@ class PartTarget:
         rows: the job's rows (for the part's metadata); -1: unknown.
         keep_columns: source columns carried into the part beside ``row``
             (``output.keep_columns``), read by the runner with the shard's rows.
+        estimate: ``jacobian.estimate`` checked (``{name: options}``): the part holds
+            each estimate and its standard error instead of the Jacobian, which is never
+            built (distjac.estimates); None: the Jacobian or its reductions.
     """
 
     out_dir: str
@@ -132,6 +135,7 @@ class PartTarget:
     in_ndim: int = 1
     rows: int = -1
     keep_columns: tuple[str, ...] = ()
+    estimate: dict | None = None
 
     def metadata(self) -> dict[str, str]:
         """What a part's schema records of its job besides its shard: the spec hash, and
@@ -574,10 +578,13 @@ class ShardRunner:
             stage = "compute"
             with self._locks["compute"]:
                 t0 = time.perf_counter()
-                jac = self._kernel(fn, x, task.options)
+                if target is not None and target.estimate:
+                    values = self._estimated(fn, x, task)
+                else:
+                    jac = self._kernel(fn, x, task.options)
+                    values = self._stored(jac, target)
+                    del jac
                 del x
-                values = self._stored(jac, target)
-                del jac
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times["compute_s"] = time.perf_counter() - t0
@@ -630,6 +637,20 @@ class ShardRunner:
         from .io.sources import read_columns
 
         return read_columns(task.source, task.target.keep_columns, task.start, task.stop)
+
+    @staticmethod
+    def _estimated(fn: Callable, x: torch.Tensor, task: ShardTask) -> dict[str, Any]:
+        """A job's matrix-free estimates of the shard (JVPs and VJPs only), seeded by the
+        rows' global ids so that a recomputed shard writes the same bits; each estimate
+        and its standard error as two columns, in the storage dtype."""
+        from .estimates import estimate_block
+
+        want = getattr(torch, task.target.dtype)
+        out: dict[str, torch.Tensor] = {}
+        for name, (value, stderr) in estimate_block(fn, x, task.target.estimate, row_offset=task.start).items():
+            out[name] = value.detach().to(want)
+            out[f"{name}_stderr"] = stderr.detach().to(want)
+        return {"reductions": out}
 
     @staticmethod
     def _stored(jac: torch.Tensor, target: PartTarget | None) -> dict[str, Any]:

@@ -28,13 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _shipped_configs():
-    # configs/large_frobenius.yaml uses jacobian.estimate (issue 13), which config.py does not
-    # parse yet: strict, so the marker must go once it does.
-    pending = {"large_frobenius.yaml": "jacobian.estimate is not wired into config.py yet (issue 13)"}
-    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, raises=ConfigError,
-                                                    reason=pending[os.path.basename(p)]))
-            if os.path.basename(p) in pending else p
-            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))]
+    return sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 
 @pytest.mark.parametrize("path", _shipped_configs())
@@ -103,7 +97,7 @@ def test_unknown_section(tmp_path):
 
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key jacobian\.'mod' in section 'jacobian'; valid keys are: "
-                       r"mode, chunk_size, reduce, dtype, compute_dtype\. Did you mean jacobian\.mode\?"):
+                       r"mode, chunk_size, reduce, dtype, compute_dtype, estimate\. Did you mean jacobian\.mode\?"):
         JobSpec.from_dict(tiny_dict(tmp_path, jacobian={"mod": "fwd"}))
 
 

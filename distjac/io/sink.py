@@ -914,8 +914,14 @@ def _resume(manifest: Manifest, info: dict[str, Any], events: dict[str, Any], re
 
 
 def _value_columns(manifest: Manifest) -> list[str]:
-    reduce = manifest.info.get("reduce")
-    return list(reduce) if reduce else [arrow_mod.JACOBIAN_COLUMN]
+    """The columns of values: one per reduction or estimate column, else the Jacobian."""
+    cols = manifest.info.get("reduce") or manifest.info.get("estimate_columns")
+    return list(cols) if cols else [arrow_mod.JACOBIAN_COLUMN]
+
+
+def _by_column(manifest: Manifest) -> bool:
+    """Whether a result reads as a dict of columns (reductions, estimates), not one array."""
+    return _value_columns(manifest) != [arrow_mod.JACOBIAN_COLUMN]
 
 
 def _part_values(manifest: Manifest, shard: int, columns: Sequence[str], verify: bool = True) -> dict[str, np.ndarray]:
@@ -1050,7 +1056,7 @@ def _read_result(path: str | os.PathLike, rows: Any, verify: bool) -> np.ndarray
         s0 = manifest.shards[needed[0]][0]
         values = _part_values(manifest, needed[0], columns, verify)
         views = {c: v[sel[0] - s0 : sel[1] - s0] for c, v in values.items()}
-        return views if manifest.info.get("reduce") else views[columns[0]]
+        return views if _by_column(manifest) else views[columns[0]]
     out = {c: np.empty((count, *shapes[c][0]), dtype=shapes[c][1]) for c in columns}
     if isinstance(sel, tuple):
         for s in needed:
@@ -1065,7 +1071,7 @@ def _read_result(path: str | os.PathLike, rows: Any, verify: bool) -> np.ndarray
             values = _part_values(manifest, s, columns, verify)
             for c in columns:
                 out[c][where] = values[c][sel[where] - manifest.shards[s][0]]
-    return out if manifest.info.get("reduce") else out[columns[0]]
+    return out if _by_column(manifest) else out[columns[0]]
 
 
 def output_is_complete(out_dir: str | os.PathLike, spec_hash: str) -> bool:
@@ -1095,7 +1101,7 @@ def _result_path(path: str | os.PathLike) -> str:
 
 def _column_shapes(manifest: Manifest, columns: Sequence[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     dtype = np.dtype(manifest.info.get("dtype", "float32"))
-    if manifest.info.get("reduce"):
+    if _by_column(manifest):
         return {c: ((), dtype) for c in columns}
     shape = tuple(manifest.info.get("output_shape", ())) + tuple(manifest.info.get("input_shape", ()))
     return {columns[0]: (shape, dtype)}
@@ -1111,7 +1117,7 @@ def iter_result(
     for shard in sorted(manifest.parts):
         values = _part_values(manifest, shard, [arrow_mod.ROW_COLUMN, *columns], verify)
         row_ids = values.pop(arrow_mod.ROW_COLUMN)
-        yield row_ids, (values if manifest.info.get("reduce") else values[columns[0]])
+        yield row_ids, (values if _by_column(manifest) else values[columns[0]])
 
 
 def inspect_output(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
