@@ -641,6 +641,7 @@ class Engine:
         self.startup_timeout = float(startup_timeout)
         self.num_cpus_per_worker = num_cpus_per_worker
         self.last_stats: EngineStats | None = None
+        self.last_decision: dict | None = None  # the kernel strategy of the last job (NOTE [one choice per job])
         self._retries = self._duplicates = 0  # of the call in progress
         self.replacements = 0  # workers replaced since the engine started
 
@@ -804,6 +805,23 @@ class Engine:
             shard=0, start=start, stop=stop, node=None,
         ) from last
 
+    def _choose_for_job(self, shipment: _Shipment, job, tasks: list) -> list:
+        """NOTE [one choice per job]: with ``jacobian.mode: auto``, worker 0 chooses the
+        kernel's strategy once, on the first shard's rows and weighed against the job's
+        rows; every task then carries it, so no other worker measures. The choice and
+        its record are ``self.last_decision``; the report's ``strategies`` counts the shards that ran it."""
+        self.last_decision = None
+        if not tasks or job.options.mode != "auto" or job.spec.estimates:
+            return tasks
+        first = tasks[0]
+        strategy, where = self._on_first_worker(
+            lambda actor: actor.choose.remote(shipment.key, shipment.box, first, job.plan.rows),
+            "Engine.run(spec)", "choosing the kernel's strategy", first.start, first.stop)
+        self.last_decision = {"strategy": str(strategy), "how": getattr(strategy.record, "how", None),
+                              "chosen_on": {"pid": where["pid"], "node": where["node"]},
+                              "record": str(strategy.record) if strategy.record is not None else None}
+        return [replace(t, options=replace(t.options, strategy=strategy)) for t in tasks]
+
     def _probe_job(self, shipment: _Shipment, source, rows: int) -> dict:
         """A job's model built and probed on a worker: its output shape and compute dtype."""
         return self._on_first_worker(
@@ -929,6 +947,7 @@ class Engine:
                 # batch_jacobian); the driver keeps the tensor alive until the job ends.
                 wire = to_wire(job_.source.read(0, job_.source.num_rows).to(getattr(torch, job_.compute_dtype)))
                 tasks = [job_.task(t.shard, t.start, t.stop, rows=wire[t.start:t.stop]) for t in tasks]
+            tasks = self._choose_for_job(shipment[0], job_, tasks)
             for _task, result, done in _map_shards(self, shipment[0], tasks, in_flight=in_flight,
                                                    call=call, shard_timeout_s=timeout):
                 # Submission to receipt, less the runner's own time: queueing and transfer.

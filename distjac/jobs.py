@@ -525,6 +525,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
     t_run = time.perf_counter()
     computed: dict[int, PartInfo] = {}
     timings: dict[int, dict[str, Any]] = {}
+    strategies: dict[str, int] = events.setdefault("strategies", {})  # shipped strategy -> shards run
     # The shards an executor may run at once: the plan's (an engine), or the pipeline's.
     events["in_flight"] = job.plan.in_flight if executor is not None else _local_depth(job)
     if events["read_only"]:
@@ -541,6 +542,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
             if result.retries:
                 bar.set_retries(result.retries)
             computed[part.shard] = part
+            if result.strategy is not None:
+                strategies[result.strategy] = strategies.get(result.strategy, 0) + 1
             timings[part.shard] = {**result.timing.to_dict(), "node": result.node, "pid": result.pid,
                                    **({"wait_s": result.wait_s} if result.wait_s is not None else {})}
     except BaseException as e:
@@ -666,6 +669,7 @@ def _report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
         "rows_per_s": rows / run_s if run_s > 0 and rows else None,
         "bytes_written": sum(p.bytes for p in computed.values()),
         "workers": workers,
+        "strategies": dict(events.get("strategies") or {}),
         "timing": _timing_summary(computed, timings),
         "driver_peak_rss_bytes": peak_rss_bytes(),  # this process only, not the Ray daemons it started
     }

@@ -99,6 +99,9 @@ class KernelOptions:
         use_pfor: vectorize (True) or loop over rows (False).
         max_memory: the kernel's memory budget in bytes; None: the runner's default.
         call: the API call the shard belongs to, for error messages.
+        strategy: a ``distjac.kernels.Strategy`` chosen once for the whole job (by one
+            worker, :meth:`ShardRunner.choose`) and shipped with every task, so that no
+            other runner measures again; None: the kernel chooses (and caches) itself.
     """
 
     mode: str = "auto"
@@ -106,6 +109,7 @@ class KernelOptions:
     use_pfor: bool = True
     max_memory: int | None = None
     call: str = "batch_jacobian(fn, x)"
+    strategy: Any = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,8 @@ class ShardResult:
         wait_s: set by the engine's driver: the seconds from submission to receipt less
             the runner's own (queueing in Ray and transfer); None in process.
         retries: set by the engine's driver: shards resubmitted so far in the run.
+        strategy: the shipped kernel strategy the shard ran (``KernelOptions.strategy``),
+            or None where the kernel chose for itself.
     """
 
     shard: int
@@ -259,6 +265,7 @@ class ShardResult:
     part: Any = None
     wait_s: float | None = None
     retries: int = 0
+    strategy: str | None = None
 
 
 class ShardRunError(Exception):
@@ -521,10 +528,28 @@ class ShardRunner:
         return ShardRunError(err, task.shard, task.start, task.stop, self.node, self.pid, tb, stage)
 
     def _kernel(self, fn: Callable, x: torch.Tensor, o: KernelOptions, unconnected: str = "zero"):
+        budget = o.max_memory if o.max_memory is not None else self.max_memory
+        if o.strategy is not None:  # chosen once for the job: nothing is measured here
+            return kernels.batch_jacobian(fn, x, strategy=o.strategy, unconnected_gradients=unconnected,
+                                          max_memory=budget)
         return kernels.batch_jacobian(
             fn, x, mode=o.mode, parallel_iterations=o.chunk_size, experimental_use_pfor=o.use_pfor,
-            unconnected_gradients=unconnected, max_memory=o.max_memory if o.max_memory is not None else self.max_memory,
+            unconnected_gradients=unconnected, max_memory=budget,
         )
+
+    def choose(self, fn: Callable, task: ShardTask, work_rows: int | None = None):
+        """The kernel's strategy for ``fn`` on the task's rows (a whole shard), weighed
+        against ``work_rows`` (a job's rows): ``kernels.choose_strategy``, under the
+        compute lock so that nothing else runs while it measures. The result pickles;
+        the engine ships it to every worker in the tasks' options."""
+        o = task.options
+        with self._locks["read"]:
+            x = task.read(self.device)
+        with self._locks["compute"]:
+            return kernels.choose_strategy(
+                fn, x, mode=o.mode, parallel_iterations=o.chunk_size, experimental_use_pfor=o.use_pfor,
+                max_memory=o.max_memory if o.max_memory is not None else self.max_memory,
+                work_rows=work_rows, call=o.call)
 
     def probe(self, fn: Callable, task: ShardTask) -> dict[str, Any]:
         """Run fn on the task's rows: its output shape and whether it depends on x.
@@ -626,8 +651,9 @@ class ShardRunner:
                              ended=time.time(), peak_rss_bytes=peak_rss_bytes())
         if part is not None:
             part = replace(part, seconds=timing.busy_s)
+        strategy = str(task.options.strategy) if task.options.strategy is not None else None
         return ShardResult(task.shard, task.start, task.stop, self.node, self.pid, str(self.device), timing,
-                           batch=batch, part=part)
+                           batch=batch, part=part, strategy=strategy)
 
     @staticmethod
     def _kept_columns(task: ShardTask) -> dict | None:

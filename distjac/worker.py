@@ -301,6 +301,13 @@ class JacobianWorker:
         out = probe_model(model, source, rows, self.device, factory=recipe.spec.factory, dtype=recipe.dtype)
         return {**out, **self.info()}
 
+    def choose(self, key: str, box: list, task: ShardTask, work_rows: int | None = None):
+        """A job's kernel strategy, measured here once on the task's rows for the whole job
+        (:meth:`distjac.shard.ShardRunner.choose`); with where it was chosen."""
+        torch.set_num_threads(self.threads)
+        fn = self._function(key, box)
+        return self.runner.choose(fn, task, work_rows), self.info()
+
     def run(self, key: str, box: list, task: ShardTask) -> ShardResult:
         """Run one shard (:meth:`distjac.shard.ShardRunner.run`): its record batch, or for
         a job's task its written part.

@@ -56,7 +56,7 @@ EXIT_GRACE_S = 30
 def job_dict(out, **sections) -> dict:
     """mlp 8 -> 16 -> 4 over 2000 synthetic rows, shards of 300 (7 shards, the last 200)."""
     base = tiny_dict(out, model={"kwargs": {"sizes": [8, 16, 4]}}, data={"rows": 2000, "shape": [8]},
-                     engine={"shard_size": 300, "num_workers": 2, "parallel_iterations": 4})
+                     engine={"shard_size": 300, "num_workers": 2, "max_in_flight": 4})
     for name, values in sections.items():
         base[name] = {**base[name], **values}
     return base
@@ -131,7 +131,7 @@ def nan_job(tmp_path, nan_row: int) -> tuple[dict, str]:
     np.save(path, x)
     d = job_dict(tmp_path / "out", model={"factory": "job_helpers:nan_guard", "kwargs": {}},
                  data={"kind": "npy", "path": str(path), "rows": None, "shape": None},
-                 engine={"shard_size": 100, "parallel_iterations": 2})
+                 engine={"shard_size": 100, "max_in_flight": 2})
     return d, str(path)
 
 
@@ -308,6 +308,20 @@ def test_the_driver_never_builds_the_model_each_worker_builds_it_once(engine, tm
     assert os.getpid() not in pids
     assert len(pids) == len(set(pids)) and set(pids) <= {w["pid"] for w in engine.workers()}
     np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-6, atol=1e-7)
+
+
+def test_auto_is_chosen_once_per_job_and_shipped_to_every_worker(engine, tmp_path):
+    """Issue 11: with mode auto, worker 0 chooses the strategy once for the job; every shard,
+    on either worker, runs that very strategy (none measures for itself)."""
+    spec = job_spec(tmp_path / "out", jacobian={"mode": "auto"})
+    report = engine.run(spec)
+    decision = engine.last_decision
+    assert decision is not None and decision["how"] in ("sizes", "measured", "structure", "cached", "tuning cache")
+    assert decision["chosen_on"]["pid"] in {w["pid"] for w in engine.workers()}
+    assert report["strategies"] == {decision["strategy"]: 7}
+    writers = {p["worker"] for p in json.load(open(os.path.join(spec.output.path, MANIFEST_NAME)))["parts"].values()}
+    assert len(writers) == 2  # both workers ran shards, with the one shipped choice
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-5, atol=1e-6)
 
 
 def test_reduction_job_equals_in_process_reductions(engine, tmp_path):

@@ -262,7 +262,7 @@ def test_driver_killed_mid_job_resumes_with_the_same_result(tmp_path):
 
 
 def test_prepare_job_engine_settings_win_over_the_spec(tmp_path):
-    spec = tiny_spec(tmp_path / "out", engine={"shard_size": 16, "parallel_iterations": 3})
+    spec = tiny_spec(tmp_path / "out", engine={"shard_size": 16, "max_in_flight": 3})
     plan = prepare_job(spec).plan
     assert (plan.shard_size, len(plan), plan.parallel_iterations) == (16, 4, 3)
     plan = prepare_job(spec, shard_size=None, parallel_iterations=None).plan
@@ -274,9 +274,9 @@ def test_prepare_job_engine_settings_win_over_the_spec(tmp_path):
 def test_in_process_shards_in_flight_are_the_pipelines_at_most(tmp_path):
     from distjac.shard import PIPELINE_DEPTH
 
-    report = run_job(tiny_spec(tmp_path / "a", engine={"parallel_iterations": 8}))
+    report = run_job(tiny_spec(tmp_path / "a", engine={"max_in_flight": 8}))
     assert (report["shards"], report["shard_size"], report["in_flight"]) == (4, 16, PIPELINE_DEPTH)
-    report = run_job(tiny_spec(tmp_path / "b", engine={"parallel_iterations": 1}))
+    report = run_job(tiny_spec(tmp_path / "b", engine={"max_in_flight": 1}))
     assert report["in_flight"] == 1
 
 
@@ -285,7 +285,7 @@ def test_cli_engine_takes_the_specs_settings(tmp_path):
     with is the spec's own, so the CLI runs what the spec says."""
     from distjac.cli import _engine_kwargs
 
-    spec = tiny_spec(tmp_path / "out", engine={"shard_size": 7, "parallel_iterations": 3},
+    spec = tiny_spec(tmp_path / "out", engine={"shard_size": 7, "max_in_flight": 3},
                      jacobian={"chunk_size": 2})
     kw = _engine_kwargs(spec)
     assert (kw["shard_size"], kw["parallel_iterations"], kw["chunk_size"]) == (7, 3, 2)
