@@ -197,6 +197,10 @@ class JacobianSpec:
             e.g. ``{frobenius: {probes: 8}, spectral: {iters: 20}}`` (docs/estimates.md):
             the parts hold the columns ``frobenius``, ``frobenius_stderr``, ... and the
             Jacobian is never built. Not with ``reduce``.
+        structure: null (the dense Jacobian), or "diagonal": an elementwise model's
+            Jacobian is diagonal, and the parts keep the diagonal alone, (*in) per
+            example, 1/n of the bytes; refused unless distjac proves the model
+            elementwise (distjac.batch_jacobian(..., structure="diagonal")).
     """
 
     mode: str = "auto"
@@ -205,6 +209,7 @@ class JacobianSpec:
     dtype: str = "float32"
     compute_dtype: str | None = None
     estimate: dict | None = None
+    structure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -463,6 +468,7 @@ class JobSpec:
                 "compute_dtype": self.jacobian.compute_dtype,
                 # only when set: outputs written before the key existed keep their hash
                 **({"estimate": self.estimates} if self.jacobian.estimate is not None else {}),
+                **({"structure": self.jacobian.structure} if self.jacobian.structure is not None else {}),
             },
             "output": {"format": self.output.format,
                        **({"keep_columns": list(self.output.keep_columns)} if self.output.keep_columns else {})},
@@ -831,6 +837,12 @@ def _validate_jacobian(j: JacobianSpec) -> None:
     _check_int("jacobian.chunk_size", j.chunk_size, minimum=1, allow_none=True)
     _check_choice("jacobian.dtype", j.dtype, STORAGE_DTYPES)
     _check_choice("jacobian.compute_dtype", j.compute_dtype, COMPUTE_DTYPES, allow_none=True)
+    _check_choice("jacobian.structure", j.structure, ("diagonal",), allow_none=True)
+    if j.structure is not None and (j.reduce is not None or j.estimate is not None):
+        raise ConfigError(
+            "config: jacobian.structure: diagonal keeps the Jacobian's diagonal itself; it cannot be combined "
+            "with jacobian.reduce or jacobian.estimate. Keep one of them."
+        )
     if j.estimate is not None:
         from .estimates import check_estimates
 

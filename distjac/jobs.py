@@ -154,6 +154,11 @@ class PreparedJob:
         return [arrow_mod.ROW_COLUMN, *self.value_columns, *(self.spec.output.keep_columns or ())]
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The per-example shape of a kept Jacobian: (*out, *in), or (*in) for its diagonal."""
+        return self.in_shape if self.spec.jacobian.structure == "diagonal" else self.out_shape + self.in_shape
+
+    @property
     def value_columns(self) -> list[str]:
         """The columns of values: the Jacobian, one per reduction, or two per estimate."""
         if self.spec.estimates:
@@ -166,7 +171,7 @@ class PreparedJob:
     def stored_row_bytes(self) -> int:
         """Bytes one example takes in the output (its row id included)."""
         item = torch.empty((), dtype=getattr(torch, self.spec.jacobian.dtype)).element_size()
-        values = math.prod(self.out_shape + self.in_shape) if self.value_columns == [arrow_mod.JACOBIAN_COLUMN] \
+        values = math.prod(self.stored_shape) if self.value_columns == [arrow_mod.JACOBIAN_COLUMN] \
             else len(self.value_columns)
         return 8 + values * item
 
@@ -187,6 +192,7 @@ class PreparedJob:
             "reduce": list(self.spec.reductions) or None,
             **({"estimate": self.spec.estimates, "estimate_columns": self.value_columns}
                if self.spec.estimates else {}),
+            **({"structure": self.spec.jacobian.structure} if self.spec.jacobian.structure else {}),
             "columns": self.columns,
             "shard_size": self.plan.shard_size,
             "source": self.source.describe(),
@@ -238,7 +244,8 @@ class PreparedJob:
             ("model", f"{s['model']} ({self.compute_dtype}, mode {s['mode']})"),
             ("data", s["source"]),
             ("keeps", ", ".join(self.value_columns) if self.value_columns != ["jacobian"]
-             else f"jacobian {self.out_shape + self.in_shape} per row"),
+             else f"jacobian {self.stored_shape} per row"
+             + (" (its diagonal: jacobian.structure)" if self.spec.jacobian.structure else "")),
             ("path", f"{self.path['path']}: {self.path['why']}"),
             ("output", f"{s['output']} ({s['format']}, {self.spec.jacobian.dtype})"),
             ("stored", f"{b(s['stored_bytes_total'])} total, {b(s['stored_bytes_per_shard'])} per shard"),
@@ -347,6 +354,17 @@ def job_path(spec: JobSpec, out_shape: tuple[int, ...], in_shape: tuple[int, ...
                 "why": f"jacobian.estimate: {sum(products.values())} JVP/VJP products per example instead of "
                        f"the {min(m, n):,} of the exact {m:,} x {n:,} Jacobian ({format_bytes(jac_bytes)}), "
                        f"which is never built"}
+    if spec.jacobian.structure == "diagonal":
+        if tuple(out_shape) != tuple(in_shape):
+            raise ConfigError(
+                f"config: jacobian.structure: diagonal needs the model's per-example output shape to equal its "
+                f"input's, but it maps {tuple(in_shape)} to {tuple(out_shape)}: its Jacobian is not square. "
+                f"Leave jacobian.structure null (the dense Jacobian)."
+            )
+        return {"path": "exact", "jacobian_bytes_per_example": n * itemsize, "plan_out_shape": (1,),
+                "why": f"jacobian.structure: diagonal: {n:,} values per example (one forward-mode pass), "
+                       f"not the {m:,} x {n:,} dense Jacobian; refused at the first shard unless the model "
+                       f"is provably elementwise"}
     if budget is None:
         from .kernels import _host_available_bytes
 
@@ -425,7 +443,7 @@ def prepare_job(spec: JobSpec, *, num_workers: int | None = None, device_here: b
         )
     except DistjacError as e:
         raise ConfigError(f"config: cannot plan the job: {e}") from e
-    options = KernelOptions(mode=spec.jacobian.mode,
+    options = KernelOptions(mode=spec.jacobian.mode, structure=spec.jacobian.structure,
                             chunk_size=chunk_size if chunk_size is not None else spec.jacobian.chunk_size,
                             call="Engine.run(spec)" if probe is not None else "run_job(spec)")
     return PreparedJob(

@@ -102,6 +102,8 @@ class KernelOptions:
         strategy: a ``distjac.kernels.Strategy`` chosen once for the whole job (by one
             worker, :meth:`ShardRunner.choose`) and shipped with every task, so that no
             other runner measures again; None: the kernel chooses (and caches) itself.
+        structure: None (the dense Jacobian) or "diagonal" (an elementwise fn's
+            diagonal, (B, *in); ``batch_jacobian(..., structure=)``).
     """
 
     mode: str = "auto"
@@ -110,6 +112,7 @@ class KernelOptions:
     max_memory: int | None = None
     call: str = "batch_jacobian(fn, x)"
     strategy: Any = None
+    structure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -529,6 +532,9 @@ class ShardRunner:
 
     def _kernel(self, fn: Callable, x: torch.Tensor, o: KernelOptions, unconnected: str = "zero"):
         budget = o.max_memory if o.max_memory is not None else self.max_memory
+        if o.structure is not None:
+            return kernels.batch_jacobian(fn, x, mode=o.mode, structure=o.structure,
+                                          unconnected_gradients=unconnected, max_memory=budget)
         if o.strategy is not None:  # chosen once for the job: nothing is measured here
             return kernels.batch_jacobian(fn, x, strategy=o.strategy, unconnected_gradients=unconnected,
                                           max_memory=budget)

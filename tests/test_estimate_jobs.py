@@ -87,3 +87,29 @@ def test_trace_of_a_non_square_jacobian_is_refused_at_prepare(tmp_path):
     with pytest.raises(ConfigError, match="trace"):
         prepare_job(spec)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------ jacobian.structure: diagonal
+
+
+def test_a_diagonal_job_keeps_the_diagonal_alone(tmp_path):
+    spec = tiny_spec(tmp_path / "out", model={"factory": "distjac.models:cube", "kwargs": {}},
+                     jacobian={"structure": "diagonal"})
+    run_job(spec)
+    got = distjac.read_result(spec.output.path)
+    x = open_source(spec.data).read(0, 50)
+    assert got.shape == (50, 3)
+    dense = distjac.batch_jacobian(lambda t: t * t * t, x, mode="rev")
+    np.testing.assert_allclose(got, torch.diagonal(dense, dim1=1, dim2=2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got, (3 * x * x).numpy(), rtol=1e-6)
+
+
+def test_a_diagonal_job_of_a_model_that_is_not_elementwise_fails_clearly(tmp_path):
+    spec = tiny_spec(tmp_path / "out", model={"kwargs": {"sizes": [3, 5, 3]}}, jacobian={"structure": "diagonal"})
+    with pytest.raises(distjac.ShardError, match="elementwise"):
+        run_job(spec)
+    spec = tiny_spec(tmp_path / "b", jacobian={"structure": "diagonal"})  # mlp 3 -> 2: not square
+    with pytest.raises(ConfigError, match="not square"):
+        prepare_job(spec)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        tiny_spec(tmp_path / "c", jacobian={"structure": "diagonal", "reduce": ["trace"]})

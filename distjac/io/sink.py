@@ -1104,6 +1104,8 @@ def _column_shapes(manifest: Manifest, columns: Sequence[str]) -> dict[str, tupl
     if _by_column(manifest):
         return {c: ((), dtype) for c in columns}
     shape = tuple(manifest.info.get("output_shape", ())) + tuple(manifest.info.get("input_shape", ()))
+    if manifest.info.get("structure") == "diagonal":  # the diagonal alone: (*in) per example
+        shape = tuple(manifest.info.get("input_shape", ()))
     return {columns[0]: (shape, dtype)}
 
 
