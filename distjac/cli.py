@@ -288,13 +288,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     state = _output_state(out_dir, spec_hash)
     not_built = (f"not built (plan --probe imports and calls it and runs the model on {JOB_PROBE_ROWS} rows, "
                  f"for the output shape, the shard plan and the bytes)")
+    if spec.estimates:
+        path = (f"matrix-free: jacobian.estimate ({', '.join(spec.estimates)}), JVP/VJP products only, the "
+                f"Jacobian is never built")
+    else:
+        path = "exact: each example's Jacobian is built" + (
+            f" and reduced ({', '.join(spec.reductions)})" if spec.reductions else "") + " (--probe sizes it)"
     if args.json:
         print(json.dumps({"spec_hash": spec_hash, "model": spec.model.factory, "probed": False,
                           "source": source.describe(), "output": out_dir, "format": spec.output.format,
-                          "output_state": state}, indent=1))
+                          "path": path.split(":")[0], "output_state": state}, indent=1))
         return EXIT_OK
     lines = [("spec hash", spec_hash), ("model", f"{spec.model.factory}: {not_built}"),
-             ("data", source.describe()), ("output", f"{out_dir} ({spec.output.format}, {spec.jacobian.dtype})"),
+             ("data", source.describe()), ("path", path),
+             ("output", f"{out_dir} ({spec.output.format}, {spec.jacobian.dtype})"),
              ("output now", state)]
     print("Job (checked; the model was not built: distjac plan --probe)")
     print("\n".join(f"  {k:<15}  {v}" for k, v in lines))

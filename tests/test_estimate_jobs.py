@@ -113,3 +113,17 @@ def test_a_diagonal_job_of_a_model_that_is_not_elementwise_fails_clearly(tmp_pat
         prepare_job(spec)
     with pytest.raises(ConfigError, match="cannot be combined"):
         tiny_spec(tmp_path / "c", jacobian={"structure": "diagonal", "reduce": ["trace"]})
+
+
+def test_plan_without_probe_says_the_path(tmp_path, capsys):
+    import yaml
+    from job_helpers import tiny_dict
+
+    from distjac.cli import main
+
+    for jacobian, want in (({"estimate": {"frobenius": {}}}, "matrix-free: jacobian.estimate (frobenius)"),
+                           ({"reduce": ["trace"]}, "exact: each example's Jacobian is built and reduced (trace)")):
+        cfg = tmp_path / "job.yaml"
+        cfg.write_text(yaml.safe_dump(tiny_dict(tmp_path / "out", jacobian=jacobian)))
+        assert main(["plan", str(cfg)]) == 0
+        assert want in capsys.readouterr().out
