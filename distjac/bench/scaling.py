@@ -94,7 +94,7 @@ def _job_spec(out: Path, rows: int, shard_size: int, variant: str, device: str, 
         "data": {"kind": "synthetic", "rows": rows, "shape": [MODEL_SIZES[0]], "seed": 0},
         "jacobian": {"mode": "rev", "reduce": ["frobenius"] if variant == "write+frobenius" else None},
         "engine": {"address": address, "num_workers": workers, "device": device, "shard_size": shard_size,
-                   "parallel_iterations": max(8, 2 * workers), "progress": False},
+                   "max_in_flight": max(8, 2 * workers), "progress": False},
         "output": {"path": str(out), "format": "arrow", "overwrite": True},
     })
 
