@@ -241,8 +241,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rate = f", {report['rows_per_s']:,.0f} rows/s" if report.get("rows_per_s") else ""
         print(f"distjac: {report['rows']:,} rows in {report['shards']} shards -> {report['path']} "
               f"({report['computed_shards']} computed, {report['reused_shards'] + report['adopted_shards']} "
-              f"reused{rate}, {report['seconds']:.1f} s)")
+              f"reused{rate}, {report['seconds']:.1f} s{_startup(report)})")
     return EXIT_OK
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _startup(report: dict) -> str:
+    """", of which 9.5 s starting up" when the start-up (Ray, workers, the probe) took a
+    noticeable share of the run's wall time; rows/s counts the shards' time only."""
+    start = report.get("startup_seconds") or 0.0
+    return f", of which {start:.1f} s starting up" if start >= 1.0 and start >= 0.1 * report["seconds"] else ""
 
 
 def _output_state(out_dir: str, spec_hash: str) -> str:
@@ -270,13 +285,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args)
     if args.probe:
+        from .jobs import estimate_run_time
+
         job = prepare_job(spec)
         state = _output_state(job.out_dir, job.spec_hash)
+        eta = estimate_run_time(job) if job.plan.rows else None
         if args.json:
-            print(json.dumps({**job.summary(), "probed": True, "output_state": state}, indent=1))
+            print(json.dumps({**job.summary(), "probed": True, "output_state": state, "estimated_run": eta},
+                             indent=1))
         else:
             print(job)
             print(f"  {'output now':<15}  {state}")
+            if eta and eta["seconds"] is not None:
+                print(f"  {'estimated run':<15}  ~{_duration(eta['seconds'])} of shards over {eta['workers']} "
+                      f"worker(s) ({eta['rows_per_s']:,.0f} rows/s: the kernel timed here on {eta['rows_timed']} "
+                      f"rows, {eta['rows_per_s_here']:,.0f} rows/s on {eta['threads_here']} thread(s); writing "
+                      f"and start-up not included)")
         return EXIT_OK
     # Imports and calls nothing of the config (NOTE [a config is code]); a local run's
     # engine.device must exist here.

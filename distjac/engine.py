@@ -642,6 +642,8 @@ class Engine:
         self.num_cpus_per_worker = num_cpus_per_worker
         self.last_stats: EngineStats | None = None
         self.last_decision: dict | None = None  # the kernel strategy of the last job (NOTE [one choice per job])
+        self._created = time.perf_counter()  # an Engine's first job counts its start-up in its seconds
+        self._ran_job = False
         self._retries = self._duplicates = 0  # of the call in progress
         self.replacements = 0  # workers replaced since the engine started
 
@@ -954,7 +956,9 @@ class Engine:
                 runner_s = result.timing.ended - result.timing.started
                 yield replace(result, wait_s=max(0.0, done.wait_s - runner_s), retries=self._retries)
 
-        return run_job(spec, executor, prepared=job, progress=progress)
+        started = None if self._ran_job else self._created
+        self._ran_job = True
+        return run_job(spec, executor, prepared=job, progress=progress, started=started)
 
 
 # --------------------------------------------------------------------------------------

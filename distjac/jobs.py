@@ -459,6 +459,38 @@ def _local_depth(job: PreparedJob) -> int:
     return max(1, min(PIPELINE_DEPTH, job.plan.in_flight))
 
 
+def estimate_run_time(job: PreparedJob, rows: int = 256) -> dict[str, Any]:
+    """A rough run time for ``distjac plan --probe``: the job's kernel (or estimates),
+    timed here on its first ``rows`` rows after one warm-up call, scaled to the job's
+    rows and workers (each worker runs one CPU thread's share of this process's rate, or
+    this device's rate per GPU worker). Writing, transfer and start-up are left out, so it
+    is a lower bound of the shards' time; the report of a run says what it took."""
+    device = resolve_device(job.spec.engine.device) if job.spec.engine.num_workers == 0 else torch.device("cpu")
+    model = job.recipe.build(device)
+    n = max(1, min(rows, job.plan.rows, job.plan.shard_size or rows))
+    task = job.task(0, 0, n)
+    x = task.read(device)
+    runner = ShardRunner(device)
+    call = ((lambda: _estimate_once(model, x, job)) if job.spec.estimates else
+            (lambda: runner._kernel(model, x, job.options)))
+    call()  # warm-up: the first call chooses (auto) and pays one-off costs
+    t0 = time.perf_counter()
+    call()
+    dt = max(time.perf_counter() - t0, 1e-9)
+    here = n / dt
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = max(1, job.plan.num_workers)
+    rate = here / threads * workers if device.type == "cpu" else here * workers
+    return {"rows_timed": n, "rows_per_s_here": here, "threads_here": threads, "workers": workers,
+            "rows_per_s": rate, "seconds": job.plan.rows / rate if rate > 0 else None}
+
+
+def _estimate_once(model, x, job):
+    from .estimates import estimate_block
+
+    return estimate_block(model, x, job.spec.estimates)
+
+
 def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask]) -> Iterable[ShardResult]:
     """Run a job's shards in this process (engine.num_workers: 0) on one ShardRunner,
     up to :data:`distjac.shard.PIPELINE_DEPTH` at a time so that their stages overlap;
@@ -484,6 +516,7 @@ def run_job(
     num_workers: int | None = None,
     prepared: PreparedJob | None = None,
     finished_only: bool = False,
+    started: float | None = None,
 ) -> dict[str, Any] | None:
     """Run a job: prepare, open or resume the output, compute the missing shards, record.
 
@@ -503,6 +536,9 @@ def run_job(
         finished_only: run only if the job is finished (NOTE [a finished job runs
             nothing]): verify and report it, or return None, having computed nothing,
             when a shard is left to compute.
+        started: when the run began (``time.perf_counter()``), if before this call: an
+            Engine's first job counts starting Ray and its workers in the report's
+            ``seconds`` (``startup_seconds`` says how much of it that was).
 
     Returns:
         The job report (also written to ``_report.json``): rows, shards, computed,
@@ -518,7 +554,8 @@ def run_job(
             start; nothing was written.
         ShardError: a shard failed; every finished shard stays recorded, a rerun resumes.
     """
-    t0 = time.perf_counter()
+    t_call = time.perf_counter()
+    t0 = min(started, t_call) if started is not None else t_call
     if finished_only and prepared is None and finished_info(spec) is None:
         return None
     job = prepared if prepared is not None else prepare_job(spec, num_workers=num_workers)
@@ -682,7 +719,8 @@ def _report(job, manifest: Manifest, events, computed: dict[int, PartInfo],
         "recomputed_shards": [s for s, _ in events["dropped"]],
         "dropped": [{"shard": s, "problem": why} for s, why in events["dropped"]],
         "cleaned_temporaries": len(events["cleaned"]),
-        "seconds": now - t0,
+        "seconds": now - t0,  # wall time from the run's start (an Engine's first job: Ray's start-up too)
+        "startup_seconds": t_run - t0,  # before the first shard: starting Ray, probing, opening the output
         "run_seconds": run_s,
         "rows_per_s": rows / run_s if run_s > 0 and rows else None,
         "bytes_written": sum(p.bytes for p in computed.values()),

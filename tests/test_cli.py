@@ -209,3 +209,23 @@ def test_workers_flag_and_engine_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "the job failed on the cluster" in err and len(_lines(err)) <= 2
     assert calls["num_workers"] == 3 and calls["address"] == "auto" and calls["shard_size"] == 16
+
+
+def test_plan_probe_estimates_the_run_time(tmp_path, capsys):
+    config = _config(tmp_path)
+    assert main(["plan", config, "--probe"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated run" in out and "rows/s" in out
+    assert main(["plan", config, "--probe", "--json"]) == 0
+    eta = json.loads(capsys.readouterr().out)["estimated_run"]
+    assert eta["rows_timed"] == 16 and eta["seconds"] > 0 and eta["workers"] == 1
+    assert eta["seconds"] == pytest.approx(50 / eta["rows_per_s"])
+    assert not (tmp_path / "out").exists()  # plan writes nothing
+
+
+def test_the_summary_counts_the_start_up(tmp_path):
+    r = _cli("run", _config(tmp_path, engine={"num_workers": 1}), "--json", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    # an Engine's first job: its seconds include starting Ray and the worker
+    assert report["startup_seconds"] > 0 and report["seconds"] >= report["startup_seconds"] + report["run_seconds"] - 1e-6
