@@ -813,8 +813,8 @@ class Engine:
         rows; every task then carries it, so no other worker measures. The choice and
         its record are ``self.last_decision``; the report's ``strategies`` counts the shards that ran it."""
         self.last_decision = None
-        if not tasks or job.options.mode != "auto" or job.spec.estimates:
-            return tasks
+        if not tasks or job.options.mode != "auto" or job.spec.estimates or job.options.structure is not None:
+            return tasks  # nothing to choose: explicit, matrix-free, or the diagonal
         first = tasks[0]
         strategy, where = self._on_first_worker(
             lambda actor: actor.choose.remote(shipment.key, shipment.box, first, job.plan.rows),
@@ -928,13 +928,15 @@ class Engine:
         def probe(recipe_, source_) -> dict:
             self._ready()
             shipment.append(_ship(self, recipe_))
+            if source_.kind == "tensor":  # ship the probe's rows, not the whole tensor
+                source_ = type(source_)(source_.tensor[:JOB_PROBE_ROWS].clone())
             return self._probe_job(shipment[0], source_, JOB_PROBE_ROWS)
 
         # NOTE [the Engine's settings and the job's]
         job = prepare_job(spec, num_workers=self.num_workers, shard_size=self.shard_size,
                           parallel_iterations=self.parallel_iterations, chunk_size=self.chunk_size,
                           shard_bytes=self.shard_bytes, probe=probe, source=source)
-        in_flight = job.plan.parallel_iterations
+        in_flight = job.plan.in_flight
         timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
         def executor(job_, tasks):

@@ -185,7 +185,9 @@ class ShardTask:
             return from_wire(self.rows, self.dtype, device)
         if self.source is not None:
             x = self.source.read(self.start, self.stop)
-            return x.to(device=device, dtype=want)
+            # File sources read fresh arrays; a tensor source's rows are a view of the
+            # caller's tensor, copied so that neither fn nor a retry can change them.
+            return x.to(device=device, dtype=want, copy=getattr(self.source, "kind", None) == "tensor")
         raise ValueError(f"shard {self.shard}: the task carries neither rows nor a source.")
 
 
@@ -308,6 +310,7 @@ class ShardRunError(Exception):
             with contextlib.suppress(Exception):
                 original._distjac_noted = True
         where = {"probe": " while probing fn's output shape", "read": " reading its rows",
+                 "load": " loading the function or building the model",
                  "write": " writing its part", "to_host": " copying it to the host",
                  "arrow": " converting it to Arrow"}.get(self.stage, "")
         err = ShardError(
@@ -549,13 +552,18 @@ class ShardRunner:
         compute lock so that nothing else runs while it measures. The result pickles;
         the engine ships it to every worker in the tasks' options."""
         o = task.options
-        with self._locks["read"]:
-            x = task.read(self.device)
-        with self._locks["compute"]:
-            return kernels.choose_strategy(
-                fn, x, mode=o.mode, parallel_iterations=o.chunk_size, experimental_use_pfor=o.use_pfor,
-                max_memory=o.max_memory if o.max_memory is not None else self.max_memory,
-                work_rows=work_rows, call=o.call)
+        try:
+            with self._locks["read"]:
+                x = task.read(self.device)
+            with self._locks["compute"]:
+                return kernels.choose_strategy(
+                    fn, x, mode=o.mode, parallel_iterations=o.chunk_size, experimental_use_pfor=o.use_pfor,
+                    max_memory=o.max_memory if o.max_memory is not None else self.max_memory,
+                    work_rows=work_rows, call=o.call)
+        except DistjacError:
+            raise
+        except Exception as err:
+            raise self._fail(err, task, "compute") from None
 
     def probe(self, fn: Callable, task: ShardTask) -> dict[str, Any]:
         """Run fn on the task's rows: its output shape and whether it depends on x.
@@ -617,6 +625,9 @@ class ShardRunner:
                     del jac
                 del x
                 if self.device.type == "cuda":
+                    # Contiguous here, on the compute stream, so that the host stage's
+                    # copy (on its own stream) reads finished values.
+                    values = _each(values, torch.Tensor.contiguous)
                     torch.cuda.synchronize(self.device)
                 times["compute_s"] = time.perf_counter() - t0
             with self._locks["host"]:
@@ -657,7 +668,8 @@ class ShardRunner:
                              ended=time.time(), peak_rss_bytes=peak_rss_bytes())
         if part is not None:
             part = replace(part, seconds=timing.busy_s)
-        strategy = str(task.options.strategy) if task.options.strategy is not None else None
+        o = task.options
+        strategy = str(o.strategy) if o.strategy is not None and o.structure is None else None
         return ShardResult(task.shard, task.start, task.stop, self.node, self.pid, str(self.device), timing,
                            batch=batch, part=part, strategy=strategy)
 
@@ -711,13 +723,19 @@ class ShardRunner:
                 return t.cpu()
             buf = self._buffers.take(t)
             pinned.append(buf)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copy_stream):
                 t.record_stream(self._copy_stream)
                 buf.copy_(t, non_blocking=True)
             self._copy_stream.synchronize()
             return buf
 
-        return {k: ({n: host(t) for n, t in v.items()} if isinstance(v, dict) else host(v)) for k, v in values.items()}
+        return _each(values, host)
+
+
+def _each(values: dict[str, Any], f: Callable) -> dict[str, Any]:
+    """``f`` of every tensor of ``to_record_batch``'s values (a tensor or a dict of them)."""
+    return {k: ({n: f(t) for n, t in v.items()} if isinstance(v, dict) else f(v)) for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------

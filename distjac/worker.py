@@ -41,7 +41,8 @@ import torch
 
 from . import arrow, kernels
 from ._compat import pickled_by_value
-from .shard import PIPELINE_DEPTH, ModelRecipe, ShardResult, ShardRunner, ShardTask, probe_model
+from .errors import ConfigError, DistjacError
+from .shard import ModelRecipe, ShardResult, ShardRunner, ShardTask, probe_model
 
 __all__ = [
     "PROBE_ROWS",
@@ -202,8 +203,6 @@ class JacobianWorker:
         max_memory: the kernels' memory budget per shard in bytes (None: their default).
     """
 
-    depth = PIPELINE_DEPTH
-
     def __init__(self, device: str = "auto", num_threads: int | None = None, max_memory: int | None = None):
         self.device = self._resolve_device(device)
         cpus = _assigned("CPU")
@@ -296,7 +295,15 @@ class JacobianWorker:
         """A job's probe: build the shipped ModelRecipe here and run it on the source's
         first ``rows`` rows (:func:`distjac.shard.probe_model`); raises ConfigError."""
         torch.set_num_threads(self.threads)
-        model = self._function(key, box)
+        try:
+            model = self._function(key, box)
+        except DistjacError:
+            raise
+        except Exception as err:  # a model that cannot be loaded or moved: the config's problem
+            recipe = self._recipes.get(key)
+            factory = recipe.spec.factory if recipe is not None else None
+            raise ConfigError(f"config: model.factory={factory!r} could not be built on this worker "
+                              f"({self.device}): {type(err).__name__}: {err}") from err
         recipe = self._recipes[key]
         out = probe_model(model, source, rows, self.device, factory=recipe.spec.factory, dtype=recipe.dtype)
         return {**out, **self.info()}
@@ -305,7 +312,12 @@ class JacobianWorker:
         """A job's kernel strategy, measured here once on the task's rows for the whole job
         (:meth:`distjac.shard.ShardRunner.choose`); with where it was chosen."""
         torch.set_num_threads(self.threads)
-        fn = self._function(key, box)
+        try:
+            fn = self._function(key, box)
+        except DistjacError:
+            raise
+        except Exception as err:
+            raise self.runner._fail(err, task, "load") from None
         return self.runner.choose(fn, task, work_rows), self.info()
 
     def run(self, key: str, box: list, task: ShardTask) -> ShardResult:
@@ -319,5 +331,5 @@ class JacobianWorker:
         try:
             fn = self._function(key, box)
         except Exception as err:
-            raise self.runner._fail(err, task, "read") from None
+            raise self.runner._fail(err, task, "load") from None
         return self.runner.run(fn, task)

@@ -97,7 +97,8 @@ def test_unknown_section(tmp_path):
 
 def test_unknown_key_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key jacobian\.'mod' in section 'jacobian'; valid keys are: "
-                       r"mode, chunk_size, reduce, dtype, compute_dtype, estimate\. Did you mean jacobian\.mode\?"):
+                       r"mode, chunk_size, reduce, dtype, compute_dtype, estimate, structure\. "
+                       r"Did you mean jacobian\.mode\?"):
         JobSpec.from_dict(tiny_dict(tmp_path, jacobian={"mod": "fwd"}))
 
 

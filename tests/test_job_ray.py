@@ -324,6 +324,15 @@ def test_auto_is_chosen_once_per_job_and_shipped_to_every_worker(engine, tmp_pat
     np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-5, atol=1e-6)
 
 
+def test_a_diagonal_job_on_the_engine_measures_nothing_dense(engine, tmp_path):
+    spec = job_spec(tmp_path / "out", model={"factory": "distjac.models:cube", "kwargs": {}},
+                    jacobian={"mode": "auto", "structure": "diagonal"})
+    report = engine.run(spec)
+    assert engine.last_decision is None and report["strategies"] == {}
+    x = distjac.io.sources.open_source(spec.data).read(0, 2000)
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), (3 * x * x).numpy(), rtol=1e-6)
+
+
 def test_reduction_job_equals_in_process_reductions(engine, tmp_path):
     spec = job_spec(tmp_path / "out", model={"kwargs": {"sizes": [8, 16, 8]}},
                     jacobian={"reduce": ["frobenius", "trace", "spectral", "logabsdet"]})

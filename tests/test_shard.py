@@ -220,3 +220,25 @@ def test_report_has_each_runners_busy_share(tmp_path):
     assert 0 < r["busy"]["compute_s"]
     for s in report["timing"]["shards"]:
         assert s["queued_s"] >= 0 and set(STAGES) <= set(s)
+
+
+def test_a_tensor_sources_rows_are_copied_for_the_shard():
+    """fn may write into its input: a tensor source's rows reach it as a copy, so neither
+    the caller's tensor nor a retried shard sees the change."""
+    from distjac.io.sources import TensorSource
+
+    t = torch.arange(12.0).reshape(6, 2)
+    task = ShardTask(0, 2, 4, source=TensorSource(t))
+    x = task.read(CPU)
+    x.mul_(0)
+    assert t[2:4].tolist() == [[4.0, 5.0], [6.0, 7.0]]
+
+
+def test_choosing_a_strategy_fails_as_a_shard_does():
+    def fn(x):
+        raise ValueError("bad rows")
+
+    task = ShardTask(0, 0, 4, source=_Rows(4), options=KernelOptions(mode="auto"))
+    with pytest.raises(ShardRunError) as info:
+        ShardRunner(CPU).choose(fn, task, work_rows=100)
+    assert info.value.stage == "compute" and isinstance(info.value.error, ValueError)
