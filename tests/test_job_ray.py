@@ -509,13 +509,13 @@ def _small_job(out, **engine_keys) -> distjac.JobSpec:
 
 def test_run_uses_the_specs_settings_where_the_engine_gives_none(settings, tmp_path):
     assert (settings.shard_size, settings.parallel_iterations) == (None, None)
-    report = settings.run(_small_job(tmp_path / "out", shard_size=50, parallel_iterations=3))
+    report = settings.run(_small_job(tmp_path / "out", shard_size=50, max_in_flight=3))
     assert (report["shards"], report["shard_size"], report["in_flight"]) == (4, 50, 3)
 
 
 def test_run_engine_arguments_win_over_the_spec(settings, tmp_path):
     settings.shard_size, settings.parallel_iterations = 40, 2
-    spec = _small_job(tmp_path / "out", shard_size=50, parallel_iterations=3)
+    spec = _small_job(tmp_path / "out", shard_size=50, max_in_flight=3)
     report = settings.run(spec)
     assert (report["shards"], report["shard_size"], report["in_flight"]) == (5, 40, 2)
     assert json.load(open(os.path.join(spec.output.path, MANIFEST_NAME)))["shards"] == [
