@@ -245,14 +245,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def _startup(report: dict) -> str:
     """", of which 9.5 s starting up" when the start-up (Ray, workers, the probe) took a
     noticeable share of the run's wall time; rows/s counts the shards' time only."""
@@ -286,6 +278,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     spec = _load_spec(args)
     if args.probe:
         from .jobs import estimate_run_time
+        from .progress import format_duration
 
         job = prepare_job(spec)
         state = _output_state(job.out_dir, job.spec_hash)
@@ -297,7 +290,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print(job)
             print(f"  {'output now':<15}  {state}")
             if eta and eta["seconds"] is not None:
-                print(f"  {'estimated run':<15}  ~{_duration(eta['seconds'])} of shards over {eta['workers']} "
+                print(f"  {'estimated run':<15}  ~{format_duration(eta['seconds'])} of shards over {eta['workers']} "
                       f"worker(s) ({eta['rows_per_s']:,.0f} rows/s: the kernel timed here on {eta['rows_timed']} "
                       f"rows, {eta['rows_per_s_here']:,.0f} rows/s on {eta['threads_here']} thread(s); writing "
                       f"and start-up not included)")

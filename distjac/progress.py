@@ -42,7 +42,8 @@ def _interval_from_env() -> float:
     return value if value > 0 else DEFAULT_INTERVAL_S
 
 
-def _seconds(s: float) -> str:
+def format_duration(s: float) -> str:
+    """Seconds as people read them: 4.2 s, 3 min 05 s, 2 h 10 min."""
     if s < 60:
         return f"{s:.1f} s"
     if s < 3600:
@@ -161,9 +162,9 @@ class Progress:
         parts.append(f"{rate:,.0f} rows/s" if new else "starting")
         left = self.total - self.done
         if left <= 0:
-            parts.append(f"done in {_seconds(elapsed)}")
+            parts.append(f"done in {format_duration(elapsed)}")
         elif rate > 0:
-            parts.append(f"ETA {_seconds(left / rate)}")
+            parts.append(f"ETA {format_duration(left / rate)}")
         if self.shards is not None:
             parts.append(f"{self.shards_done}/{self.shards} shards")
         if self.retries:
