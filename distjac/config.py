@@ -93,7 +93,7 @@ __all__ = [
     "build_model",
 ]
 
-DATA_KINDS = ("synthetic", "npy", "parquet", "arrow", "tensor")
+DATA_KINDS = ("synthetic", "npy", "parquet", "arrow", "tensor", "ray_dataset")
 OUTPUT_FORMATS = ("arrow", "parquet")
 # Dtypes a model can be evaluated in (stored ones: distjac.arrow.STORAGE_DTYPES).
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -158,7 +158,8 @@ class DataSpec:
 
     Attributes:
         kind: "synthetic" (seeded normal values), "npy", "parquet", "arrow" (IPC file),
-            or "tensor" (in memory, from Python only).
+            "tensor" (in memory) or "ray_dataset" (a Ray Data Dataset); the last two
+            from Python only.
         rows: synthetic: the number of rows; files: read only the first ``rows`` rows.
         shape: synthetic: the per-example shape, e.g. [64]; parquet/arrow: the per-row
             shape of a column of lists of numbers (null: the first row's list lengths).
@@ -168,6 +169,9 @@ class DataSpec:
         column: parquet/arrow: the tensor column (a fixed_shape_tensor or a
             fixed-size list); null picks the only such column.
         tensor: kind "tensor": a torch.Tensor or numpy array (B, *shape).
+        dataset: kind "ray_dataset": a ``ray.data.Dataset`` whose tensor column
+            (``column``; null picks the only one) holds the examples (NOTE [a Dataset
+            as a source] in distjac.ray_data).
     """
 
     kind: str = "synthetic"
@@ -178,6 +182,7 @@ class DataSpec:
     path: str | None = None
     column: str | None = None
     tensor: Any = None
+    dataset: Any = None
 
 
 @dataclass(frozen=True)
@@ -422,7 +427,7 @@ class JobSpec:
                     v = list(v)
                 elif isinstance(v, Mapping):
                     v = dict(v)
-                if (name, f.name) in (("data", "tensor"), ("model", "module")) and v is None:
+                if (name, f.name) in (("data", "tensor"), ("data", "dataset"), ("model", "module")) and v is None:
                     continue  # not a YAML key (tensor, module: only from Python), or not set
                 values[f.name] = v
             out[name] = values
@@ -443,7 +448,12 @@ class JobSpec:
             data.update(shape=list(self.data.shape or ()), seed=self.data.seed, dtype=self.data.dtype or "float32")
         if self.data.kind == "tensor":
             data["tensor"] = _tensor_digest(self.data.tensor)
-        if self.data.kind in ("parquet", "arrow") and self.data.shape is not None:
+        if self.data.kind == "ray_dataset":  # the rows' values, in order: NOTE [a Dataset as a source]
+            from .ray_data import DatasetSource
+
+            data["dataset"] = DatasetSource.open(self.data.dataset, self.data.column, self.data.rows,
+                                                 self.data.shape).digest
+        if self.data.kind in ("parquet", "arrow", "ray_dataset") and self.data.shape is not None:
             data["shape"] = list(self.data.shape)
         model = {
             "factory": _normalized_factory(self.model.factory, self.model.base_dir),
@@ -801,13 +811,13 @@ def _validate_data(d: DataSpec) -> None:
                 raise ConfigError(f"config: data.{key} conflicts with data.kind 'synthetic'; remove it, "
                                   f"or set data.kind to npy, parquet or arrow.")
     else:
-        if d.shape is not None and d.kind in ("parquet", "arrow"):
+        if d.shape is not None and d.kind in ("parquet", "arrow", "ray_dataset"):
             shape = d.shape
             if not isinstance(shape, (tuple, list)) or not shape or not all(is_int(s) and s >= 1 for s in shape):
                 raise _bad("data.shape", list(shape) if isinstance(shape, tuple) else shape,
                            "give null or a non-empty list of integers >= 1, e.g. [3, 4] (for a column of lists)")
         for key in ("shape", "dtype"):
-            if key == "shape" and d.kind in ("parquet", "arrow"):
+            if key == "shape" and d.kind in ("parquet", "arrow", "ray_dataset"):
                 continue
             if getattr(d, key) is not None:
                 raise ConfigError(
@@ -830,6 +840,18 @@ def _validate_data(d: DataSpec) -> None:
             raise ConfigError("config: data.path and data.column conflict with data.kind 'tensor'.")
     elif d.tensor is not None:
         raise ConfigError(f"config: data.tensor is only for data.kind 'tensor', not {d.kind!r}.")
+    if d.kind == "ray_dataset":
+        if d.dataset is None:
+            raise ConfigError(
+                "config: data.kind 'ray_dataset' needs data.dataset, a ray.data.Dataset given from Python "
+                "(JobSpec.from_dict), e.g. {'kind': 'ray_dataset', 'dataset': ds, 'column': 'x'}."
+            )
+        if not (type(d.dataset).__module__.startswith("ray.data") and hasattr(d.dataset, "to_arrow_refs")):
+            raise ConfigError(f"config: data.dataset must be a ray.data.Dataset, got {type(d.dataset).__name__}.")
+        if d.path is not None:
+            raise ConfigError("config: data.path conflicts with data.kind 'ray_dataset' (the dataset is the data).")
+    elif d.dataset is not None:
+        raise ConfigError(f"config: data.dataset is only for data.kind 'ray_dataset', not {d.kind!r}.")
 
 
 def _validate_jacobian(j: JacobianSpec) -> None:
@@ -1434,10 +1456,12 @@ def _load_weights(spec: ModelSpec, model: Any) -> None:
 # -------------------------------------------------------------------------------------
 
 
-def check_address(address: str | None) -> None:
-    """ConfigError (exit status 2) when ``engine.address`` is a ``ray://`` address and Ray
-    Client's dependencies (``pip install 'distjac[cluster]'``, which installs
-    ``ray[client]``) are missing; nothing is imported but module specs.
+def check_address(address: str | None, *, where: str = "config: engine.address",
+                  error: type[Exception] = ConfigError) -> None:
+    """``error`` (a ConfigError: exit status 2) when ``address`` is a ``ray://`` address and
+    Ray Client's dependencies (``pip install 'distjac[cluster]'``, which installs
+    ``ray[client]``) are missing; nothing is imported but module specs. ``where`` names
+    the setting in the message (the Engine passes its own call and OptionError).
 
     ``RAY_ADDRESS=ray://...`` with ``address: auto`` is checked the same way.
     """
@@ -1448,8 +1472,8 @@ def check_address(address: str | None) -> None:
         return
     missing = [m for m in ("grpc", "ray.util.client") if _spec_missing(m)]
     if missing:
-        raise ConfigError(
-            f"config: engine.address={address!r} connects through Ray Client, which needs ray[client] "
+        raise error(
+            f"{where}={address!r} connects through Ray Client, which needs ray[client] "
             f"({', '.join(missing)} cannot be imported here); install it with pip install 'distjac[cluster]' "
             f"(or 'ray[client]'), or use an address of the form host:port on a cluster node."
         )

@@ -93,7 +93,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,8 @@ from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, run
 from .errors import DistjacError, OptionError, ShardError
 from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
 from .plan import DEFAULT_PARALLEL_ITERATIONS, DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
-from .shard import PIPELINE_DEPTH, KernelOptions, ShardRunError, ShardTask, to_wire
-from .worker import PROBE_ROWS, JacobianWorker, function_key, serialize_function
+from .shard import PIPELINE_DEPTH, PROGRESS_POLL_S, KernelOptions, ShardRunError, ShardTask, rows_in_flight, to_wire
+from .worker import PROBE_ROWS, PROGRESS_GROUP, JacobianWorker, function_key, serialize_function
 
 __all__ = ["Engine", "EngineStats", "ShardStats", "WorkerStats", "local_cluster", "ray_connection"]
 
@@ -616,6 +616,9 @@ class Engine:
         if address is not None and not isinstance(address, str):
             raise OptionError(f"{call}: address={address!r} is not valid; use None (a local Ray instance), "
                               "'auto' (a running cluster) or 'ray://host:port'.")
+        from .config import check_address
+
+        check_address(address, where=f"{call}: address", error=OptionError)  # before Ray starts
         check_positive_int(num_workers, "num_workers", call)
         self.device = _check_device(device, call)
         check_positive_int(shard_size, "shard_size", call)
@@ -684,7 +687,8 @@ class Engine:
                 num_workers = max(1, int(cpus // max(self.num_cpus_per_worker, 1e-9)))
         self.num_gpus_per_worker = num_gpus
         worker_device = self.device if self.device != "cuda" else "auto"
-        actor = ray.remote(JacobianWorker).options(
+        # A concurrency group of its own for progress polls: NOTE [progress within a shard].
+        actor = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(JacobianWorker).options(
             num_cpus=self.num_cpus_per_worker, num_gpus=num_gpus,
             max_restarts=0, max_task_retries=0,  # NOTE [retries, never twice]
             max_concurrency=PIPELINE_DEPTH,  # NOTE [overlapped stages] in distjac.shard
@@ -850,6 +854,8 @@ class Engine:
         unconnected_gradients: str | UnconnectedGradients = "none",
         experimental_use_pfor: bool = True,
         progress: bool | None = None,
+        column: str | None = None,
+        shape: Sequence[int] | None = None,
     ) -> torch.Tensor | None:
         """Per-example Jacobians of ``fn`` over ``x``, computed on the workers.
 
@@ -862,16 +868,24 @@ class Engine:
 
         Args:
             fn: the function or module.
-            x: the batch, a floating tensor of rank >= 2 (any device; it is read once).
+            x: the batch, a floating tensor of rank >= 2 (any device; it is read once);
+                or a ``ray.data.Dataset`` whose tensor column ``column`` holds the
+                examples: its blocks stay in Ray's object store and each worker reads
+                the rows of its shards (NOTE [a Dataset as a source] in
+                distjac.ray_data), in the dataset's order.
             mode: "rev", "fwd" or "auto" (see :func:`distjac.batch_jacobian`).
             unconnected_gradients: "none" returns None when fn(x) does not depend on x,
                 "zero" returns zeros.
             experimental_use_pfor: False runs one autograd pass per row on the workers.
             progress: show a progress bar (None: the engine's setting).
+            column: for a Dataset, its tensor column (None: the only one).
+            shape: for a Dataset whose column holds flat rows, the per-example shape
+                (e.g. (3, 32, 32) for rows of 3,072 values).
 
         Returns:
-            A tensor (B, y1..yn, x1..xm) of x's dtype on x's device, or None. It does not
-            carry autograd history (it was computed in other processes).
+            A tensor (B, y1..yn, x1..xm) of x's dtype on x's device, or None (for a
+            Dataset: on the CPU, its column's dtype). It does not carry autograd
+            history (it was computed in other processes).
 
         Raises:
             ShapeError, DtypeError, OptionError, TypeError: bad input, before any shard
@@ -881,11 +895,26 @@ class Engine:
         """
         call = "Engine.batch_jacobian(fn, x)"
         self._check_open(call)
+        source = None
+        if type(x).__module__.startswith("ray.data") and hasattr(x, "to_arrow_refs"):
+            from .errors import SourceError
+            from .ray_data import DatasetSource
+
+            if not callable(fn):
+                raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
+            try:
+                source = DatasetSource.open(x, column, None, shape)
+            except SourceError as err:
+                raise SourceError(f"{call}: {err}") from None
+            x = torch.empty((0, *source.shape), dtype=getattr(torch, source.dtype))  # stands for its rows
+        elif column is not None or shape is not None:
+            raise OptionError(f"{call}: column= and shape= are for a ray.data.Dataset x; x is a "
+                              f"{type(x).__name__}.")
         x, mode, unconnected = check_functional_call(fn, x, mode, unconnected_gradients, call)
         if not isinstance(experimental_use_pfor, bool):
             raise OptionError(f"{call}: experimental_use_pfor={experimental_use_pfor!r} is not valid; "
                               "use True or False.")
-        return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress).run()
+        return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress, source).run()
 
     def run(self, spec, *, progress: bool | None = None) -> dict:
         """Run a job: a :class:`distjac.JobSpec` streamed to Arrow/Parquet part files.
@@ -939,7 +968,7 @@ class Engine:
         in_flight = job.plan.in_flight
         timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
-        def executor(job_, tasks):
+        def executor(job_, tasks, on_progress=None):
             if not tasks:
                 return
             if not shipment:  # a finished job was not probed (a damaged part to redo)
@@ -952,8 +981,8 @@ class Engine:
                 wire = to_wire(job_.source.read(0, job_.source.num_rows).to(getattr(torch, job_.compute_dtype)))
                 tasks = [job_.task(t.shard, t.start, t.stop, rows=wire[t.start:t.stop]) for t in tasks]
             tasks = self._choose_for_job(shipment[0], job_, tasks)
-            for _task, result, done in _map_shards(self, shipment[0], tasks, in_flight=in_flight,
-                                                   call=call, shard_timeout_s=timeout):
+            for _task, result, done in _map_shards(self, shipment[0], tasks, in_flight=in_flight, call=call,
+                                                   shard_timeout_s=timeout, on_progress=on_progress):
                 # Submission to receipt, less the runner's own time: queueing and transfer.
                 runner_s = result.timing.ended - result.timing.started
                 yield replace(result, wait_s=max(0.0, done.wait_s - runner_s), retries=self._retries)
@@ -1033,14 +1062,17 @@ def _stall_timeout(explicit: float | None, run_times: list[float], first: bool) 
 
 
 def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
-                in_flight: int, call: str, shard_timeout_s: float | None = None):
+                in_flight: int, call: str, shard_timeout_s: float | None = None,
+                on_progress: Callable[[float], None] | None = None):
     """Run every task on the workers; yield ``(task, result, _Done)`` once per shard.
 
     At most ``in_flight`` shards are out at once, each sent to the least busy worker.
     Results come back in completion order; ``result`` is the worker's
     :class:`distjac.shard.ShardResult` (a record batch, or a job's written part). See
     NOTE [retries, never twice] and NOTE [stalled shards]. Closing the generator early
-    drops the shards still in flight (their workers finish them).
+    drops the shards still in flight (their workers finish them). ``on_progress(rows)``,
+    if given, hears the rows done so far of the shards in flight, polled from the
+    workers about every PROGRESS_POLL_S (NOTE [progress within a shard] in distjac.shard).
 
     Raises:
         ShardError: fn failed on a shard, or a shard was lost (its worker died, its result
@@ -1064,6 +1096,30 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
     system_errors = _system_errors()
     actor_errors = tuple(e for e in system_errors if issubclass(e, ray.exceptions.RayActorError))
     nxt = 0
+    polls: dict[int, Any] = {}  # slot -> its progress poll in flight
+    answers: dict[int, dict] = {}  # slot -> its last answer: {shard: fraction of compute done}
+    last_poll = [0.0]
+
+    def poll_progress(now: float) -> None:
+        if polls:
+            ready, _ = ray.wait(list(polls.values()), num_returns=len(polls), timeout=0)
+            for w, ref in list(polls.items()):
+                if ref in ready:
+                    del polls[w]
+                    try:
+                        answers[w] = ray.get(ref)
+                    except Exception:  # a worker that died answers nothing; lose_worker handles it
+                        answers.pop(w, None)
+        if now - last_poll[0] >= PROGRESS_POLL_S:
+            last_poll[0] = now
+            for w, lane in enumerate(lanes):
+                if lane and w not in polls and w not in booting:
+                    polls[w] = workers[w].progress.options(concurrency_group=PROGRESS_GROUP).remote()
+        rows = 0.0
+        for w, lane in enumerate(lanes):
+            flights = [tasks[pending[r].index] for r in lane if r in pending]
+            rows += rows_in_flight(answers.get(w, {}), {t.shard: t.stop - t.start for t in flights})
+        on_progress(rows)
 
     def start_head(w: int, now: float) -> None:
         if lanes[w] and w not in booting:  # a replacement's start is not its shard's time
@@ -1189,6 +1245,8 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
                     lose_worker(w, workers[w], f"its replacement did not start within "
                                 f"{engine.startup_timeout:g} s (startup_timeout)", None)
             _watch(engine, tasks, pending, lanes, run_times, timeout, lose_worker)
+            if on_progress is not None:
+                poll_progress(time.perf_counter())
     finally:
         # Shards still in flight are dropped, not cancelled: their workers finish them and
         # the results are freed. (Cancelling a queued actor call can leave a gap in Ray's
@@ -1270,14 +1328,17 @@ def place_shard(out: torch.Tensor, batch, start: int, stop: int, *, call: str = 
 class _Call:
     """One ``Engine.batch_jacobian`` call."""
 
-    def __init__(self, engine: Engine, fn, x, mode, unconnected, use_pfor, call, progress):
+    def __init__(self, engine: Engine, fn, x, mode, unconnected, use_pfor, call, progress, source=None):
         self.engine, self.fn, self.x, self.call = engine, fn, x, call
+        self.source = source  # a Dataset's rows (x then stands for their shape and dtype)
         self.unconnected = unconnected
         self.options = KernelOptions(mode=mode, chunk_size=engine.chunk_size, use_pfor=use_pfor, call=call)
         show = engine.progress if progress is None else progress
         self.show_progress = show  # None: a bar on a terminal, nothing elsewhere (distjac.progress)
 
     def _task(self, shard: int, start: int, stop: int) -> ShardTask:
+        if self.source is not None:  # the worker reads its rows from the Dataset's blocks
+            return ShardTask(shard, start, stop, dtype=self.dtype_name, source=self.source, options=self.options)
         return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop], options=self.options)
 
     def run(self):
@@ -1286,12 +1347,13 @@ class _Call:
         eng, x = self.engine, self.x
         infos = eng._ready()
         self.dtype_name = str(x.dtype).removeprefix("torch.")
-        self.wire = to_wire(x)  # x read once; the driver keeps it (and fn) alive until the end
+        # x read once; the driver keeps it (and fn) alive until the end
+        self.wire = to_wire(x) if self.source is None else None
         shipment = _ship(eng, self.fn)
 
         # 1. Probe fn's output shape and whether it depends on x, on a worker (the driver
         #    may have no GPU, and never runs the user's model itself).
-        b = x.shape[0]
+        b = x.shape[0] if self.source is None else self.source.num_rows
         probe_task = self._task(0, 0, min(b, PROBE_ROWS))
         probe = self._probe(shipment, probe_task)
         out_shape = tuple(probe["out_shape"])
@@ -1312,7 +1374,8 @@ class _Call:
         gather_s, gather_bytes = 0.0, 0
         bar = self._progress_bar(b)
         try:
-            for task, result, done in _map_shards(eng, shipment, tasks, in_flight=plan.in_flight, call=self.call):
+            for task, result, done in _map_shards(eng, shipment, tasks, in_flight=plan.in_flight, call=self.call,
+                                                  on_progress=bar.set_in_flight if bar.enabled else None):
                 t0 = time.perf_counter()
                 gather_bytes += self._place(result.batch, task.start, task.stop)
                 t, node, pid = result.timing, result.node, result.pid

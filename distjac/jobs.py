@@ -13,9 +13,12 @@
                               v
                      _report.json, _SUCCESS, report dict
 
-An *executor* is any callable ``executor(job, tasks) -> Iterable[ShardResult]`` that runs
-every task (in any order, anywhere) with a :class:`distjac.shard.ShardRunner` and yields
-each shard's result as it finishes; it raises (a ShardError) when a shard fails for good.
+An *executor* is any callable ``executor(job, tasks, on_progress) -> Iterable[ShardResult]``
+that runs every task (in any order, anywhere) with a :class:`distjac.shard.ShardRunner`
+and yields each shard's result as it finishes; it raises (a ShardError) when a shard fails
+for good. ``on_progress`` is None, or a callable the executor calls now and then with the
+rows done so far of its unfinished shards (NOTE [progress within a shard] in
+distjac.shard), which moves the progress display between finished shards.
 :func:`local_executor` runs them in this process, their stages overlapped; the Ray engine
 runs them on its workers with at most ``engine.parallel_iterations`` in flight. A task is
 small and picklable: the source descriptor (paths and metadata, never data), the kernel's
@@ -94,7 +97,7 @@ __all__ = [
 # purpose: a probe is a start-up cost, paid before the first shard.
 JOB_PROBE_ROWS = 2
 
-Executor = Callable[["PreparedJob", Sequence[ShardTask]], Iterable[ShardResult]]
+Executor = Callable[["PreparedJob", Sequence[ShardTask], "Callable[[float], None] | None"], Iterable[ShardResult]]
 Probe = Callable[[ModelRecipe, Source], dict]
 
 
@@ -180,8 +183,9 @@ class PreparedJob:
         from . import __version__
 
         spec = self.spec.to_dict()
-        if self.spec.data.kind == "tensor":
-            spec["data"]["tensor"] = self.spec.normalized()["data"]["tensor"]
+        if self.spec.data.kind in ("tensor", "ray_dataset"):  # a digest stands for the data
+            spec["data"][self.spec.data.kind.removeprefix("ray_")] = \
+                self.spec.normalized()["data"][self.spec.data.kind.removeprefix("ray_")]
         return {
             "rows": self.plan.rows,
             "input_shape": list(self.in_shape),
@@ -491,7 +495,8 @@ def _estimate_once(model, x, job):
     return estimate_block(model, x, job.spec.estimates)
 
 
-def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask]) -> Iterable[ShardResult]:
+def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask],
+                        on_progress: Callable[[float], None] | None = None) -> Iterable[ShardResult]:
     """Run a job's shards in this process (engine.num_workers: 0) on one ShardRunner,
     up to :data:`distjac.shard.PIPELINE_DEPTH` at a time so that their stages overlap;
     the model the probe built is the one the shards run."""
@@ -500,7 +505,8 @@ def in_process_executor(job: PreparedJob, tasks: Sequence[ShardTask]) -> Iterabl
     device = resolve_device(job.spec.engine.device)
     model = job.recipe.build(device)
     runner = ShardRunner(device)
-    return local_executor(model, runner, tasks, depth=_local_depth(job), call=job.options.call)
+    return local_executor(model, runner, tasks, depth=_local_depth(job), call=job.options.call,
+                          on_progress=on_progress)
 
 
 # -----------------------------------------------------------------------------------------
@@ -522,7 +528,7 @@ def run_job(
 
     Args:
         spec: the job.
-        executor: ``executor(job, tasks) -> Iterable[ShardResult]``, yielding each
+        executor: ``executor(job, tasks, on_progress) -> Iterable[ShardResult]``, yielding each
             shard's result as it finishes (see the module docstring); None runs the
             shards in this process with :func:`in_process_executor`.
         progress: show progress (:class:`distjac.progress.Progress`: a bar on a terminal,
@@ -589,7 +595,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
     bar = Progress(manifest.num_rows, done_rows, show, shards=len(manifest.shards),
                    shards_done=len(manifest.shards) - len(tasks))
     try:
-        for result in (executor or in_process_executor)(job, tasks):
+        for result in (executor or in_process_executor)(job, tasks, bar.set_in_flight if bar.enabled else None):
             part = result.part
             manifest.record(part)
             if part.shard not in computed:

@@ -45,10 +45,21 @@ made once, by the driver or a first worker (``choose_strategy(fn, x)``, or
 ``tuning.tune_job`` for a job), is passed to other processes and used as given with
 ``batch_jacobian(fn, x, strategy=s)`` (or ``run_strategy(fn, x, s)``): nothing is
 measured there; chunk and block are fitted to that process's memory budget.
+
+NOTE [progress within a call]
+A shard is one kernel call that may run for minutes. Inside ``with progress_to(cb):`` the
+thread's top-level :func:`batch_jacobian` calls report ``cb(fraction)``, the fraction of
+the call's passes done (0 to 1, never decreasing within a call), after each pass (a vmap
+chunk or a loop row) of each block of examples; a compiled block reports when it ends.
+The shard runner turns this into rows done of its shards in flight (distjac.shard), which
+moves a progress bar within a shard. The calls fn itself makes (and the passes auto mode
+times while it chooses) report nothing; nothing is reported outside ``progress_to``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -82,7 +93,7 @@ from .plan import format_bytes
 
 __all__ = [
     "Decision", "Strategy", "batch_jacobian", "chain_plan", "choose_strategy", "compiled_status",
-    "graph_batch_jacobian", "graph_jacobian", "run_strategy",
+    "graph_batch_jacobian", "graph_jacobian", "progress_to", "run_strategy",
 ]
 
 # Fraction of the device's free memory used when no max_memory is given: leaves room for
@@ -255,6 +266,41 @@ class _Differentiating:
 # --------------------------------------------------------------------------------------
 
 
+# NOTE [progress within a call]: the callback of the innermost ``progress_to`` block.
+_PROGRESS_TO: contextvars.ContextVar[Callable[[float], None] | None] = contextvars.ContextVar(
+    "distjac_progress_to", default=None)
+
+
+@contextlib.contextmanager
+def progress_to(callback: Callable[[float], None]):
+    """Within the block, this thread's batch_jacobian calls report the fraction of their
+    passes done to ``callback(fraction)`` (NOTE [progress within a call])."""
+    token = _PROGRESS_TO.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS_TO.reset(token)
+
+
+class _Meter:
+    """One call's progress: the fraction done of the current block of examples maps into
+    the block's span [lo, hi) of the whole call."""
+
+    __slots__ = ("callback", "lo", "hi", "last")
+
+    def __init__(self, callback: Callable[[float], None]):
+        self.callback, self.lo, self.hi, self.last = callback, 0.0, 1.0, 0.0
+
+    def span(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, fraction: float) -> None:
+        done = min(1.0, self.lo + (self.hi - self.lo) * fraction)
+        if done > self.last:
+            self.last = done
+            self.callback(done)
+
+
 def _one_hot_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
     """Rows start..stop-1 of the n x n identity, shape (stop - start, n)."""
     rows = torch.zeros(stop - start, n, dtype=like.dtype, device=like.device)
@@ -282,6 +328,7 @@ def _pull_rows(
     vectorize: bool,
     create_graph: bool,
     call: str,
+    tick: Callable[[float], None] | None = None,
 ) -> list[bool]:
     """Pull cotangent rows back through the graph ``y <- xs``, ``chunk`` rows at a time.
 
@@ -313,6 +360,8 @@ def _pull_rows(
         connected = [c and g is not None for c, g in zip(connected, grads)]
         emit(j0, j1, grads)
         j0 = j1
+        if tick is not None:
+            tick(j1 / rows)
     return connected
 
 
@@ -325,6 +374,7 @@ def graph_batch_jacobian(
     create_graph: bool,
     call: str = "batch_jacobian(target, source)",
     out: torch.Tensor | None = None,
+    tick: Callable[[float], None] | None = None,
 ) -> torch.Tensor | None:
     """Batch Jacobian of a recorded ``target`` w.r.t. ``source`` by reverse mode.
 
@@ -362,7 +412,7 @@ def graph_batch_jacobian(
 
     connected = _pull_rows(
         target, (source,), m, cotangents, emit,
-        chunk=chunk, vectorize=vectorize, create_graph=create_graph, call=call,
+        chunk=chunk, vectorize=vectorize, create_graph=create_graph, call=call, tick=tick,
     )
     if not connected[0]:
         return None
@@ -416,7 +466,7 @@ def graph_jacobian(
 
 def _forward_block(
     fn: Callable, xb: torch.Tensor, m: int, out_shape: tuple, *, chunk: int | None,
-    vectorize: bool, call: str,
+    vectorize: bool, call: str, tick: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """(Bb, M, N) Jacobian of one block by forward mode, chunk columns per vmap pass."""
     b = xb.shape[0]
@@ -425,7 +475,7 @@ def _forward_block(
     if n == 0 or m == 0:
         return torch.zeros((b, m, n), dtype=xb.dtype, device=xb.device)
     try:
-        return _forward_columns(fn, xb, m, n, in_shape, chunk=chunk, vectorize=vectorize, call=call)
+        return _forward_columns(fn, xb, m, n, in_shape, chunk=chunk, vectorize=vectorize, call=call, tick=tick)
     except RuntimeError as err:
         if "mkldnn" not in str(err).lower() or isinstance(err, torch.OutOfMemoryError):
             raise
@@ -433,12 +483,12 @@ def _forward_block(
     # derivative; their native fallbacks do.
     with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
         warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice when flags change
-        return _forward_columns(fn, xb, m, n, in_shape, chunk=chunk, vectorize=vectorize, call=call)
+        return _forward_columns(fn, xb, m, n, in_shape, chunk=chunk, vectorize=vectorize, call=call, tick=tick)
 
 
 def _forward_columns(
     fn: Callable, xb: torch.Tensor, m: int, n: int, in_shape: tuple, *, chunk: int | None,
-    vectorize: bool, call: str,
+    vectorize: bool, call: str, tick: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     b = xb.shape[0]
     cols: list[torch.Tensor] = []
@@ -469,12 +519,15 @@ def _forward_columns(
                 raise _forward_failed(err, call, vectorized=False) from err
         cols.append(col.reshape(k1 - k0, b, m))
         k0 = k1
+        if tick is not None:
+            tick(k1 / n)
     jac = cols[0] if len(cols) == 1 else torch.cat(cols, dim=0)  # (N, Bb, M)
     return jac.permute(1, 2, 0)  # (Bb, M, N), a view
 
 
 def _reverse_block_func(
-    fn: Callable, xb: torch.Tensor, *, chunk: int | None, vectorize: bool, call: str
+    fn: Callable, xb: torch.Tensor, *, chunk: int | None, vectorize: bool, call: str,
+    tick: Callable[[float], None] | None = None,
 ) -> tuple[torch.Tensor, tuple]:
     """(Bb, M, N) Jacobian of one block by torch.func.vjp, for use inside a transform.
 
@@ -496,6 +549,8 @@ def _reverse_block_func(
         else:
             g = pull(cot[0])[0].unsqueeze(0)
         rows.append(g.reshape(j1 - j0, b, n))
+        if tick is not None:
+            tick(j1 / m)
     if not rows:
         return torch.zeros((b, m, n), dtype=xb.dtype, device=xb.device), out_shape
     jac = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
@@ -1179,7 +1234,8 @@ def _elementwise(fn: Callable, x: torch.Tensor, out_shape: tuple) -> str | None:
     return None if cached[0] == "yes" else cached[1]
 
 
-def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph: bool, call: str) -> torch.Tensor:
+def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph: bool, call: str,
+              meter: _Meter | None = None) -> torch.Tensor:
     """(B, *in) diagonals of an elementwise fn's per-example Jacobians, block by block:
     one forward pass with ones (or, where the result must be differentiable, one reverse
     pass with ones, J^T 1, which is the same diagonal and records history)."""
@@ -1197,6 +1253,8 @@ def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph:
         else:
             with torch.set_grad_enabled(create_graph):
                 pieces.append(_structure.diagonal_block(fn, xb))
+        if meter is not None:
+            meter(min(b, b0 + step) / b)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
@@ -1302,9 +1360,10 @@ def run_strategy(
 
 def _run(
     fn: Callable, x: torch.Tensor, s: Strategy, *, create_graph: bool, call: str,
-    out_shape: tuple | None = None,
+    out_shape: tuple | None = None, meter: _Meter | None = None,
 ) -> torch.Tensor | None:
-    """Run strategy ``s`` over the batch; (B, *out, *in), or None when unconnected."""
+    """Run strategy ``s`` over the batch; (B, *out, *in), or None when unconnected.
+    ``meter`` receives its progress (NOTE [progress within a call])."""
     b = x.shape[0]
     in_shape = tuple(x.shape[1:])
     n = math.prod(in_shape)
@@ -1315,7 +1374,8 @@ def _run(
     if s.mode == "diag":
         # Provably elementwise (checked by whoever chose it): the dense result is the
         # diagonal scattered into zeros.
-        return _structure.dense_from_diagonal(_diagonal(fn, x, s.block, create_graph=create_graph, call=call))
+        return _structure.dense_from_diagonal(_diagonal(fn, x, s.block, create_graph=create_graph, call=call,
+                                                        meter=meter))
     comp = first = None
     if s.compiled and s.mode in ("rev", "fwd") and not create_graph and not _in_transform():
         if out_shape is None:
@@ -1329,9 +1389,11 @@ def _run(
             # The chain computes no autograd history, and applies only to chains of known
             # layers: reverse mode gives the same result (a loop: the least memory).
             return _run(fn, x, Strategy("rev", vectorize=False, block=s.block), create_graph=create_graph,
-                        call=call, out_shape=out_shape)
+                        call=call, out_shape=out_shape, meter=meter)
     for b0 in range(0, b, block):
         xb = x[b0:b0 + block]
+        if meter is not None:
+            meter.span(b0 / b, min(b, b0 + block) / b)
         jac_c = first if b0 == 0 else None  # a static graph's check computed block 0 eagerly
         if jac_c is None and comp is not None and _compiled.fits(comp, xb):
             try:
@@ -1356,7 +1418,7 @@ def _run(
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
         elif s.mode == "rev" and _in_transform():
-            jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call)
+            jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call, tick=meter)
             m = math.prod(y_shape)
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
@@ -1372,7 +1434,7 @@ def _run(
                 out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
             jac = graph_batch_jacobian(
                 y, xd, chunk=s.chunk, vectorize=s.vectorize, create_graph=create_graph,
-                call=call, out=None if out is None else out[b0:b0 + block],
+                call=call, out=None if out is None else out[b0:b0 + block], tick=meter,
             )
             if jac is None:
                 return None
@@ -1384,13 +1446,16 @@ def _run(
             # Forward mode records autograd history through whatever requires grad in fn
             # (a Module's parameters): not wanted unless the result must be differentiable.
             with torch.set_grad_enabled(create_graph):
-                jac = _forward_block(fn, xb, m, y_shape, chunk=s.chunk, vectorize=s.vectorize, call=call)
+                jac = _forward_block(fn, xb, m, y_shape, chunk=s.chunk, vectorize=s.vectorize, call=call,
+                                     tick=meter)
             if out is None and not create_graph and block < b:
                 out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
         if out is None:
             pieces.append(jac)
+        if meter is not None:
+            meter(1.0)
     if out is not None:
         return out.view(b, *y_shape, *in_shape)
     jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
@@ -1474,6 +1539,20 @@ def batch_jacobian(
         of the per-row intermediate values. Lower it (or max_memory) if a pass runs out
         of memory; the result itself needs B*M*N elements.
     """
+    args = (fn, x, mode, parallel_iterations, experimental_use_pfor, unconnected_gradients, max_memory,
+            check_independence, structure, strategy)
+    callback = _PROGRESS_TO.get()
+    if callback is None:
+        return _batch_jacobian(*args, None)
+    token = _PROGRESS_TO.set(None)  # the calls fn itself makes report nothing
+    try:
+        return _batch_jacobian(*args, _Meter(callback))
+    finally:
+        _PROGRESS_TO.reset(token)
+
+
+def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unconnected_gradients, max_memory,
+                    check_independence, structure, strategy, meter: _Meter | None):
     call = "batch_jacobian(fn, x)"
     x, mode, unconnected = check_functional_call(fn, x, mode, unconnected_gradients, call)
     check_positive_int(parallel_iterations, "parallel_iterations", call)
@@ -1483,7 +1562,7 @@ def batch_jacobian(
     if structure not in _structure.STRUCTURES:
         raise OptionError(f"{call}: structure={structure!r} is not valid; use None (dense) or 'diagonal'.")
     if structure == "diagonal":
-        return _diagonal_result(fn, x, unconnected, create_graph, call)
+        return _diagonal_result(fn, x, unconnected, create_graph, call, meter)
 
     if x.shape[0] == 0:
         with torch.enable_grad():
@@ -1494,7 +1573,7 @@ def batch_jacobian(
     if explicit_rev and not check_independence and unconnected is UnconnectedGradients.NONE:
         # Nothing to learn about fn beforehand: run straight on the graph.
         s = Strategy("rev", vectorize=experimental_use_pfor, chunk=parallel_iterations)
-        return _run(fn, x, s, create_graph=create_graph, call=call)
+        return _run(fn, x, s, create_graph=create_graph, call=call, meter=meter)
 
     probe = _probe(fn, x, call)
     def unconnected_result():  # allocated only when asked for: it is as large as the result
@@ -1506,11 +1585,11 @@ def batch_jacobian(
         return unconnected_result()
     if strategy is not None:
         s = _given(fn, x, probe, strategy, max_memory, call)
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
         return unconnected_result() if jac is None else jac
     s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
     try:
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
     except RuntimeError as err:
         if mode != "auto" or s.mode != "fwd" or isinstance(err, torch.OutOfMemoryError):
             raise
@@ -1519,7 +1598,7 @@ def batch_jacobian(
         # mode gives the same result. Remember, so the next call goes straight there.
         _FWD_FAILED.put(fn, _shape_key(fn, x), True)
         s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
     if jac is None:
         return unconnected_result()
     if check_independence:
@@ -1527,7 +1606,8 @@ def batch_jacobian(
     return jac
 
 
-def _diagonal_result(fn: Callable, x: torch.Tensor, unconnected, create_graph: bool, call: str):
+def _diagonal_result(fn: Callable, x: torch.Tensor, unconnected, create_graph: bool, call: str,
+                     meter: _Meter | None = None):
     """batch_jacobian(..., structure="diagonal"): (B, *in) diagonals, or why not."""
     call = f"{call} with structure='diagonal'"
     if x.shape[0] == 0:
@@ -1546,7 +1626,7 @@ def _diagonal_result(fn: Callable, x: torch.Tensor, unconnected, create_graph: b
             f"{call}: fn is not provably elementwise ({reason}), so its Jacobian is not known to be "
             "diagonal. Leave structure=None for the dense Jacobian."
         )
-    return _diagonal(fn, x, None, create_graph=create_graph, call=call)
+    return _diagonal(fn, x, None, create_graph=create_graph, call=call, meter=meter)
 
 
 _COUPLED_ADVICE = (

@@ -15,10 +15,12 @@ A line reads::
     distjac: 12,288/20,000 rows (61%), 4,210 rows/s, ETA 1.8 s, 12/20 shards, 1 retried
 
 Rows done count from the run's start (rows already finished by an earlier run are shown
-as done, not as speed). Lines go out at most every ``interval`` seconds (10 by default,
-``DISTJAC_PROGRESS_INTERVAL`` in the environment), from ``update`` calls and from a
-background timer, so a long shard does not silence the log; and one last line at
-``close()``.
+as done, not as speed), and include the rows done so far of the shards in flight
+(``set_in_flight``, from the workers' progress: NOTE [progress within a shard] in
+distjac.shard), so the bar and the lines move within a long shard. Lines go out at most
+every ``interval`` seconds (10 by default, ``DISTJAC_PROGRESS_INTERVAL`` in the
+environment), from ``update`` calls and from a background timer, so a long shard does not
+silence the log; and one last line at ``close()``.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class Progress:
         self.done = int(done)
         self.shards, self.shards_done = shards, int(shards_done)
         self.retries = 0
+        self.in_flight = 0.0  # rows done so far of the shards in flight
+        self._bar_n = self.done  # what the bar shows
         self.desc = desc
         self.interval = float(interval) if interval is not None else _interval_from_env()
         tty = bool(getattr(self.file, "isatty", lambda: False)())
@@ -102,16 +106,36 @@ class Progress:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    @property
+    def shown(self) -> int:
+        """Rows shown as done: finished shards' rows plus the rows in flight done so far."""
+        return min(self.total, self.done + int(self.in_flight))
+
     def update(self, rows: int, *, shards: int = 0) -> None:
         """``rows`` more rows (and ``shards`` more shards) are done."""
         with self._lock:
             self.done += int(rows)
             self.shards_done += int(shards)
-            if self._bar is not None:
-                self._bar.update(int(rows))
-                self._postfix()
-            elif self.mode == "lines" and time.monotonic() - self._last_line >= self.interval:
-                self._line()
+            # The finished shard's part of the rows in flight (at most its rows) is gone
+            # from them until the next report says what is left.
+            self.in_flight = max(0.0, self.in_flight - int(rows))
+            self._refresh()
+
+    def set_in_flight(self, rows: float) -> None:
+        """The rows done so far of the shards still running (a poll of the runners)."""
+        with self._lock:
+            self.in_flight = max(0.0, float(rows))
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if self._bar is not None:
+            shown = self.shown
+            if shown != self._bar_n:
+                self._bar.update(shown - self._bar_n)
+                self._bar_n = shown
+            self._postfix()
+        elif self.mode == "lines" and time.monotonic() - self._last_line >= self.interval:
+            self._line()
 
     def set_retries(self, n: int) -> None:
         """Shards retried so far (after a worker died, a timeout, ...)."""
@@ -155,16 +179,16 @@ class Progress:
         """The progress line as it would be written now."""
         now = time.monotonic()
         elapsed = now - self._t0
-        new = self.done - self._start_done
+        done = self.shown
+        new = done - self._start_done
         rate = new / elapsed if elapsed > 0 else 0.0
-        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        parts = [f"{self.done:,}/{self.total:,} rows{pct}"]
-        parts.append(f"{rate:,.0f} rows/s" if new else "starting")
-        left = self.total - self.done
-        if left <= 0:
+        pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
+        parts = [f"{done:,}/{self.total:,} rows{pct}"]
+        parts.append(f"{rate:,.0f} rows/s" if new > 0 else "starting")
+        if self.done >= self.total:
             parts.append(f"done in {format_duration(elapsed)}")
         elif rate > 0:
-            parts.append(f"ETA {format_duration(left / rate)}")
+            parts.append(f"ETA {format_duration((self.total - done) / rate)}")
         if self.shards is not None:
             parts.append(f"{self.shards_done}/{self.shards} shards")
         if self.retries:

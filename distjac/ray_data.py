@@ -24,18 +24,20 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import OptionError, ShapeError
+from .errors import OptionError, ShapeError, SourceError
 from .estimates import check_estimates, estimate_block, estimate_columns
+from .io.sources import Source
 from .kernels import batch_jacobian
 from .options import check_positive_int, is_device, parse_mode
 from .reduce import check_reductions, reduce_block
 
-__all__ = ["Jacobians", "stack_column"]
+__all__ = ["DatasetSource", "Jacobians", "stack_column"]
 
 _CALL = "distjac.ray_data.Jacobians"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -171,7 +173,10 @@ class Jacobians:
                              f"must be a tensor. Pass shape=(1,) to treat each value as a vector of one.")
         dtype = self.dtype or (torch.from_numpy(np.empty(0, arr.dtype)).dtype if arr.dtype.kind == "f"
                                else torch.float32)
-        return torch.as_tensor(np.ascontiguousarray(arr)).to(device=self.device, dtype=dtype)
+        # A batch's arrays may be read-only views of the object store, and fn may write
+        # into its input: such a batch is copied once (as a shard's rows are).
+        arr = np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy(order="C")
+        return torch.from_numpy(arr).to(device=self.device, dtype=dtype)
 
     def _rows(self, batch: Any, n: int):
         if self.row_column is None:
@@ -216,3 +221,277 @@ class Jacobians:
         out = {k: v for k, v in batch.items() if self.keep_input or k != self.column}
         out.update(new)
         return out
+
+
+# --------------------------------------------------------------------------------------
+# A Ray Data Dataset as a job's source and as Engine.batch_jacobian's input
+# --------------------------------------------------------------------------------------
+
+# NOTE [a Dataset as a source]
+# ``DatasetSource.open(ds, column)`` executes the dataset once (``Dataset.to_arrow_refs``:
+# its blocks stay in Ray's object store, zero-copy where they already are Arrow) and runs
+# one small task per block, where the block lives, that reads the block's row count, its
+# tensor column's per-row shape and dtype, refuses nulls and ragged rows, and hashes the
+# column's values. The source is then a picklable list of (block reference, rows): a shard
+# task carries it, and each worker fetches only the blocks its rows overlap, so the driver
+# never holds the data. The row order is the order of the blocks Ray Data returns; the
+# hash of the blocks' values, in that order, is the job's data identity (spec hash), so a
+# job resumes on the same rows and refuses an output made from other ones. (Ray Data keeps
+# its order across runs only with ``DataContext.execution_options.preserve_order = True``;
+# without it a re-run may see the rows in another order and start again. Carry an id
+# column with ``output.keep_columns`` to join results back.)
+#
+# Ray Data executes a dataset with tasks that each need a CPU. An Engine's workers hold
+# CPUs for their lifetime, and on a cluster with no CPU left Ray Data waits forever; so
+# when none is free the source refuses to start (saying how to make room) instead of
+# hanging. A MaterializedDataset with Arrow blocks needs no CPU: it is read as it is.
+
+_SOURCE = "data.dataset"
+_OPENED: Any = None  # weakref.WeakKeyDictionary: Dataset -> {(column, rows, shape): DatasetSource}
+
+
+def _is_dataset(obj: Any) -> bool:
+    return type(obj).__module__.startswith("ray.data") and hasattr(obj, "to_arrow_refs")
+
+
+def _tensor_like(typ) -> bool:
+    """A column type that holds one tensor per row: arrow's fixed_shape_tensor and fixed-size
+    lists, a list of numbers (what pandas writes), or Ray Data's own tensor extension types."""
+    import pyarrow as pa
+
+    from . import arrow
+    from .io.sources import _is_float_list
+
+    if arrow.tensor_info(typ) is not None or _is_float_list(typ):
+        return True
+    return isinstance(typ, pa.ExtensionType) and type(typ).__module__.startswith("ray.")
+
+
+def _pick(schema, column: str | None, where: str) -> str:
+    from .io.sources import _type_name
+
+    listing = ", ".join(f"{f.name} ({_type_name(f.type)})" for f in schema)
+    if column is None:
+        tensors = [f.name for f in schema if _tensor_like(f.type)]
+        if len(tensors) != 1:
+            what = "no tensor column" if not tensors else f"{len(tensors)} tensor columns"
+            raise ShapeError(f"{where}: the dataset has {what}; name its tensor column (column=...) among: "
+                             f"{listing}.")
+        return tensors[0]
+    if column not in schema.names:
+        raise ShapeError(f"{where}: the dataset has no column {column!r}; its columns are: {listing}.")
+    if not _tensor_like(schema.field(column).type):
+        raise ShapeError(f"{where}: column {column!r} has type {_type_name(schema.field(column).type)}, not a "
+                         f"tensor; distjac reads tensor columns (numpy arrays in Ray Data, fixed_shape_tensor, "
+                         f"lists of numbers).")
+    return column
+
+
+def _block_values(table, column: str, shape: tuple[int, ...] | None, where: str, base: int) -> np.ndarray:
+    """One block's (or slice's) tensor column as (rows, *shape), every row checked."""
+    from . import arrow
+    from .io.sources import _first_null, _is_float_list, _list_dtype, _list_values
+
+    col = table.column(column)
+    typ = col.type
+    offset = 0
+    for chunk in col.chunks:
+        found = _first_null(chunk) if arrow.tensor_info(typ) is not None else None
+        if chunk.null_count:
+            found = ("a null row", int(np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0]))
+        if found is not None:
+            raise ShapeError(f"{where}: column {column!r} has {found[0]} at row {base + offset + found[1]}; a tensor "
+                             f"cannot hold nulls. Filter those rows out (ds.filter(...)) first.")
+        offset += len(chunk)
+    if arrow.tensor_info(typ) is not None:
+        values = arrow.column_values(col)
+    elif _is_float_list(typ):
+        if shape is None:
+            first = col.chunk(0)[0].as_py() if len(col) else None
+            shape = []
+            while isinstance(first, list):
+                shape.append(len(first))
+                first = first[0] if first else None
+            shape = tuple(shape)
+        values = _list_values(col, tuple(shape), np.dtype(_list_dtype(typ)).name, where, column, base)
+    else:  # Ray Data's tensor extension: its own to_numpy
+        parts = [c.to_numpy(zero_copy_only=False) for c in col.chunks]
+        parts = [stack_column(p, column) if p.dtype == object else p for p in parts if len(p)]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ShapeError(f"{where}: the rows of column {column!r} have different shapes "
+                             f"{sorted({p.shape[1:] for p in parts})[:4]}; every example must have the same shape.")
+        values = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.empty((0,)))
+    if shape is not None and values.ndim >= 1 and len(values):
+        if math.prod(values.shape[1:]) != math.prod(shape):
+            raise ShapeError(f"{where}: rows of column {column!r} have shape {values.shape[1:]}, which cannot be "
+                             f"reshaped to shape={tuple(shape)}.")
+        values = values.reshape(len(values), *shape)
+    return values
+
+
+def _block_info(table, column: str | None, shape: tuple[int, ...] | None) -> dict:
+    """A block's row count, column names, tensor column, per-row shape, dtype and content
+    hash: run where the block lives (NOTE [a Dataset as a source])."""
+    import hashlib
+
+    rows = table.num_rows
+    info = {"rows": rows, "columns": tuple(table.schema.names)}
+    if rows == 0:
+        return info
+    name = _pick(table.schema, column, _SOURCE)
+    values = _block_values(table, name, shape, _SOURCE, 0)
+    h = hashlib.sha256(f"{values.dtype}{values.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
+    return {**info, "column": name, "shape": tuple(int(s) for s in values.shape[1:]), "dtype": values.dtype.name,
+            "digest": h.hexdigest()}
+
+
+@dataclass(frozen=True, eq=False)
+class DatasetSource(Source):
+    """A Ray Data ``Dataset``'s rows as a distjac source (NOTE [a Dataset as a source]):
+    ``blocks`` are (object reference of an Arrow table, its rows), in the dataset's order."""
+
+    blocks: tuple
+    column: str
+    rows: int
+    shape: tuple[int, ...]
+    dtype: str
+    digest: str
+    columns: tuple[str, ...] = ()
+    list_shape: tuple[int, ...] | None = None  # data.shape, given for a column of flat rows
+    kind = "ray_dataset"
+
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        return self.rows
+
+    @classmethod
+    def open(cls, ds: Any, column: str | None = None, rows: int | None = None,
+             shape: Sequence[int] | None = None) -> DatasetSource:
+        """Execute ``ds`` and check its blocks (NOTE [a Dataset as a source]); cached per
+        dataset object, so a job's checks, hash and run open it once."""
+        import weakref
+
+        import ray
+
+        global _OPENED
+        if not _is_dataset(ds):
+            raise SourceError(f"{_SOURCE} must be a ray.data.Dataset, got {type(ds).__name__}.")
+        shape = tuple(int(s) for s in shape) if shape is not None else None
+        key = (column, rows, shape)
+        if _OPENED is None:
+            _OPENED = weakref.WeakKeyDictionary()
+        cached = _OPENED.get(ds, {}).get(key)
+        if cached is not None:
+            return cached
+        _refuse_without_cpus(ds)
+        refs = ds.to_arrow_refs()
+        # No CPU asked: it runs beside workers that hold every CPU, where the block is.
+        info_task = ray.remote(num_cpus=0, max_retries=3)(_block_info)
+        try:
+            infos = ray.get([info_task.remote(ref, column, shape) for ref in refs])
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, (ShapeError, SourceError)):
+                raise SourceError(str(cause)) from None
+            raise
+        src = cls._from_infos(refs, infos, rows, shape)
+        _OPENED.setdefault(ds, {})[key] = src
+        return src
+
+    @classmethod
+    def _from_infos(cls, refs, infos, rows, shape) -> DatasetSource:
+        import hashlib
+
+        full = [(r, i) for r, i in zip(refs, infos) if i["rows"]]
+        if not full:
+            raise SourceError(f"{_SOURCE}: the dataset has no rows.")
+        first = full[0][1]
+        for _, i in full[1:]:
+            if (i["column"], i["shape"], i["dtype"]) != (first["column"], first["shape"], first["dtype"]):
+                raise SourceError(f"{_SOURCE}: the dataset's blocks disagree: column {first['column']!r} of shape "
+                                  f"{list(first['shape'])} and dtype {first['dtype']} in one, {i['column']!r} of "
+                                  f"shape {list(i['shape'])} and dtype {i['dtype']} in another; every example must "
+                                  f"have the same shape and dtype.")
+        from .io.sources import _check_dtype
+
+        _check_dtype(np.dtype(first["dtype"]), _SOURCE, first["column"])
+        total = sum(i["rows"] for _, i in full)
+        if rows is not None and rows > total:
+            raise SourceError(f"data.rows={rows} but the dataset has only {total} rows; lower data.rows or remove it.")
+        limit = total if rows is None else rows
+        h = hashlib.sha256(f"{limit}".encode())
+        kept, seen = [], 0
+        for ref, i in full:
+            if seen >= limit:
+                break
+            kept.append((ref, min(i["rows"], limit - seen)))
+            h.update(i["digest"].encode() if seen + i["rows"] <= limit else f"{i['digest']}[:{limit - seen}]".encode())
+            seen += i["rows"]
+        return cls(blocks=tuple(kept), column=first["column"], rows=limit, shape=first["shape"], dtype=first["dtype"],
+                   digest=h.hexdigest()[:16], columns=first["columns"], list_shape=shape)
+
+    # -- reading (on a worker, or in process) -------------------------------------------
+
+    def _pieces(self, start: int, stop: int):
+        offset = 0
+        for ref, n in self.blocks:
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                yield ref, lo - offset, hi - offset, lo
+            offset += n
+            if offset >= stop:
+                break
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop-1``, fetching only the blocks they overlap (zero-copy from a
+        local object store)."""
+        import ray
+
+        out = np.empty((stop - start, *self.shape), dtype=self.dtype)
+        pos = 0
+        for ref, lo, hi, base in self._pieces(start, stop):
+            table = ray.get(ref).slice(lo, hi - lo)
+            values = _block_values(table, self.column, self.list_shape or None, _SOURCE, base)
+            out[pos:pos + len(values)] = values.reshape(len(values), *self.shape)
+            pos += len(values)
+        return torch.from_numpy(out)
+
+    def read_columns(self, names: Sequence[str], start: int, stop: int) -> dict:
+        """Columns ``names`` of rows [start, stop) as Arrow arrays (``output.keep_columns``)."""
+        import pyarrow as pa
+        import ray
+
+        self._check_range(start, stop)
+        pieces: dict[str, list] = {n: [] for n in names}
+        for ref, lo, hi, _ in self._pieces(start, stop):
+            table = ray.get(ref).slice(lo, hi - lo)
+            for n in names:
+                pieces[n].extend(c for c in table.column(n).chunks if len(c))
+        return {n: (pa.concat_arrays(p) if p else pa.array([])) for n, p in pieces.items()}
+
+    def describe(self) -> str:
+        return (f"ray_dataset: {self.rows} rows of shape {self.shape}, {self.dtype}, column {self.column!r}, "
+                f"in {len(self.blocks)} blocks")
+
+
+def _refuse_without_cpus(ds: Any) -> None:
+    """SourceError when executing ``ds`` would need a CPU and the cluster has none free
+    (NOTE [a Dataset as a source]): Ray Data would wait for one forever."""
+    import pyarrow as pa
+    import ray
+    from ray.data.dataset import MaterializedDataset
+
+    if isinstance(ds, MaterializedDataset):
+        schema = ds.schema()
+        if isinstance(getattr(schema, "base_schema", schema), pa.Schema):
+            return  # Arrow blocks already in the object store: nothing to execute or convert
+    free = float(ray.available_resources().get("CPU", 0.0))
+    if free >= 1.0:
+        return
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    raise SourceError(
+        f"{_SOURCE}: Ray Data needs a free CPU to execute the dataset, and none of the cluster's {total:g} CPUs is "
+        f"free (the Engine's workers hold them). Execute it before the Engine starts (ds = ds.materialize()), or "
+        f"leave CPUs to Ray Data (distjac.Engine(num_workers=...) with fewer workers)."
+    )

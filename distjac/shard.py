@@ -31,6 +31,16 @@ leaves each ``with``); a part is written under a temporary name and renamed only
 complete, so nothing that looks finished is left behind. Each timing excludes the wait
 for a stage's lock (``queued_s`` is that wait), so a stage's share of the runner's wall
 time is its busy share: the bottleneck is the stage near 1.
+
+NOTE [progress within a shard]
+:meth:`ShardRunner.progress` says how far each running shard's compute stage is (0 to
+1), from the kernel's reports (NOTE [progress within a call] in distjac.kernels: after
+each vectorized pass of each block; a matrix-free estimate and a compiled block report
+only when they end). The Ray worker answers it in its own concurrency group, so a poll
+never queues behind the stages; the engine and :func:`local_executor` poll it about once
+a second while a progress display is on, and report the sum of ``fraction x rows`` over
+the shards in flight, which moves the bar between finished shards. It is a display: a
+shard counts as done only when its result (or part) is in.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -58,8 +69,13 @@ from .errors import ConfigError, DistjacError, ShardError
 from .options import check_batched, check_floating, check_same_batch, check_tensor
 from .plan import PIPELINE_DEPTH
 
+# Seconds between polls of the runners' progress while a progress display is on
+# (NOTE [progress within a shard]).
+PROGRESS_POLL_S = 1.0
+
 __all__ = [
     "PIPELINE_DEPTH",
+    "PROGRESS_POLL_S",
     "STAGES",
     "KernelOptions",
     "ModelRecipe",
@@ -71,6 +87,7 @@ __all__ = [
     "ShardTiming",
     "from_wire",
     "local_executor",
+    "rows_in_flight",
     "peak_rss_bytes",
     "to_wire",
 ]
@@ -528,6 +545,12 @@ class ShardRunner:
         self._locks = {stage: threading.Lock() for stage in ("read", "compute", "host", "write")}
         self._buffers = _HostBuffers() if self.device.type == "cuda" else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._live: dict[int, float] = {}  # shard -> fraction of its compute done (NOTE [progress within a shard])
+
+    def progress(self) -> dict[int, float]:
+        """The shards running now, each with the fraction of its compute stage done
+        (0 until the kernel starts, 1 once it has ended): NOTE [progress within a shard]."""
+        return dict(self._live)
 
     def _fail(self, err: BaseException, task: ShardTask, stage: str) -> ShardRunError:
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
@@ -608,6 +631,7 @@ class ShardRunner:
         target = task.target
         stage = "read"
         pinned: list[torch.Tensor] = []
+        self._live[task.shard] = 0.0
         try:
             with self._locks["read"]:
                 t0 = time.perf_counter()
@@ -615,7 +639,7 @@ class ShardRunner:
                 kept = self._kept_columns(task)
                 times["read_s"] = time.perf_counter() - t0
             stage = "compute"
-            with self._locks["compute"]:
+            with self._locks["compute"], kernels.progress_to(partial(self._live.__setitem__, task.shard)):
                 t0 = time.perf_counter()
                 if target is not None and target.estimate:
                     values = self._estimated(fn, x, task)
@@ -624,6 +648,7 @@ class ShardRunner:
                     values = self._stored(jac, target)
                     del jac
                 del x
+                self._live[task.shard] = 1.0
                 if self.device.type == "cuda":
                     # Contiguous here, on the compute stream, so that the host stage's
                     # copy (on its own stream) reads finished values.
@@ -660,6 +685,7 @@ class ShardRunner:
         except Exception as err:
             raise self._fail(err, task, stage) from None
         finally:
+            self._live.pop(task.shard, None)
             if self._buffers is not None:
                 for buf in pinned:
                     self._buffers.give(buf)
@@ -743,10 +769,19 @@ def _each(values: dict[str, Any], f: Callable) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+def rows_in_flight(progress: dict[int, float], rows_of: dict[int, int]) -> float:
+    """Rows done so far of the shards in flight: ``fraction x rows`` summed over the shards
+    of ``rows_of`` (shard -> its rows) that ``progress`` (a runner's) reports."""
+    return float(sum(f * rows_of[k] for k, f in progress.items() if k in rows_of))
+
+
 def local_executor(fn: Callable, runner: ShardRunner, tasks: Sequence[ShardTask], *,
-                   depth: int = PIPELINE_DEPTH, call: str = "run_job(spec)") -> Iterator[ShardResult]:
+                   depth: int = PIPELINE_DEPTH, call: str = "run_job(spec)",
+                   on_progress: Callable[[float], None] | None = None) -> Iterator[ShardResult]:
     """Run ``tasks`` in this process on ``runner``, ``depth`` at a time so their stages
     overlap (NOTE [overlapped stages]); yield each ShardResult as it finishes.
+    ``on_progress(rows)``, if given, hears about every PROGRESS_POLL_S the rows done so
+    far of the shards still running (NOTE [progress within a shard]).
 
     On a failure no new shard starts; the shards already running finish (and are
     yielded), then the first failure is raised as a ShardError.
@@ -755,15 +790,21 @@ def local_executor(fn: Callable, runner: ShardRunner, tasks: Sequence[ShardTask]
 
     todo = deque(tasks)
     failure: ShardRunError | None = None
-    running: set = set()
+    running: dict = {}  # future -> its task
     pool = ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="distjac-shard")
+    poll = PROGRESS_POLL_S if on_progress is not None else None
     try:
         while todo or running:
             while todo and failure is None and len(running) < max(1, depth):
-                running.add(pool.submit(runner.run, fn, todo.popleft()))
+                task = todo.popleft()
+                running[pool.submit(runner.run, fn, task)] = task
             if not running:
                 break
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+            done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
+            for fut in done:
+                running.pop(fut)
+            if on_progress is not None:
+                on_progress(rows_in_flight(runner.progress(), {t.shard: t.stop - t.start for t in running.values()}))
             for fut in sorted(done, key=lambda f: f.exception() is None, reverse=True):
                 err = fut.exception()
                 if err is None:

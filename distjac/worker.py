@@ -46,6 +46,7 @@ from .shard import ModelRecipe, ShardResult, ShardRunner, ShardTask, probe_model
 
 __all__ = [
     "PROBE_ROWS",
+    "PROGRESS_GROUP",
     "JacobianWorker",
     "function_key",
     "serialize_function",
@@ -56,6 +57,9 @@ __all__ = [
 PROBE_ROWS = kernels.PROBE_ROWS
 # Deserialized functions a worker keeps (most recent first); each may hold a model.
 FUNCTION_CACHE_SIZE = 4
+# The actor's concurrency group for progress polls: a thread of its own, beside the
+# PIPELINE_DEPTH threads that run shards (NOTE [progress within a shard]).
+PROGRESS_GROUP = "progress"
 
 _PICKLE_LOCK = threading.Lock()
 
@@ -319,6 +323,12 @@ class JacobianWorker:
         except Exception as err:
             raise self.runner._fail(err, task, "load") from None
         return self.runner.choose(fn, task, work_rows), self.info()
+
+    def progress(self) -> dict[int, float]:
+        """The shards running here, each with the fraction of its compute done
+        (NOTE [progress within a shard] in distjac.shard). The engine calls it in the
+        :data:`PROGRESS_GROUP` concurrency group, so it never waits behind a shard."""
+        return self.runner.progress()
 
     def run(self, key: str, box: list, task: ShardTask) -> ShardResult:
         """Run one shard (:meth:`distjac.shard.ShardRunner.run`): its record batch, or for

@@ -275,11 +275,16 @@ def test_ray_client_check_names_the_extra(tmp_path, monkeypatch):
 
     check_address(None)
     check_address("127.0.0.1:6379")
+    engine_cls = distjac.Engine  # imported before nothing is importable
     monkeypatch.setattr(sys, "path", [str(tmp_path)])  # nothing importable: as if ray[client] were missing
     for name in [m for m in sys.modules if m == "grpc" or m.startswith("grpc.")]:
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ConfigError, match=r"needs ray\[client\] .*pip install 'distjac\[cluster\]'"):
         check_address("ray://head:10001")
+    # The Engine checks it too, before it starts or joins Ray (no connection attempt).
+    with pytest.raises(distjac.OptionError, match=r"distjac.Engine\(...\): address='ray://head:10001' connects "
+                       r"through Ray Client, which needs ray\[client\]"):
+        engine_cls(address="ray://head:10001")
 
 
 # ------------------------------------------------------------------ item 3: quiet starts
@@ -428,3 +433,154 @@ def test_run_job_progress_lines_off_a_terminal(tmp_path, capfd, monkeypatch):
     run_job(tiny_spec(tmp_path / "out"), progress=True)
     err = capfd.readouterr().err
     assert "distjac: 50/50 rows (100%)" in err, err
+
+
+# ------------------------------------------------------------------ item 2: progress within a shard
+
+SLOW_MODEL_FILE = '''
+import time
+
+import torch
+from torch import nn
+
+
+class SlowBackward(nn.Module):
+    """A linear map whose every reverse pass takes PAUSE seconds: a long shard."""
+
+    PAUSE = 0.03
+
+    def __init__(self, width=3, outputs=40):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(width, outputs)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if y.requires_grad:
+            y.register_hook(lambda g: (time.sleep(self.PAUSE), g)[1])
+        return y
+'''
+
+
+def _slow_job(tmp_path, workers: int):
+    """One shard of 40 reverse passes (one per output, chunk_size 1) of ~0.03 s each."""
+    (tmp_path / "slowmodel.py").write_text(SLOW_MODEL_FILE)
+    job = {
+        "model": {"factory": "slowmodel.py:SlowBackward"},
+        "data": {"kind": "synthetic", "rows": 64, "shape": [3], "seed": 0},
+        "jacobian": {"mode": "rev", "chunk_size": 1},
+        "engine": {"num_workers": workers, "shard_size": 64, "device": "cpu"},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def _rows_shown(stderr: str) -> list[int]:
+    import re
+
+    return [int(m.group(1).replace(",", "")) for m in re.finditer(r"^distjac: ([\d,]+)/64 rows", stderr, re.M)]
+
+
+@pytest.mark.parametrize(("mode", "chunk", "block"), [("rev", 3, None), ("fwd", 2, None), ("rev", None, 16),
+                                                      ("fwd", 1, 25)])
+def test_kernel_reports_progress_within_a_call(mode, chunk, block):
+    from distjac import kernels
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 9))
+    x = torch.randn(100, 6, dtype=torch.float64)
+    net = net.double()
+    want = kernels.batch_jacobian(net, x, mode="rev")
+    seen: list[float] = []
+    s = kernels.Strategy(mode, chunk=chunk, block=block)
+    with kernels.progress_to(seen.append):
+        got = kernels.batch_jacobian(net, x, strategy=s)
+    torch.testing.assert_close(got, want)
+    passes = -(-(9 if mode == "rev" else 6) // (chunk or 100))
+    blocks = -(-100 // (block or 100))
+    assert len(seen) >= passes * blocks, seen
+    assert all(a < b for a, b in zip(seen, seen[1:])), seen
+    assert 0 < seen[0] < 1 and seen[-1] == 1.0
+
+
+def test_kernel_progress_only_inside_progress_to_and_not_from_nested_calls():
+    from distjac import kernels
+
+    x = torch.randn(8, 4)
+    seen: list[float] = []
+
+    def outer(t):  # fn itself calls batch_jacobian: its passes are not the outer call's
+        inner = kernels.batch_jacobian(torch.sin, t, mode="rev", parallel_iterations=1)
+        return t * inner.sum(dim=(1, 2), keepdim=True).squeeze(-1)
+
+    with kernels.progress_to(seen.append):
+        kernels.batch_jacobian(outer, x, mode="rev", parallel_iterations=2)
+    assert seen == [0.5, 1.0], seen
+    kernels.batch_jacobian(torch.tanh, x, mode="rev", parallel_iterations=1)  # no block: nothing reported
+    assert seen == [0.5, 1.0]
+
+
+def test_progress_in_flight_rows_move_the_line():
+    import io
+
+    out = io.StringIO()
+    p = Progress(100, 0, True, interval=3600, shards=2, file=out)
+    p.set_in_flight(30.6)
+    assert p.line().startswith("distjac: 30/100 rows (30%), ") and "ETA" in p.line()
+    p.update(50, shards=1)  # the finished shard leaves the rows in flight
+    assert p.shown == 50
+    p.set_in_flight(49.9)
+    assert p.shown == 99 and "done in" not in p.line()
+    p.update(50, shards=1)
+    p.set_in_flight(0)
+    p.close()
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("distjac: 100/100 rows (100%)") and "done in" in last
+
+
+def test_in_process_job_progress_moves_within_its_one_shard(tmp_path):
+    config = _slow_job(tmp_path, workers=0)
+    r = _cli("run", config, env={"DISTJAC_PROGRESS_INTERVAL": "0.1"})
+    assert r.returncode == 0, r.stderr
+    shown = _rows_shown(r.stderr)
+    assert shown[-1] == 64, r.stderr
+    assert any(0 < k < 64 for k in shown), r.stderr  # lines within the shard, not only at its end
+    assert shown == sorted(shown), shown
+    jac = distjac.read_result(str(tmp_path / "out"))
+    assert jac.shape == (64, 40, 3)
+
+
+@pytest.mark.ray
+def test_ray_job_progress_moves_within_its_one_shard(tmp_path):
+    """The worker answers the driver's progress polls in their own concurrency group while
+    its shard runs."""
+    config = _slow_job(tmp_path, workers=1)
+    r = _cli("run", config, env={"DISTJAC_PROGRESS_INTERVAL": "0.1"})
+    assert r.returncode == 0, r.stderr
+    shown = _rows_shown(r.stderr)
+    assert shown[-1] == 64, r.stderr
+    assert any(0 < k < 64 for k in shown), r.stderr
+    assert shown == sorted(shown), shown
+
+
+def test_the_bar_moves_with_the_rows_in_flight():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    with Progress(100, 0, None, shards=2, file=term) as p:
+        assert p.mode == "bar"
+        p.set_in_flight(30)
+        assert p._bar.n == 30
+        p.update(50, shards=1)
+        assert p._bar.n == 50
+        p.set_in_flight(20)
+        assert p._bar.n == 70
+        p.update(50, shards=1)
+        assert p._bar.n == 100
+    assert "100/100" in term.getvalue()

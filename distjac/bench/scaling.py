@@ -14,6 +14,19 @@ writing, scheduling) show next to the kernel's. Three variants of the same rows:
 ``write+frobenius``
     The same job reduced to one Frobenius norm per row (8 MB of parts).
 
+Two more variants compare distjac with a Ray Data pipeline on the same data and workers
+(``--variants dataset-job,ray-data``; not in the default run). The rows are the same
+synthetic rows, made by a Ray Data pipeline (``range -> map_batches``) and materialized
+once in the object store, with an ``id`` column:
+
+``dataset-job``
+    ``Engine.run`` of a job whose source is that Dataset (``data.kind: ray_dataset``),
+    writing Parquet parts (``output.keep_columns: [id]``).
+``ray-data``
+    ``ds.map_batches(distjac.ray_data.Jacobians, concurrency=workers, batch_size=shard
+    rows).write_parquet(...)``: the transform in Ray Data's own actor pool (its actors
+    start with each execution, as a pipeline's do), the same Parquet output.
+
 Topologies: ``local`` is the embedded Ray instance an Engine starts (one per process);
 ``cluster`` is ``ray.cluster_utils.Cluster`` with a head of no CPUs and one node of one
 CPU per worker, all on this machine: separate raylets and object stores, so results cross
@@ -62,7 +75,9 @@ from .common import check_device, log, machine_line, median, new_result, write_o
 
 SUITE = "scaling"
 MODEL_SIZES = [16, 64, 8]
-VARIANTS = ("gather", "write", "write+frobenius")
+DEFAULT_VARIANTS = ("gather", "write", "write+frobenius")
+DATA_VARIANTS = ("dataset-job", "ray-data")  # a Ray Data Dataset in, Parquet out
+VARIANTS = DEFAULT_VARIANTS + DATA_VARIANTS
 TOPOLOGIES = ("local", "cluster")
 STAGES = ("read_s", "compute_s", "to_host_s", "arrow_s", "gather_s", "write_s", "wait_s")
 WORKER_BUSY = ("read_s", "compute_s", "to_host_s", "arrow_s", "write_s")
@@ -97,6 +112,61 @@ def _job_spec(out: Path, rows: int, shard_size: int, variant: str, device: str, 
                    "max_in_flight": max(8, 2 * workers), "progress": False},
         "output": {"path": str(out), "format": "arrow", "overwrite": True},
     })
+
+
+def _dataset(rows: int):
+    """The synthetic rows as a materialized Ray Data Dataset (columns ``id``, ``x``), made
+    by a Ray Data pipeline: ``range`` -> ``map_batches`` reading the synthetic source."""
+    import ray.data
+
+    from distjac.io.sources import open_source
+
+    source = open_source(_job_spec(Path("unused"), rows, rows, "gather", "cpu", 1, None).data)
+
+    def rows_of(batch):
+        ids = batch["id"]
+        return {"id": ids, "x": source.read(int(ids[0]), int(ids[-1]) + 1).numpy()}  # range batches are contiguous
+
+    return ray.data.range(rows).map_batches(rows_of, batch_format="numpy").materialize()
+
+
+def _dataset_job_spec(out: Path, ds, shard_size: int, workers: int, address: str | None) -> distjac.JobSpec:
+    return distjac.JobSpec.from_dict({
+        "model": {"factory": "distjac.models:mlp", "kwargs": {"sizes": MODEL_SIZES}},
+        "data": {"kind": "ray_dataset", "dataset": ds, "column": "x"},
+        "jacobian": {"mode": "rev"},
+        "engine": {"address": address, "num_workers": workers, "device": "cpu", "shard_size": shard_size,
+                   "max_in_flight": max(8, 2 * workers), "progress": False},
+        "output": {"path": str(out), "format": "parquet", "overwrite": True, "keep_columns": ["id"]},
+    })
+
+
+def _ray_data_run(ds, out: Path, workers: int, shard_size: int, device: str) -> float:
+    from distjac.ray_data import Jacobians
+
+    t0 = time.perf_counter()
+    ds.map_batches(Jacobians, fn_constructor_args=(_model(), "x"),
+                   fn_constructor_kwargs={"mode": "rev", "keep_input": False, "device": device},
+                   concurrency=workers, batch_size=shard_size, batch_format="numpy",
+                   num_gpus=1 if device.startswith("cuda") else None).write_parquet(str(out))
+    return time.perf_counter() - t0
+
+
+def _parquet_sample(out: Path, idx: np.ndarray) -> np.ndarray:
+    """The Jacobians of the rows whose ``id`` is in ``idx`` (sorted by id) from a Parquet
+    output of either data variant (distjac's fixed_shape_tensor or Ray Data's tensor column)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from distjac import arrow
+
+    table = pads.dataset(str(out), format="parquet").to_table(columns=["id", "jacobian"])
+    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(idx))).sort_by("id")
+    col = table.column("jacobian")
+    if arrow.tensor_info(col.type) is not None:
+        return arrow.column_values(col)
+    return np.concatenate([c.to_numpy(zero_copy_only=False) for c in col.chunks])
 
 
 def synthetic_rows(rows: int) -> torch.Tensor:
@@ -171,8 +241,20 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
                            "shard_size": shard_size, "times_s": [], "status": "ok"}
     warm_rows = min(rows, 2 * max(workers, 1) * shard_size)
 
+    datasets: dict[int, Any] = {}
+
     def one(n_rows: int, label: str):
         out = tmp / f"{kind}-{variant}-{workers}-{label}"
+        if variant in DATA_VARIANTS:
+            if n_rows not in datasets:
+                datasets[n_rows] = _dataset(n_rows)
+            if variant == "ray-data":
+                wall = _ray_data_run(datasets[n_rows], out, workers, shard_size, device)
+                totals, shards = dict.fromkeys(STAGES, 0.0), -(-n_rows // shard_size)
+            else:
+                spec = _dataset_job_spec(out, datasets[n_rows], shard_size, workers, address)
+                wall, totals, shards, _ = _job_run(engine.run, spec)
+            return wall, totals, shards, None, out, out
         if variant == "gather":
             wall, totals, shards, res = _gather_run(engine, x[:n_rows])
             view = res
@@ -184,10 +266,14 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
 
     engine = None
     try:
-        if workers > 0:
+        if workers > 0 and variant != "ray-data":
             engine = distjac.Engine(address=address, num_workers=workers, device=device, shard_size=shard_size,
                                     parallel_iterations=max(8, 2 * workers), progress=False)
             rec["nodes"] = len({w["node"] for w in engine.workers()})
+        elif variant == "ray-data":
+            import ray
+
+            rec["nodes"] = len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")])
         else:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -197,7 +283,10 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
             shutil.rmtree(out, ignore_errors=True)
             wall, totals, shards, res, view, out = one(rows, "check")
             try:
-                got = res[torch.as_tensor(idx)] if variant == "gather" else read_result(view, rows=idx)
+                if variant in DATA_VARIANTS:
+                    got = _parquet_sample(out, idx)
+                else:
+                    got = res[torch.as_tensor(idx)] if variant == "gather" else read_result(view, rows=idx)
                 rec["check_max_rel_err"] = check_sample(variant, got, x_check, idx)
                 del res, got
             finally:
@@ -222,6 +311,9 @@ def _measure(kind: str, variant: str, workers: int, *, rows: int, shard_size: in
     rec["rows_per_s"] = rows / rec["median_s"]
     wall, totals, shards = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     rec["shards"] = shards
+    if variant == "ray-data":  # Ray Data's own stages are not distjac's to break down
+        rec["breakdown_s_per_shard"] = None
+        return rec
     # "wait": the workers' idle time, (wall x workers - their busy time) per shard: what
     # the engine costs beyond the work itself (scheduling, the driver, stragglers at the
     # end). "queue" (submission to start, kept in the JSON) is mostly shards waiting
@@ -331,7 +423,7 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r.get('reason')} |")
             continue
         b = r["breakdown_s_per_shard"]
-        parts = " / ".join(f"{1e3 * b[k]:.0f}" for k in STAGES)
+        parts = " / ".join(f"{1e3 * b[k]:.0f}" for k in STAGES) if b else "(Ray Data's)"
         solo = "in-process, 1 thread" if cfg["device"] == "cpu" else f"in-process, {cfg['device']}"
         who = solo if r["workers"] == 0 else str(r["workers"])
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
@@ -341,6 +433,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['topology']} | {r['variant']} | {who} | {r.get('nodes', '')} | "
                      f"{r['rows_per_s']:,.0f} | {sp} | {eff} | {parts} | {1e3 * r.get('wall_s_per_shard', 0):.0f} | "
                      f"{f'{ratio:.2f}' if ratio else '—'} | {f'{100 * busy:.0f}%' if busy is not None else '—'} |")
+    pairs = [(r, next((o for o in result["records"] if o.get("status") == "ok" and o["variant"] == "dataset-job"
+                       and (o["topology"], o["workers"]) == (r["topology"], r["workers"])), None))
+             for r in result["records"] if r.get("status") == "ok" and r["variant"] == "ray-data"]
+    if any(job for _, job in pairs):
+        ratios = ", ".join(f"{r['topology']} {r['workers']} worker(s) {r['rows_per_s'] / job['rows_per_s']:.2f}x"
+                           for r, job in pairs if job)
+        lines += ["", f"Ray Data transform vs distjac's job on the same Dataset and workers (rows/s): {ratios}."]
     lines += ["", "Speedup and efficiency are against 1 worker of the same topology and variant. The "
               "breakdown is each stage's time summed over the median run's shards, per shard; wait is the "
               "workers' idle time (wall x workers - busy) per shard, 0 when the stages overlap. A worker "
@@ -384,7 +483,8 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
     plt.close(fig)
     files.append("scaling_throughput.png")
 
-    # Time per shard by stage, stacked.
+    # Time per shard by stage, stacked (not for Ray Data's pipeline: its stages are its own).
+    recs = [r for r in recs if r["breakdown_s_per_shard"]]
     fig, ax = plt.subplots(figsize=(max(7.5, 0.7 * len(recs) + 2), 4.8))
     short = {"gather": "gather", "write": "write", "write+frobenius": "write+frob"}
     labels = [f"{r['topology'][0].upper()} {short.get(r['variant'], r['variant'])}\n{r['workers']}w" for r in recs]
@@ -412,7 +512,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
 
 def run(out_dir: str | os.PathLike, *, size: str = "full", rows: int | None = None, shard_size: int | None = None,
         workers: Sequence[int] | None = None, topologies: Sequence[str] = TOPOLOGIES,
-        variants: Sequence[str] = VARIANTS, repeats: int | None = None, device: str = "cpu",
+        variants: Sequence[str] = DEFAULT_VARIANTS, repeats: int | None = None, device: str = "cpu",
         in_process: bool = True, plots: bool = True, tmp_dir: str | None = None) -> dict[str, Any]:
     """Run the scaling suite; write ``scaling.json``, ``scaling.md`` and the plots
     ``scaling_throughput.png`` and ``scaling_breakdown.png`` under ``out_dir``.
@@ -433,13 +533,15 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", rows: int | None = No
     with tempfile.TemporaryDirectory(prefix="distjac-scaling-", dir=tmp_dir) as tmp:
         if in_process and "local" in topologies:
             for variant in variants:
-                if variant != "gather":
+                if variant not in ("gather", *DATA_VARIANTS):
                     log(f"   in-process {variant} ...")
                     result["records"].append(_measure_or_record(
                         "local", variant, 0, rows=rows, shard_size=shard_size, repeats=repeats, device=device,
                         address=None, x=None, tmp=Path(tmp)))
         for topo in topologies:
-            holder = _LocalRay(max(workers)) if topo == "local" else _OneMachineCluster(max(workers))
+            # Ray Data's read and write tasks need a CPU beside its actor pool's.
+            extra = 1 if set(variants) & set(DATA_VARIANTS) else 0
+            holder = _LocalRay(max(workers) + extra) if topo == "local" else _OneMachineCluster(max(workers) + extra)
             with holder:
                 for variant in variants:
                     for n in workers:
@@ -491,7 +593,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shard-size", type=int, default=None, help="rows per shard (full: 50,000)")
     g.add_argument("--workers", default=None, help="comma-separated worker counts (full: 1, 2, 4, ... cores)")
     g.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated: local, cluster")
-    g.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
+    g.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated: " + ", ".join(VARIANTS) + f" (default: {', '.join(DEFAULT_VARIANTS)})")
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,14 +5,16 @@ when it was opened), never the data: the driver opens it once to check it and le
 rows, per-example shape and dtype, then ships it inside each shard descriptor; every
 worker reads only its own rows with ``read(start, stop)``.
 
-=========  ==================================================================================
-synthetic  seeded normal values; see NOTE [synthetic data does not depend on the plan]
-npy        a ``.npy`` file, memory-mapped (``np.load(mmap_mode="r")``)
-parquet    Parquet files with a tensor column; only the row groups that overlap are read
-arrow      Arrow IPC files (Feather v2) with a tensor column, memory-mapped; only the record
-           batches that overlap are touched
-tensor     a tensor in memory (for the engine's in-memory jobs)
-=========  ==================================================================================
+===========  ================================================================================
+synthetic    seeded normal values; see NOTE [synthetic data does not depend on the plan]
+npy          a ``.npy`` file, memory-mapped (``np.load(mmap_mode="r")``)
+parquet      Parquet files with a tensor column; only the row groups that overlap are read
+arrow        Arrow IPC files (Feather v2) with a tensor column, memory-mapped; only the
+             record batches that overlap are touched
+tensor       a tensor in memory (for the engine's in-memory jobs)
+ray_dataset  a Ray Data ``Dataset`` (:class:`distjac.ray_data.DatasetSource`: its blocks stay
+             in Ray's object store; each worker fetches the blocks its rows overlap)
+===========  ================================================================================
 
 A tensor column is an ``arrow.fixed_shape_tensor`` or a (nested) fixed-size list of
 floats, or a (nested) variable-size list of floats whose rows all hold the same number
@@ -677,6 +679,10 @@ def open_source(data) -> Source:
         return ParquetSource.open(data.path, data.column, data.rows, shape)
     if kind == "arrow":
         return ArrowSource.open(data.path, data.column, data.rows, shape)
+    if kind == "ray_dataset":
+        from ..ray_data import DatasetSource  # imports Ray when the job runs on a Dataset
+
+        return DatasetSource.open(data.dataset, data.column, data.rows, shape)
     if kind == "tensor":
         src = TensorSource(data.tensor)
         if data.rows is not None:
@@ -823,17 +829,18 @@ def _list_values(col: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], dtype:
 
 def check_keep_columns(source: Source, columns: Sequence[str] | None) -> None:
     """SourceError unless every column of ``output.keep_columns`` exists in the source
-    (a Parquet or Arrow source; the others have no columns) and none is the tensor
-    column or an output column name."""
+    (a Parquet, Arrow or Ray Data source; the others have no columns). That none
+    collides with an output column is the config's check."""
     if not columns:
         return
-    if not isinstance(source, _FileTable):
+    if not hasattr(source, "read_columns"):
         raise SourceError(f"output.keep_columns={list(columns)}: a {source.kind} source has no columns to keep; "
-                          f"keep_columns needs data.kind parquet or arrow.")
+                          f"keep_columns needs data.kind parquet, arrow or ray_dataset.")
     missing = [c for c in columns if c not in source.columns]
+    where = source.files[0][0] if isinstance(source, _FileTable) else "the dataset"
     if missing:
         raise SourceError(f"output.keep_columns: {', '.join(map(repr, missing))} not in the data "
-                          f"({source.files[0][0]!r}); its columns are: {', '.join(source.columns)}.")
+                          f"({where!r}); its columns are: {', '.join(source.columns)}.")
 
 
 def read_columns(source: Source, columns: Sequence[str], start: int, stop: int) -> dict[str, pa.Array]:
