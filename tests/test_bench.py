@@ -172,6 +172,23 @@ def test_scaling_tiny_local(tmp_path, keep_threads):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_scaling_ray_data_variants(tmp_path, keep_threads):
+    """distjac's job on a Ray Data Dataset and Ray Data's own pipeline with the transform,
+    both checked against the in-process kernel before they are timed."""
+    pytest.importorskip("ray.data")
+    doc = scaling.run(tmp_path, size="tiny", rows=1200, shard_size=300, workers=[1], topologies=["local"],
+                      variants=["dataset-job", "ray-data"], plots=False, tmp_dir=str(tmp_path))
+    recs = _scaling_records(doc)
+    assert set(recs) == {("local", "dataset-job", 1), ("local", "ray-data", 1)}  # no in-process row for these
+    for r in recs.values():
+        assert r["status"] == "ok" and r["check_max_rel_err"] < 1e-4 and r["rows_per_s"] > 0, r
+    assert recs[("local", "ray-data", 1)]["breakdown_s_per_shard"] is None
+    assert recs[("local", "dataset-job", 1)]["breakdown_s_per_shard"]["write_s"] > 0
+    assert "Ray Data transform vs distjac's job on the same Dataset and workers" in (tmp_path / "scaling.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_scaling_tiny_cluster(tmp_path, keep_threads):
     import ray
