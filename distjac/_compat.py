@@ -121,6 +121,23 @@ def ray_cluster_mode_off() -> Iterator[None]:
             os.environ[key] = saved_env
 
 
+def most_free_cpus_on_a_node() -> float | None:
+    """The most CPUs free on any one node of the connected cluster (a 1-CPU task needs
+    one node with a whole CPU free; the cluster's sum may be spread in fractions), or
+    None where Ray cannot say.
+
+    Tested with Ray 2.60, through ``ray._private.state.available_resources_per_node()``
+    (node id -> free resources).
+    """
+    try:
+        from ray._private import state
+
+        per_node = state.available_resources_per_node()
+    except Exception:  # pragma: no cover - another Ray version
+        return None
+    return max((float(r.get("CPU", 0.0)) for r in per_node.values()), default=0.0)
+
+
 # -- torch -----------------------------------------------------------------------------
 
 

@@ -890,6 +890,9 @@ class Engine:
         Raises:
             ShapeError, DtypeError, OptionError, TypeError: bad input, before any shard
                 is scheduled (the same errors as the in-process call).
+            SourceError, SourceDtypeError: a Dataset without a usable tensor column
+                (none, several without ``column=``, nulls, ragged or integer rows), or
+                one Ray Data cannot execute because no CPU is free.
             ShardError: fn failed on a shard; names the shard, its rows and node, with
                 the original exception chained (``__cause__``).
         """
@@ -897,23 +900,20 @@ class Engine:
         self._check_open(call)
         source = None
         if type(x).__module__.startswith("ray.data") and hasattr(x, "to_arrow_refs"):
-            from .errors import SourceError
             from .ray_data import DatasetSource
 
-            if not callable(fn):
-                raise TypeError(f"{call}: fn must be callable, got {type(fn).__name__}.")
-            try:
-                source = DatasetSource.open(x, column, None, shape)
-            except SourceError as err:
-                raise SourceError(f"{call}: {err}") from None
+            # The cheap checks first; then the workers take their CPUs, and only then is
+            # the dataset executed (NOTE [a Dataset as a source] in distjac.ray_data).
+            check_functional_call(fn, torch.empty(0, 1), mode, unconnected_gradients, call)
+            _check_pfor(experimental_use_pfor, call)
+            self._ready()
+            source = DatasetSource.open(x, column, None, shape, where=f"{call} on a ray.data.Dataset")
             x = torch.empty((0, *source.shape), dtype=getattr(torch, source.dtype))  # stands for its rows
         elif column is not None or shape is not None:
             raise OptionError(f"{call}: column= and shape= are for a ray.data.Dataset x; x is a "
                               f"{type(x).__name__}.")
         x, mode, unconnected = check_functional_call(fn, x, mode, unconnected_gradients, call)
-        if not isinstance(experimental_use_pfor, bool):
-            raise OptionError(f"{call}: experimental_use_pfor={experimental_use_pfor!r} is not valid; "
-                              "use True or False.")
+        _check_pfor(experimental_use_pfor, call)
         return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress, source).run()
 
     def run(self, spec, *, progress: bool | None = None) -> dict:
@@ -947,6 +947,8 @@ class Engine:
 
         call = "Engine.run(spec)"
         self._check_open(call)
+        if getattr(getattr(spec, "data", None), "kind", None) == "ray_dataset":
+            self._ready()  # the workers hold their CPUs before the dataset is executed (distjac.ray_data)
         # Checks that run no user code (the spec, the source, the factory's module) first.
         source = check_job(spec, device_here=False)
         # NOTE [the driver never runs the model] (distjac.shard): the factory is imported
@@ -1012,6 +1014,11 @@ class _Done:
     worker: int
     attempts: int
     wait_s: float
+
+
+def _check_pfor(value, call: str) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(f"{call}: experimental_use_pfor={value!r} is not valid; use True or False.")
 
 
 def _ship(engine: Engine, fn) -> _Shipment:
@@ -1096,29 +1103,40 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
     system_errors = _system_errors()
     actor_errors = tuple(e for e in system_errors if issubclass(e, ray.exceptions.RayActorError))
     nxt = 0
-    polls: dict[int, Any] = {}  # slot -> its progress poll in flight
-    answers: dict[int, dict] = {}  # slot -> its last answer: {shard: fraction of compute done}
+    polls: dict[int, tuple] = {}  # slot -> (the actor polled, its progress poll in flight)
+    answers: dict[int, dict] = {}  # slot -> its actor's last answer: {shard: fraction of compute done}
     last_poll = [0.0]
+    last_fraction: dict[int, float] = {}  # shard -> its highest fraction reported (rows_in_flight)
 
     def poll_progress(now: float) -> None:
-        if polls:
-            ready, _ = ray.wait(list(polls.values()), num_returns=len(polls), timeout=0)
-            for w, ref in list(polls.items()):
-                if ref in ready:
-                    del polls[w]
-                    try:
-                        answers[w] = ray.get(ref)
-                    except Exception:  # a worker that died answers nothing; lose_worker handles it
-                        answers.pop(w, None)
+        for w, (actor, ref) in list(polls.items()):
+            if ray.wait([ref], timeout=0)[0]:
+                del polls[w]
+                try:
+                    answer = ray.get(ref)
+                except Exception:  # a worker that died answers nothing; lose_worker handles it
+                    answer = None
+                if answer is not None and workers[w] is actor:  # not a replaced worker's
+                    answers[w] = answer
         if now - last_poll[0] >= PROGRESS_POLL_S:
             last_poll[0] = now
             for w, lane in enumerate(lanes):
                 if lane and w not in polls and w not in booting:
-                    polls[w] = workers[w].progress.options(concurrency_group=PROGRESS_GROUP).remote()
+                    polls[w] = (workers[w], workers[w].progress.options(concurrency_group=PROGRESS_GROUP).remote())
+        refs = [r for lane in lanes for r in lane if r in pending]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
         rows = 0.0
         for w, lane in enumerate(lanes):
-            flights = [tasks[pending[r].index] for r in lane if r in pending]
-            rows += rows_in_flight(answers.get(w, {}), {t.shard: t.stop - t.start for t in flights})
+            running = {}
+            for r in lane:
+                if r not in pending:
+                    continue
+                t = tasks[pending[r].index]
+                if r in done:  # finished, its result not taken yet: all its rows
+                    rows += t.stop - t.start
+                else:
+                    running[t.shard] = t.stop - t.start
+            rows += rows_in_flight(answers.get(w, {}), running, last_fraction)
         on_progress(rows)
 
     def start_head(w: int, now: float) -> None:
@@ -1148,6 +1166,10 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
             lost = [r for r in lanes[w] if not _finished_ok(r)]
             flights = [pending.pop(r) for r in lost]
             lanes[w].clear()
+            answers.pop(w, None)  # the dead worker's progress is not its replacement's
+            polls.pop(w, None)
+            for f in flights:  # redone from the start
+                last_fraction.pop(tasks[f.index].shard, None)
             engine._replace_worker(w, actor, reason.split(";")[0])
             fresh[w] = True
             booting[w] = (workers[w].info.remote(), time.perf_counter())
@@ -1338,7 +1360,8 @@ class _Call:
 
     def _task(self, shard: int, start: int, stop: int) -> ShardTask:
         if self.source is not None:  # the worker reads its rows from the Dataset's blocks
-            return ShardTask(shard, start, stop, dtype=self.dtype_name, source=self.source, options=self.options)
+            return ShardTask(shard, start, stop, dtype=self.dtype_name, source=self.source.for_rows(start, stop),
+                             options=self.options)
         return ShardTask(shard, start, stop, dtype=self.dtype_name, rows=self.wire[start:stop], options=self.options)
 
     def run(self):

@@ -18,7 +18,8 @@ that runs every task (in any order, anywhere) with a :class:`distjac.shard.Shard
 and yields each shard's result as it finishes; it raises (a ShardError) when a shard fails
 for good. ``on_progress`` is None, or a callable the executor calls now and then with the
 rows done so far of its unfinished shards (NOTE [progress within a shard] in
-distjac.shard), which moves the progress display between finished shards.
+distjac.shard), which moves the progress display between finished shards; an executor
+that takes only ``(job, tasks)`` is called with those two.
 :func:`local_executor` runs them in this process, their stages overlapped; the Ray engine
 runs them on its workers with at most ``engine.parallel_iterations`` in flight. A task is
 small and picklable: the source descriptor (paths and metadata, never data), the kernel's
@@ -217,7 +218,7 @@ class PreparedJob:
         """Shard ``index`` as a runner's task: rows [start, stop) read from the job's
         source by the runner (or ``rows`` shipped with it), and its part target."""
         return ShardTask(index, start, stop, dtype=self.compute_dtype, rows=rows,
-                         source=None if rows is not None else self.source, options=self.options,
+                         source=None if rows is not None else self.source.for_rows(start, stop), options=self.options,
                          target=self.target)
 
     def summary(self) -> dict[str, Any]:
@@ -595,7 +596,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
     bar = Progress(manifest.num_rows, done_rows, show, shards=len(manifest.shards),
                    shards_done=len(manifest.shards) - len(tasks))
     try:
-        for result in (executor or in_process_executor)(job, tasks, bar.set_in_flight if bar.enabled else None):
+        for result in _start(executor or in_process_executor, job, tasks, bar.set_in_flight if bar.enabled else None):
             part = result.part
             manifest.record(part)
             if part.shard not in computed:
@@ -630,6 +631,23 @@ def _run_locked(spec: JobSpec, job: PreparedJob, executor: Executor | None, prog
         report = _write_report(job, manifest, events, computed, timings, t0, t_run, status="succeeded")
     manifest.mark_success()
     return report
+
+
+def _start(executor: Executor, job: PreparedJob, tasks: list[ShardTask], on_progress) -> Iterable[ShardResult]:
+    """``executor(job, tasks, on_progress)``; an executor written for the two-argument
+    protocol (before progress within a shard) is called with two."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(executor).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: assume the current protocol
+        return executor(job, tasks, on_progress)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return executor(job, tasks, on_progress)
+    if any(p.name == "on_progress" or p.kind == p.VAR_KEYWORD for p in params):
+        return executor(job, tasks, on_progress=on_progress)
+    return executor(job, tasks)
 
 
 def _succeeded_before(out_dir: str) -> bool:

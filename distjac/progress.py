@@ -78,7 +78,7 @@ class Progress:
         self.shards, self.shards_done = shards, int(shards_done)
         self.retries = 0
         self.in_flight = 0.0  # rows done so far of the shards in flight
-        self._bar_n = self.done  # what the bar shows
+        self._bar_n = self._shown = self.done  # what the bar shows; the most shown yet
         self.desc = desc
         self.interval = float(interval) if interval is not None else _interval_from_env()
         tty = bool(getattr(self.file, "isatty", lambda: False)())
@@ -108,8 +108,11 @@ class Progress:
 
     @property
     def shown(self) -> int:
-        """Rows shown as done: finished shards' rows plus the rows in flight done so far."""
-        return min(self.total, self.done + int(self.in_flight))
+        """Rows shown as done: finished shards' rows plus the rows in flight done so far;
+        never less than shown before (a shard lost with its worker is redone, not
+        subtracted from the display)."""
+        self._shown = max(self._shown, min(self.total, self.done + int(self.in_flight)))
+        return self._shown
 
     def update(self, rows: int, *, shards: int = 0) -> None:
         """``rows`` more rows (and ``shards`` more shards) are done."""

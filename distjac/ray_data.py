@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -236,10 +236,11 @@ class Jacobians:
 # task carries it, and each worker fetches only the blocks its rows overlap, so the driver
 # never holds the data. The row order is the order of the blocks Ray Data returns; the
 # hash of the blocks' values, in that order, is the job's data identity (spec hash), so a
-# job resumes on the same rows and refuses an output made from other ones. (Ray Data keeps
-# its order across runs only with ``DataContext.execution_options.preserve_order = True``;
-# without it a re-run may see the rows in another order and start again. Carry an id
-# column with ``output.keep_columns`` to join results back.)
+# job resumes on the same rows and refuses an output made from other ones
+# (OutputExistsError; ``output.overwrite`` starts again). Ray Data keeps its order across
+# runs only with ``DataContext.execution_options.preserve_order = True``, and the hash is
+# of blocks: the same rows cut into other blocks (another read parallelism) are another
+# job too. Carry an id column with ``output.keep_columns`` to join results back.
 #
 # Ray Data executes a dataset with tasks that each need a CPU. An Engine's workers hold
 # CPUs for their lifetime, and on a cluster with no CPU left Ray Data waits forever; so
@@ -329,7 +330,7 @@ def _block_values(table, column: str, shape: tuple[int, ...] | None, where: str,
     return values
 
 
-def _block_info(table, column: str | None, shape: tuple[int, ...] | None) -> dict:
+def _block_info(table, column: str | None, shape: tuple[int, ...] | None, where: str = "data.dataset") -> dict:
     """A block's row count, column names, tensor column, per-row shape, dtype and content
     hash: run where the block lives (NOTE [a Dataset as a source])."""
     import hashlib
@@ -338,8 +339,8 @@ def _block_info(table, column: str | None, shape: tuple[int, ...] | None) -> dic
     info = {"rows": rows, "columns": tuple(table.schema.names)}
     if rows == 0:
         return info
-    name = _pick(table.schema, column, _SOURCE)
-    values = _block_values(table, name, shape, _SOURCE, 0)
+    name = _pick(table.schema, column, where)
+    values = _block_values(table, name, shape, where, 0)
     h = hashlib.sha256(f"{values.dtype}{values.shape}".encode())
     h.update(memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
     return {**info, "column": name, "shape": tuple(int(s) for s in values.shape[1:]), "dtype": values.dtype.name,
@@ -359,6 +360,7 @@ class DatasetSource(Source):
     digest: str
     columns: tuple[str, ...] = ()
     list_shape: tuple[int, ...] | None = None  # data.shape, given for a column of flat rows
+    first_row: int = 0  # the global row of blocks[0] (a task's source holds only its blocks)
     kind = "ray_dataset"
 
     @property
@@ -367,55 +369,56 @@ class DatasetSource(Source):
 
     @classmethod
     def open(cls, ds: Any, column: str | None = None, rows: int | None = None,
-             shape: Sequence[int] | None = None) -> DatasetSource:
-        """Execute ``ds`` and check its blocks (NOTE [a Dataset as a source]); cached per
-        dataset object, so a job's checks, hash and run open it once."""
+             shape: Sequence[int] | None = None, *, where: str = _SOURCE) -> DatasetSource:
+        """Execute ``ds`` and check its blocks (NOTE [a Dataset as a source]), once per
+        dataset object, column and shape in this Ray session, so that a job's checks,
+        hash and run (and a later ``rows=``) execute and check it once. ``where`` names
+        the dataset in messages."""
         import weakref
 
         import ray
 
         global _OPENED
         if not _is_dataset(ds):
-            raise SourceError(f"{_SOURCE} must be a ray.data.Dataset, got {type(ds).__name__}.")
+            raise SourceError(f"{where} must be a ray.data.Dataset, got {type(ds).__name__}.")
         shape = tuple(int(s) for s in shape) if shape is not None else None
-        key = (column, rows, shape)
+        key = (ray.get_runtime_context().get_job_id(), column, shape)  # block refs die with their session
         if _OPENED is None:
             _OPENED = weakref.WeakKeyDictionary()
-        cached = _OPENED.get(ds, {}).get(key)
-        if cached is not None:
-            return cached
-        _refuse_without_cpus(ds)
-        refs = ds.to_arrow_refs()
-        # No CPU asked: it runs beside workers that hold every CPU, where the block is.
-        info_task = ray.remote(num_cpus=0, max_retries=3)(_block_info)
-        try:
-            infos = ray.get([info_task.remote(ref, column, shape) for ref in refs])
-        except ray.exceptions.RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, (ShapeError, SourceError)):
-                raise SourceError(str(cause)) from None
-            raise
-        src = cls._from_infos(refs, infos, rows, shape)
-        _OPENED.setdefault(ds, {})[key] = src
-        return src
+        blocks = _OPENED.get(ds, {}).get(key)
+        if blocks is None:
+            _refuse_without_cpus(ds, where)
+            refs = ds.to_arrow_refs()
+            # No CPU asked: it runs beside workers that hold every CPU, where the block is.
+            info_task = ray.remote(num_cpus=0, max_retries=3)(_block_info)
+            try:
+                infos = ray.get([info_task.remote(ref, column, shape, where) for ref in refs])
+            except ray.exceptions.RayTaskError as err:
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, (ShapeError, SourceError)):  # the block's data, checked where it lives
+                    raise SourceError(str(cause)) from None
+                raise
+            blocks = list(zip(refs, infos))
+            _OPENED.setdefault(ds, {})[key] = blocks
+        return cls._from_infos(blocks, rows, shape, where)
 
     @classmethod
-    def _from_infos(cls, refs, infos, rows, shape) -> DatasetSource:
+    def _from_infos(cls, blocks, rows, shape, where) -> DatasetSource:
         import hashlib
 
-        full = [(r, i) for r, i in zip(refs, infos) if i["rows"]]
+        from .io.sources import _check_dtype
+
+        full = [(r, i) for r, i in blocks if i["rows"]]
         if not full:
-            raise SourceError(f"{_SOURCE}: the dataset has no rows.")
+            raise SourceError(f"{where}: the dataset has no rows.")
         first = full[0][1]
         for _, i in full[1:]:
             if (i["column"], i["shape"], i["dtype"]) != (first["column"], first["shape"], first["dtype"]):
-                raise SourceError(f"{_SOURCE}: the dataset's blocks disagree: column {first['column']!r} of shape "
+                raise SourceError(f"{where}: the dataset's blocks disagree: column {first['column']!r} of shape "
                                   f"{list(first['shape'])} and dtype {first['dtype']} in one, {i['column']!r} of "
                                   f"shape {list(i['shape'])} and dtype {i['dtype']} in another; every example must "
                                   f"have the same shape and dtype.")
-        from .io.sources import _check_dtype
-
-        _check_dtype(np.dtype(first["dtype"]), _SOURCE, first["column"])
+        _check_dtype(np.dtype(first["dtype"]), where, first["column"])
         total = sum(i["rows"] for _, i in full)
         if rows is not None and rows > total:
             raise SourceError(f"data.rows={rows} but the dataset has only {total} rows; lower data.rows or remove it.")
@@ -425,16 +428,33 @@ class DatasetSource(Source):
         for ref, i in full:
             if seen >= limit:
                 break
-            kept.append((ref, min(i["rows"], limit - seen)))
-            h.update(i["digest"].encode() if seen + i["rows"] <= limit else f"{i['digest']}[:{limit - seen}]".encode())
-            seen += i["rows"]
+            n = min(i["rows"], limit - seen)
+            kept.append((ref, n))
+            # A block cut by data.rows: its digest covers all its rows (a conservative identity).
+            h.update(f"{i['digest']}:{n}".encode())
+            seen += n
         return cls(blocks=tuple(kept), column=first["column"], rows=limit, shape=first["shape"], dtype=first["dtype"],
                    digest=h.hexdigest()[:16], columns=first["columns"], list_shape=shape)
+
+    def for_rows(self, start: int, stop: int) -> DatasetSource:
+        """This source with only the blocks rows [start, stop) overlap: what a shard's
+        task carries (not every block's reference)."""
+        keep, offset, first = [], self.first_row, None
+        for ref, n in self.blocks:
+            if offset < stop and offset + n > start:
+                first = offset if first is None else first
+                keep.append((ref, n))
+            offset += n
+        if first is None:
+            return self
+        return replace(self, blocks=tuple(keep), first_row=first)
 
     # -- reading (on a worker, or in process) -------------------------------------------
 
     def _pieces(self, start: int, stop: int):
-        offset = 0
+        offset = self.first_row
+        if start < offset or stop > offset + sum(n for _, n in self.blocks):
+            raise IndexError(f"ray_dataset source: rows [{start}, {stop}) are not in this task's blocks.")
         for ref, n in self.blocks:
             lo, hi = max(start, offset), min(stop, offset + n)
             if lo < hi:
@@ -452,7 +472,7 @@ class DatasetSource(Source):
         pos = 0
         for ref, lo, hi, base in self._pieces(start, stop):
             table = ray.get(ref).slice(lo, hi - lo)
-            values = _block_values(table, self.column, self.list_shape or None, _SOURCE, base)
+            values = _block_values(table, self.column, self.list_shape, _SOURCE, base)
             out[pos:pos + len(values)] = values.reshape(len(values), *self.shape)
             pos += len(values)
         return torch.from_numpy(out)
@@ -475,23 +495,27 @@ class DatasetSource(Source):
                 f"in {len(self.blocks)} blocks")
 
 
-def _refuse_without_cpus(ds: Any) -> None:
-    """SourceError when executing ``ds`` would need a CPU and the cluster has none free
-    (NOTE [a Dataset as a source]): Ray Data would wait for one forever."""
+def _refuse_without_cpus(ds: Any, where: str) -> None:
+    """SourceError when executing ``ds`` would need a CPU and no node of the cluster has a
+    whole one free (NOTE [a Dataset as a source]): Ray Data would wait for one forever."""
     import pyarrow as pa
     import ray
     from ray.data.dataset import MaterializedDataset
+
+    from ._compat import most_free_cpus_on_a_node
 
     if isinstance(ds, MaterializedDataset):
         schema = ds.schema()
         if isinstance(getattr(schema, "base_schema", schema), pa.Schema):
             return  # Arrow blocks already in the object store: nothing to execute or convert
-    free = float(ray.available_resources().get("CPU", 0.0))
+    free = most_free_cpus_on_a_node()
+    if free is None:  # pragma: no cover - another Ray version: the cluster's sum
+        free = float(ray.available_resources().get("CPU", 0.0))
     if free >= 1.0:
         return
     total = float(ray.cluster_resources().get("CPU", 0.0))
     raise SourceError(
-        f"{_SOURCE}: Ray Data needs a free CPU to execute the dataset, and none of the cluster's {total:g} CPUs is "
-        f"free (the Engine's workers hold them). Execute it before the Engine starts (ds = ds.materialize()), or "
-        f"leave CPUs to Ray Data (distjac.Engine(num_workers=...) with fewer workers)."
+        f"{where}: Ray Data needs a free CPU to execute the dataset, and no node of the cluster ({total:g} CPUs) "
+        f"has one free (the Engine's workers hold them). Execute it before the Engine starts "
+        f"(ds = ds.materialize()), or leave CPUs to Ray Data (distjac.Engine(num_workers=...) with fewer workers)."
     )

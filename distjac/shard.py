@@ -769,10 +769,17 @@ def _each(values: dict[str, Any], f: Callable) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def rows_in_flight(progress: dict[int, float], rows_of: dict[int, int]) -> float:
+def rows_in_flight(progress: dict[int, float], rows_of: dict[int, int], last: dict[int, float]) -> float:
     """Rows done so far of the shards in flight: ``fraction x rows`` summed over the shards
-    of ``rows_of`` (shard -> its rows) that ``progress`` (a runner's) reports."""
-    return float(sum(f * rows_of[k] for k, f in progress.items() if k in rows_of))
+    of ``rows_of`` (shard -> its rows). ``progress`` is a runner's report; ``last`` (updated
+    here) keeps each shard's highest fraction reported, which stands for a shard the
+    report no longer lists (it has just returned, its result not taken yet) or not yet."""
+    total = 0.0
+    for k, n in rows_of.items():
+        f = max(progress.get(k, 0.0), last.get(k, 0.0))
+        last[k] = f
+        total += f * n
+    return total
 
 
 def local_executor(fn: Callable, runner: ShardRunner, tasks: Sequence[ShardTask], *,
@@ -793,6 +800,7 @@ def local_executor(fn: Callable, runner: ShardRunner, tasks: Sequence[ShardTask]
     running: dict = {}  # future -> its task
     pool = ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="distjac-shard")
     poll = PROGRESS_POLL_S if on_progress is not None else None
+    last: dict[int, float] = {}  # shard -> its highest fraction reported
     try:
         while todo or running:
             while todo and failure is None and len(running) < max(1, depth):
@@ -803,8 +811,6 @@ def local_executor(fn: Callable, runner: ShardRunner, tasks: Sequence[ShardTask]
             done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
             for fut in done:
                 running.pop(fut)
-            if on_progress is not None:
-                on_progress(rows_in_flight(runner.progress(), {t.shard: t.stop - t.start for t in running.values()}))
             for fut in sorted(done, key=lambda f: f.exception() is None, reverse=True):
                 err = fut.exception()
                 if err is None:
@@ -813,6 +819,9 @@ def local_executor(fn: Callable, runner: ShardRunner, tasks: Sequence[ShardTask]
                     failure = failure or err
                 else:  # pragma: no cover - run() wraps every failure
                     raise err
+            if on_progress is not None:  # after the finished shards were taken: not counted twice
+                on_progress(rows_in_flight(runner.progress(), {t.shard: t.stop - t.start for t in running.values()},
+                                           last))
             if failure is not None and not running:
                 break
     finally:

@@ -155,3 +155,35 @@ def test_no_free_cpu_is_an_error_not_a_hang(engine, tmp_path):
         got = full.batch_jacobian(model, ready, column="x")
     order = _order(ready)
     torch.testing.assert_close(got, distjac.batch_jacobian(model, torch.from_numpy(x[order])))
+
+
+def test_data_rows_cuts_a_dataset_and_tasks_carry_only_their_blocks(engine, tmp_path):
+    from distjac.ray_data import DatasetSource
+
+    x = _rows(60, seed=5)
+    tables = [pa.table({"id": pa.array(np.arange(k, k + 20)),
+                        "x": pa.FixedSizeListArray.from_arrays(pa.array(x[k:k + 20].ravel()), 4)})
+              for k in (0, 20, 40)]
+    ds = ray.data.from_arrow(tables)  # one block per table
+    src = DatasetSource.open(ds, "x")
+    assert [n for _, n in src.blocks] == [20, 20, 20]
+    cut = DatasetSource.open(ds, "x", rows=45)  # inside the last block: the block checks are reused
+    assert (src.num_rows, cut.num_rows) == (60, 45) and cut.digest != src.digest
+    assert sum(n for _, n in cut.blocks) == 45
+    order = _order(ds)
+    torch.testing.assert_close(cut.read(0, 45), torch.from_numpy(x[order[:45]]))
+    part = cut.for_rows(30, 45)
+    assert len(part.blocks) < len(cut.blocks) and part.first_row > 0
+    torch.testing.assert_close(part.read(30, 45), torch.from_numpy(x[order[30:45]]))
+    with pytest.raises(IndexError, match="not in this task's blocks"):
+        part.read(0, 5)
+    with pytest.raises(SourceError, match="data.rows=61 but the dataset has only 60 rows"):
+        DatasetSource.open(ds, "x", rows=61)
+    model = models.mlp([4, 3])
+    spec = distjac.JobSpec.from_dict({
+        "model": {"module": model}, "data": {"kind": "ray_dataset", "dataset": ds, "column": "x", "rows": 45},
+        "output": {"path": str(tmp_path / "out")}})
+    assert engine.run(spec)["rows"] == 45
+    np.testing.assert_allclose(distjac.read_result(str(tmp_path / "out")),
+                               distjac.batch_jacobian(model, torch.from_numpy(x[order[:45]])).numpy(),
+                               rtol=1e-6, atol=1e-7)

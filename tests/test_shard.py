@@ -242,3 +242,36 @@ def test_choosing_a_strategy_fails_as_a_shard_does():
     with pytest.raises(ShardRunError) as info:
         ShardRunner(CPU).choose(fn, task, work_rows=100)
     assert info.value.stage == "compute" and isinstance(info.value.error, ValueError)
+
+
+def test_local_executor_progress_never_counts_a_shard_twice_or_drops_it(monkeypatch):
+    """Rows of the results taken plus the rows reported in flight never go down: a shard's
+    rows leave the in-flight report only once its result has been yielded."""
+    import time
+
+    from distjac import shard
+    from distjac.shard import KernelOptions, ShardRunner, local_executor, to_wire
+
+    monkeypatch.setattr(shard, "PROGRESS_POLL_S", 0.02)  # polls within each ~0.1 s shard
+
+    def slow(t):  # 12 outputs, chunk 1: 12 passes of ~10 ms per shard
+        y = torch.cat([t, t], dim=1) * 2.0
+        if y.requires_grad:
+            y.register_hook(lambda g: (time.sleep(0.01), g)[1])
+        return y
+
+    x = torch.randn(40, 6)
+    opts = KernelOptions(mode="rev", chunk_size=1)
+    tasks = [ShardTask(i, i * 8, i * 8 + 8, dtype="float32", rows=to_wire(x[i * 8:i * 8 + 8]), options=opts)
+             for i in range(5)]
+    seen: list[float] = []
+    taken = [0]
+
+    def report(rows):
+        seen.append(taken[0] + rows)
+
+    for result in local_executor(slow, ShardRunner(torch.device("cpu")), tasks, depth=2, on_progress=report):
+        taken[0] += result.stop - result.start
+    assert taken[0] == 40 and seen[-1] == 40
+    assert all(a <= b + 1e-9 for a, b in zip(seen, seen[1:])), seen
+    assert any(0 < v % 8 for v in seen), seen  # reports within shards, not only at their ends

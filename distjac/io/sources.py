@@ -112,6 +112,11 @@ class Source:
     def describe(self) -> str:
         return f"{self.kind}: {self.num_rows} rows of shape {self.shape}, {self.dtype}"
 
+    def for_rows(self, start: int, stop: int) -> Source:
+        """What a shard's task carries to read rows [start, stop): the source itself (a
+        Ray Data source keeps only the blocks those rows overlap)."""
+        return self
+
 
 def _to_tensor(values: np.ndarray) -> torch.Tensor:
     """A writable, owned tensor of ``values`` (which may be a read-only memory map)."""
