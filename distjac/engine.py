@@ -845,6 +845,22 @@ class Engine:
 
     # -- the distributed batch Jacobian -------------------------------------------------
 
+    def _open_dataset(self, ds, column, rows, shape, where: str):
+        """A Ray Data Dataset as a source (NOTE [a Dataset as a source] in distjac.ray_data):
+        the workers start (and take their CPUs) first; they check the blocks."""
+        import ray
+
+        from .ray_data import DatasetSource
+
+        self._ready()
+
+        def check(refs, column_, shape_, where_):
+            workers = self._workers
+            return ray.get([workers[i % len(workers)].block_info.remote(ref, column_, shape_, where_)
+                            for i, ref in enumerate(refs)])
+
+        return DatasetSource.open(ds, column, rows, shape, where=where, check=check)
+
     def batch_jacobian(
         self,
         fn,
@@ -900,14 +916,11 @@ class Engine:
         self._check_open(call)
         source = None
         if type(x).__module__.startswith("ray.data") and hasattr(x, "to_arrow_refs"):
-            from .ray_data import DatasetSource
-
             # The cheap checks first; then the workers take their CPUs, and only then is
             # the dataset executed (NOTE [a Dataset as a source] in distjac.ray_data).
             check_functional_call(fn, torch.empty(0, 1), mode, unconnected_gradients, call)
             _check_pfor(experimental_use_pfor, call)
-            self._ready()
-            source = DatasetSource.open(x, column, None, shape, where=f"{call} on a ray.data.Dataset")
+            source = self._open_dataset(x, column, None, shape, f"{call} on a ray.data.Dataset")
             x = torch.empty((0, *source.shape), dtype=getattr(torch, source.dtype))  # stands for its rows
         elif column is not None or shape is not None:
             raise OptionError(f"{call}: column= and shape= are for a ray.data.Dataset x; x is a "
@@ -947,8 +960,10 @@ class Engine:
 
         call = "Engine.run(spec)"
         self._check_open(call)
-        if getattr(getattr(spec, "data", None), "kind", None) == "ray_dataset":
-            self._ready()  # the workers hold their CPUs before the dataset is executed (distjac.ray_data)
+        data = getattr(spec, "data", None)
+        if getattr(data, "kind", None) == "ray_dataset" and data.dataset is not None:
+            # Opened (executed and checked on the workers) before check_job, which finds it opened.
+            self._open_dataset(data.dataset, data.column, data.rows, data.shape, "data.dataset")
         # Checks that run no user code (the spec, the source, the factory's module) first.
         source = check_job(spec, device_here=False)
         # NOTE [the driver never runs the model] (distjac.shard): the factory is imported

@@ -347,6 +347,15 @@ def _block_info(table, column: str | None, shape: tuple[int, ...] | None, where:
             "digest": h.hexdigest()}
 
 
+def _check_with_tasks(refs: list, column: str | None, shape: tuple[int, ...] | None, where: str) -> list[dict]:
+    """:func:`_block_info` of each block, one task each, where the block lives."""
+    import ray
+
+    # No CPU asked: it runs beside workers that hold every CPU.
+    task = ray.remote(num_cpus=0, max_retries=3)(_block_info)
+    return ray.get([task.remote(ref, column, shape, where) for ref in refs])
+
+
 @dataclass(frozen=True, eq=False)
 class DatasetSource(Source):
     """A Ray Data ``Dataset``'s rows as a distjac source (NOTE [a Dataset as a source]):
@@ -369,11 +378,15 @@ class DatasetSource(Source):
 
     @classmethod
     def open(cls, ds: Any, column: str | None = None, rows: int | None = None,
-             shape: Sequence[int] | None = None, *, where: str = _SOURCE) -> DatasetSource:
+             shape: Sequence[int] | None = None, *, where: str = _SOURCE,
+             check: Callable | None = None) -> DatasetSource:
         """Execute ``ds`` and check its blocks (NOTE [a Dataset as a source]), once per
         dataset object, column and shape in this Ray session, so that a job's checks,
         hash and run (and a later ``rows=``) execute and check it once. ``where`` names
-        the dataset in messages."""
+        the dataset in messages. ``check(refs, column, shape, where)`` returns the
+        blocks' infos (:func:`_block_info` of each); the default runs one task per
+        block, and an Engine passes its workers, whose processes have torch loaded
+        already (a fresh task process spends seconds importing it)."""
         import weakref
 
         import ray
@@ -389,10 +402,8 @@ class DatasetSource(Source):
         if blocks is None:
             _refuse_without_cpus(ds, where)
             refs = ds.to_arrow_refs()
-            # No CPU asked: it runs beside workers that hold every CPU, where the block is.
-            info_task = ray.remote(num_cpus=0, max_retries=3)(_block_info)
             try:
-                infos = ray.get([info_task.remote(ref, column, shape, where) for ref in refs])
+                infos = (check or _check_with_tasks)(refs, column, shape, where)
             except ray.exceptions.RayTaskError as err:
                 cause = getattr(err, "cause", None)
                 if isinstance(cause, (ShapeError, SourceError)):  # the block's data, checked where it lives

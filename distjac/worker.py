@@ -324,6 +324,13 @@ class JacobianWorker:
             raise self.runner._fail(err, task, "load") from None
         return self.runner.choose(fn, task, work_rows), self.info()
 
+    def block_info(self, table: Any, column: str | None, shape: tuple | None, where: str) -> dict:
+        """A Ray Data block's rows, tensor column, shape, dtype and content hash, checked
+        here (:func:`distjac.ray_data._block_info`; NOTE [a Dataset as a source])."""
+        from .ray_data import _block_info
+
+        return _block_info(table, column, shape, where)
+
     def progress(self) -> dict[int, float]:
         """The shards running here, each with the fraction of its compute done
         (NOTE [progress within a shard] in distjac.shard). The engine calls it in the
