@@ -187,7 +187,10 @@ class Progress:
         rate = new / elapsed if elapsed > 0 else 0.0
         pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
         parts = [f"{done:,}/{self.total:,} rows{pct}"]
-        parts.append(f"{rate:,.0f} rows/s" if new > 0 else "starting")
+        if new > 0:
+            parts.append(f"{rate:,.0f} rows/s")
+        elif self.done < self.total:
+            parts.append("starting")  # (a run whose rows were all done before says nothing of speed)
         if self.done >= self.total:
             parts.append(f"done in {format_duration(elapsed)}")
         elif rate > 0:

@@ -319,6 +319,10 @@ def test_progress_lines_and_bar_choice(tmp_path):
     with Progress(10, progress=None, file=quiet) as q:  # library default off a terminal: nothing
         q.update(10)
     assert quiet.getvalue() == "" and q.mode == "off"
+    finished = Progress(10, 10, True, interval=3600, file=out)  # every row done by an earlier run
+    assert finished.line().startswith("distjac: 10/10 rows (100%), done in ")
+    assert "starting" not in finished.line()
+    finished.close()
     assert Progress(10, progress=False, file=out).mode == "off"
 
 
