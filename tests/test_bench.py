@@ -236,3 +236,13 @@ def test_estimates_tiny(tmp_path, keep_threads):
     assert doc["speedup"] == pytest.approx(est["rows_per_s"] / exact["rows_per_s"])
     assert doc["check"]["max_z"] < 5  # the estimate agrees with the exact norm within its error bar
     assert "| estimate frobenius (8 probes) | 2 |" in (tmp_path / "estimates.md").read_text()
+
+
+def test_mlp_jacobian_flops_is_the_cheapest_bracketing():
+    fwd = lambda d: sum(2 * a * b for a, b in zip(d, d[1:]))  # noqa: E731
+    # W1's widths: from the output end, 2*32*256*256 + 2*32*256*64
+    assert kernels.mlp_jacobian_flops([64, 256, 256, 32]) == fwd([64, 256, 256, 32]) + 4194304 + 1048576
+    # 1000 -> 2 -> 1000 -> 2: (W3 W2) W1 costs 16,000; W3 (W2 W1) would cost 8,000,000
+    assert kernels.mlp_jacobian_flops([1000, 2, 1000, 2]) == fwd([1000, 2, 1000, 2]) + 16000
+    assert kernels.mlp_jacobian_flops([3, 5]) == 30  # one layer: its Jacobian is its weight
+    assert kernels.matmul_gflops(torch.device("cpu"), repeats=1) > 0

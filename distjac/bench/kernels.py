@@ -107,6 +107,12 @@ class Workload:
     activation: str | None = None
 
 
+def _mlp_sizes(w: Workload) -> list[int]:
+    """An MLP workload's layer widths, read from its model."""
+    linears = [m for m in w.build().modules() if isinstance(m, torch.nn.Linear)]
+    return [linears[0].in_features] + [m.out_features for m in linears]
+
+
 WORKLOADS = {
     "W1": Workload("W1", "MLP tanh 64-256-256-32", lambda: models.mlp([64, 256, 256, 32]), (64,), 8192, 128,
                    "mlp", "tanh"),
@@ -524,6 +530,43 @@ def _workload_records(name: str, rec: dict) -> list[dict[str, Any]]:
     return out
 
 
+# The float32 matmul the machine's rate is measured on: (N x N) @ (N x N), 2 N^3 FLOPs.
+MATMUL_N = 2048
+
+
+def matmul_gflops(device: torch.device, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate at the suite's threads: GFLOP/s of the median of
+    ``repeats`` (N x N) @ (N x N) products after one warm-up (MATMUL_N)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(MATMUL_N, MATMUL_N, generator=gen).to(device)
+    b = torch.randn(MATMUL_N, MATMUL_N, generator=gen).to(device)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * MATMUL_N ** 3 / sorted(times)[len(times) // 2] / 1e9
+
+
+def mlp_jacobian_flops(sizes: Sequence[int]) -> int:
+    """The fewest FLOPs per example that give an MLP's Jacobian: the forward pass, and the
+    product of its layers' Jacobians W_k D_{k-1} ... D_1 W_1 bracketed in the cheapest
+    order (the matrix-chain order; the diagonal activation factors cost O(n^2) and are
+    left out), 2 m n p per (m x n) @ (n x p)."""
+    dims = list(sizes)  # W_i is (dims[i] x dims[i-1])
+    k = len(dims) - 1
+    cost = [[0] * (k + 1) for _ in range(k + 1)]  # cost[i][j]: W_j ... W_i, 1 <= i <= j <= k
+    for span in range(1, k):
+        for i in range(1, k - span + 1):
+            j = i + span
+            cost[i][j] = min(cost[i][m] + cost[m + 1][j] + 2 * dims[j] * dims[m] * dims[i - 1] for m in range(i, j))
+    forward = sum(2 * dims[i] * dims[i + 1] for i in range(k))
+    return forward + cost[1][k]
+
+
 def _add_ratios(result: dict[str, Any]) -> None:
     """Each record's ratio to its workload's best torch baseline (same run)."""
     for name, wl in result["workloads"].items():
@@ -588,6 +631,16 @@ def markdown(result: dict[str, Any]) -> str:
                      + (f" (first call, measuring included: {first:.2f} s" if first is not None else "")
                      + (f", {share:.1f}x a steady-state call)" if share is not None else ")" if first is not None
                         else ""))
+    rate = result.get("matmul_gflops")
+    for k in names:
+        flops = result["workloads"][k].get("jacobian_flops_per_example")
+        auto = index.get((k, "distjac auto"), {})
+        if rate and flops and auto.get("examples_per_s"):
+            got = flops * auto["examples_per_s"] / 1e9
+            lines.append(f"- {k}: distjac auto does the Jacobian's fewest FLOPs ({flops / 1e6:.2f} MFLOP per example: "
+                         f"the forward pass and the layers' Jacobians multiplied in the cheapest order) at "
+                         f"{got:,.1f} GFLOP/s, {100 * got / rate:.0f}% of this machine's float32 matmul rate "
+                         f"({rate:,.1f} GFLOP/s, {MATMUL_N}^2 x {MATMUL_N}^2, {cfg['threads']} threads)")
     for r in result["records"]:
         if r["workload"] is None:
             text = f"{r['status']}: {r['reason']}"
@@ -694,10 +747,14 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     try:
         with tempfile.TemporaryDirectory(prefix="distjac-bench-") as tmp:
             npz: dict[str, Path] = {}
+            result["matmul_gflops"] = matmul_gflops(dev, repeats)
+            _log(f"float32 matmul ({MATMUL_N}^2 x {MATMUL_N}^2): {result['matmul_gflops']:,.1f} GFLOP/s")
             for name in workloads:
                 export = Path(tmp) / f"{name}.npz" if peers else None
                 rec = bench_workload(WORKLOADS[name], chosen, quick=quick, repeats=repeats, rtol=rtol,
                                      max_call_s=max_call_s, device=dev, log=_log, export=export)
+                if WORKLOADS[name].kind == "mlp":
+                    rec["jacobian_flops_per_example"] = mlp_jacobian_flops(_mlp_sizes(WORKLOADS[name]))
                 if export is not None:
                     npz[name] = export
                 result["records"] += _workload_records(name, rec)
