@@ -111,8 +111,29 @@ def test_kernels_cli(tmp_path, capsys, keep_threads):
     assert doc["files"]["plots"] == [] and not list(tmp_path.glob("*.png"))
 
 
+def test_kernels_batch_override(tmp_path, capsys, keep_threads):
+    """--batch replaces the suite's batch sizes, for every workload or for some; the table
+    and the records say which batch ran."""
+    rc = cli(["bench", "kernels", "--size", "tiny", "--workloads", "W1,W3", "--methods", "distjac rev,vmap(jacrev)",
+              "--batch", "W1=40", "--repeats", "1", "--no-peers", "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    assert doc["config"]["batch"] == {"W1": 40}
+    assert doc["workloads"]["W1"]["batch"] == 40
+    assert doc["workloads"]["W3"]["batch"] == kernels.WORKLOADS["W3"].quick_batch  # not named: the suite's
+    assert {r["batch"] for r in doc["records"] if r["workload"] == "W1"} == {40}
+    assert "W1 (B=40)" in capsys.readouterr().out
+    doc = kernels.run(tmp_path / "all", size="tiny", workloads=["W3"], methods=["distjac rev", "vmap(jacrev)"],
+                      repeats=1, peers=False, plots=False, batch=3)
+    assert doc["workloads"]["W3"]["batch"] == 3
+    assert all(r["status"] == "ok" and r["max_rel_err"] < 1e-4 for r in doc["records"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "nonsense"], "unknown suite(s) nonsense"),
+    (["bench", "kernels", "--batch", "0"], "--batch for W1 must be an integer >= 1"),
+    (["bench", "kernels", "--batch", "W9=64"], "--batch names unknown workload 'W9'"),
+    (["bench", "kernels", "--batch", "W1=many"], "give an integer (every workload) or W1=N,W3=M"),
     (["bench", "kernels", "--workloads", "W9"], "unknown workload(s) ['W9']"),
     (["bench", "kernels", "--repeats", "0"], "--repeats must be >= 1"),
     (["bench", "scaling", "--variants", "gather,scatter"], "unknown variant ['scatter']"),

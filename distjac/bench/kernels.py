@@ -43,6 +43,7 @@ Procedure, per workload:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -710,17 +711,20 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[str]:
 def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[str] = tuple(WORKLOADS),
         methods: Sequence[str] | None = None, repeats: int | None = None, threads: int = 2,
         device: str = "cpu", rtol: float = DEFAULT_RTOL, max_call_s: float = DEFAULT_MAX_CALL_S,
-        peer_python: str | None = None, peers: bool = True, plots: bool = True) -> dict[str, Any]:
+        peer_python: str | None = None, peers: bool = True, plots: bool = True,
+        batch: int | Mapping[str, int] | None = None) -> dict[str, Any]:
     """Run the kernels suite; write ``kernels.json``, ``kernels.md`` and ``kernels.png``
     under ``out_dir``; return the result document.
 
-    ``size="tiny"`` uses small batches (a smoke run in seconds). ``peer_python``: the
-    interpreter that runs the TensorFlow/JAX peers (default: this one); ``peers=False``
-    leaves them out.
+    ``size="tiny"`` uses small batches (a smoke run in seconds). ``batch``: the batch size
+    of every workload (an int), or of some (``{"W1": 65536}``), instead of the suite's;
+    the peers run on the same rows. ``peer_python``: the interpreter that runs the
+    TensorFlow/JAX peers (default: this one); ``peers=False`` leaves them out.
     """
     quick = size == "tiny"
     repeats = repeats if repeats is not None else (1 if quick else 5)
     _check(workloads, methods, repeats, threads, device)
+    batches = _batches(batch, workloads)
     chosen = METHODS if methods is None else [mt for mt in ALL_METHODS if mt.name in methods]
     dev = torch.device(device)
     saved = (torch.get_num_threads(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
@@ -734,7 +738,8 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     saved_tuning = os.environ.get("DISTJAC_TUNING_CACHE")
     os.environ["DISTJAC_TUNING_CACHE"] = "0"
     peer_python = peer_python or sys.executable
-    config = {"size": size, "repeats": repeats, "threads": threads, "device": str(dev), "rtol": rtol,
+    config = {"size": size, "batch": batches or None, "repeats": repeats, "threads": threads, "device": str(dev),
+              "rtol": rtol,
               "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "workloads": list(workloads),
               "methods": [mt.name for mt in chosen], "reference": REFERENCE,
               "peers": peers, "peer_python": peer_python if peers else None, "tf32": False,
@@ -751,7 +756,10 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
             _log(f"float32 matmul ({MATMUL_N}^2 x {MATMUL_N}^2): {result['matmul_gflops']:,.1f} GFLOP/s")
             for name in workloads:
                 export = Path(tmp) / f"{name}.npz" if peers else None
-                rec = bench_workload(WORKLOADS[name], chosen, quick=quick, repeats=repeats, rtol=rtol,
+                w = WORKLOADS[name]
+                if name in batches:
+                    w = dataclasses.replace(w, batch=batches[name], quick_batch=batches[name])
+                rec = bench_workload(w, chosen, quick=quick, repeats=repeats, rtol=rtol,
                                      max_call_s=max_call_s, device=dev, log=_log, export=export)
                 if WORKLOADS[name].kind == "mlp":
                     rec["jacobian_flops_per_example"] = mlp_jacobian_flops(_mlp_sizes(WORKLOADS[name]))
@@ -792,11 +800,38 @@ def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int
     check_device(device)
 
 
+def _batches(batch: int | Mapping[str, int] | None, workloads: Sequence[str]) -> dict[str, int]:
+    """Per workload, the batch size that replaces the suite's; ValueError if one is bad."""
+    if batch is None:
+        return {}
+    given = dict(batch) if isinstance(batch, Mapping) else dict.fromkeys(workloads, batch)
+    for name, b in given.items():
+        if name not in WORKLOADS:
+            raise ValueError(f"--batch names unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"--batch for {name} must be an integer >= 1, got {b!r}")
+    return {k: v for k, v in given.items() if k in workloads}
+
+
+def parse_batch(text: str | None) -> int | dict[str, int] | None:
+    """``--batch``: ``N`` for every workload, or ``W1=N,W3=M`` for some."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise ValueError(f"--batch {text!r}: give an integer (every workload) or W1=N,W3=M (some)") from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The CLI's arguments for this suite; ValueError saying what is wrong (before any
     suite runs, so a bad argument writes nothing)."""
-    _check(args.workloads.split(","), None if args.methods is None else args.methods.split(","),
+    workloads = args.workloads.split(",")
+    _check(workloads, None if args.methods is None else args.methods.split(","),
            1 if args.repeats is None else args.repeats, args.threads, args.device)
+    _batches(parse_batch(args.batch), workloads)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -806,6 +841,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of method names (default: all but the opt-in ones): "
                    + ", ".join(mt.name for mt in METHODS) + "; opt-in: "
                    + ", ".join(mt.name for mt in OPT_IN_METHODS))
+    g.add_argument("--batch", default=None,
+                   help="batch size instead of the suite's: N for every workload, or W1=N,W3=M for some")
     g.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and the peers' cores)")
     g.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of the check")
     g.add_argument("--max-call-s", type=float, default=DEFAULT_MAX_CALL_S,
@@ -819,4 +856,5 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return run(args.out, size=args.size, workloads=args.workloads.split(","),
                methods=None if args.methods is None else args.methods.split(","), repeats=args.repeats,
                threads=args.threads, device=args.device, rtol=args.rtol, max_call_s=args.max_call_s,
-               peer_python=args.peer_python, peers=not args.no_peers, plots=not args.no_plots)
+               peer_python=args.peer_python, peers=not args.no_peers, plots=not args.no_plots,
+               batch=parse_batch(args.batch))
