@@ -111,6 +111,42 @@ def test_kernels_cli(tmp_path, capsys, keep_threads):
     assert doc["files"]["plots"] == [] and not list(tmp_path.glob("*.png"))
 
 
+def test_kernels_pilot_grows_and_stops_early():
+    """The pilot runs on slices growing 4x from 16 rows to 1/8 of the batch, and stops at
+    the first slice whose extrapolation fails: a method too big for the 1/8 slice itself
+    never runs on it."""
+    import time
+
+    seen = []
+
+    def slow(f, x):  # 2 ms a row: 16 rows extrapolate to ~16 s for 8192
+        seen.append(x.shape[0])
+        time.sleep(0.002 * x.shape[0])
+        return x
+
+    x = torch.zeros(8192, 2)
+    reason = kernels._pilot(kernels.Method("slow", "baseline", slow), None, x, torch.device("cpu"), max_call_s=5.0)
+    assert seen == [16] and reason.startswith("too slow: pilot of 16 rows"), (seen, reason)
+    seen.clear()
+
+    def fast(f, x):
+        seen.append(x.shape[0])
+        return x
+
+    assert kernels._pilot(kernels.Method("fast", "baseline", fast), None, x, torch.device("cpu"), max_call_s=5.0) is None
+    assert seen == [16, 64, 256, 1024]
+
+
+def test_kernels_compare_in_slices():
+    """The check compares slice by slice and still sees a difference in the last row."""
+    ref = torch.randn(3000, 64, 128)  # 32 KiB a row: slices of 2048 rows
+    got = ref.clone()
+    assert kernels._compare(got, ref, rtol=1e-4, atol=1e-6) == (0.0, True)
+    got[-1, 5, 7] += 1.0
+    worst, close = kernels._compare(got, ref, rtol=1e-4, atol=1e-6)
+    assert worst == pytest.approx(1.0, rel=1e-5) and not close
+
+
 def test_kernels_batch_override(tmp_path, capsys, keep_threads):
     """--batch replaces the suite's batch sizes, for every workload or for some; the table
     and the records say which batch ran."""
