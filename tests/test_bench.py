@@ -119,14 +119,25 @@ def test_kernels_pilot_grows_and_stops_early():
 
     seen = []
 
-    def slow(f, x):  # 2 ms a row: 16 rows extrapolate to ~16 s for 8192
+    def slow(f, x):  # 20 ms a row: 16 rows take 0.32 s, so the next slice (64) ~1.3 s
         seen.append(x.shape[0])
-        time.sleep(0.002 * x.shape[0])
+        time.sleep(0.02 * x.shape[0])
         return x
 
     x = torch.zeros(8192, 2)
-    reason = kernels._pilot(kernels.Method("slow", "baseline", slow), None, x, torch.device("cpu"), max_call_s=5.0)
+    reason = kernels._pilot(kernels.Method("slow", "baseline", slow), None, x, torch.device("cpu"), max_call_s=1.0)
     assert seen == [16] and reason.startswith("too slow: pilot of 16 rows"), (seen, reason)
+    assert "for 64 rows" in reason
+    seen.clear()
+
+    def overhead(f, x):  # a fixed 0.1 s a call: the small slices are not extrapolated to 8192 rows
+        seen.append(x.shape[0])
+        time.sleep(0.1)
+        return x
+
+    assert kernels._pilot(kernels.Method("set-up", "baseline", overhead), None, x, torch.device("cpu"),
+                          max_call_s=5.0) is None
+    assert seen == [16, 64, 256, 1024]
     seen.clear()
 
     def fast(f, x):

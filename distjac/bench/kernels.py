@@ -291,11 +291,13 @@ def _pilot(method: Method, f, x, device, max_call_s: float) -> str | None:
     """Run on growing slices of the batch, up to 1/8 of it; return a skip reason as soon
     as the full call looks too slow or too big.
 
-    The slices start at PILOT_MIN_ROWS rows and grow 4x a step: each step's time and peak
-    memory, extrapolated to the full batch, must pass before a larger slice runs, so a
-    method whose 1/8 pilot alone would not fit in memory (forward mode on W4 at B=8192:
+    The slices start at PILOT_MIN_ROWS rows and grow 4x a step. Each smaller slice's time
+    and peak memory, extrapolated to the next slice, must fit before the next one runs, so
+    a method whose 1/8 pilot alone would not fit in memory (forward mode on W4 at B=8192:
     784 tangents of every activation) is skipped from a small slice instead of taking the
-    whole run down with it."""
+    whole run down with it. Only the last slice is extrapolated to the full batch: a small
+    slice's fixed costs (a first call's set-up), multiplied by the whole batch, would
+    skip methods that are fine."""
     b = x.shape[0]
     last = max(PILOT_MIN_ROWS, b // PILOT_FRACTION)
     if last >= b:
@@ -313,13 +315,15 @@ def _pilot(method: Method, f, x, device, max_call_s: float) -> str | None:
                 return f"out of memory already on a pilot of {rows} rows"
             raise
     while True:
-        reason = _pilot_step(method, f, x[:rows], b, device, max_call_s)
+        nxt = min(last, 4 * rows)
+        reason = _pilot_step(method, f, x[:rows], b if rows >= last else nxt, device, max_call_s)
         if reason is not None or rows >= last:
             return reason
-        rows = min(last, 4 * rows)
+        rows = nxt
 
 
 def _pilot_step(method: Method, f, xs, b: int, device, max_call_s: float) -> str | None:
+    """One pilot slice, extrapolated to ``b`` rows (the next slice, or the full batch)."""
     rows = xs.shape[0]
     gc.collect()
     rss0 = _status_bytes("VmRSS")
@@ -333,13 +337,14 @@ def _pilot_step(method: Method, f, xs, b: int, device, max_call_s: float) -> str
     del res
     est_t = t * b / rows
     if est_t > max_call_s:
-        return f"too slow: pilot of {rows} rows took {t:.2f} s, about {est_t:.0f} s per full call > {max_call_s:.0f} s"
+        return (f"too slow: pilot of {rows} rows took {t:.2f} s, about {est_t:.0f} s for {b} rows > "
+                f"{max_call_s:.0f} s")
     if can_peak and device.type == "cpu":
         grew = max(0, (_status_bytes("VmHWM") or 0) - rss0)
         est_mem = grew * b / rows
         avail = meminfo("MemAvailable") or 0
         if avail and est_mem > MEMORY_FRACTION * avail:
-            return (f"would run out of memory: about {est_mem / 2**30:.1f} GiB per full call (pilot of {rows} "
+            return (f"would run out of memory: about {est_mem / 2**30:.1f} GiB for {b} rows (pilot of {rows} "
                     f"rows), {avail / 2**30:.1f} GiB available")
     return None
 
