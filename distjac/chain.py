@@ -45,6 +45,8 @@ __all__ = ["ChainPlan", "chain_jacobian", "plan_chain"]
 # (what auto measures first; an explicit chain of 128-row blocks matched TF graph mode
 # on W1 in the issue's measurement).
 COST_BLOCK = 128
+# The largest working set a block of the chain keeps on a CPU (NOTE [allocator ceiling]).
+CPU_BLOCK_BYTES = 32 << 20
 # Working set per example, in units of the largest per-example state (K x d): the state,
 # the next state, and a temporary of an elementwise step.
 STATE_COPIES = 3
@@ -89,6 +91,23 @@ class ChainPlan:
         """Bytes per example a block holds beyond the result (NOTE [chains])."""
         values = sum(math.prod(s.in_shape) for s in self.steps if s.kind in ("diag", "layernorm"))
         return (STATE_COPIES * self.state_elements + 2 * values) * itemsize
+
+    def cpu_block(self, itemsize: int) -> int:
+        """The largest block whose working set stays under CPU_BLOCK_BYTES (at least 1).
+
+        NOTE [allocator ceiling]
+        glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB on a
+        64-bit system) with fresh mappings, unmapped again when freed, so each such
+        temporary is faulted in page by page on every block. On the 2-core machine of
+        docs/benchmarks.md filling a new 31 MB tensor ran at 34 GB/s, a 33 MB one at
+        3.6 GB/s, and 48-128 MB ones at 2.5-2.7 GB/s; a chain block of conv-ReLU-linear
+        (kernel suite W4, 0.69 MB per example) took 0.28 s per 2,048 rows at 48-row
+        blocks and 0.63-0.74 s at 96-128 rows. So on a CPU the chain's blocks are cut to
+        keep its working set under the ceiling; smaller blocks are still raced (a block
+        that fits the core caches can be faster again: W1 ran best at 128 rows, 0.3 of
+        its ceiling). A GPU's caching allocator keeps its blocks, so there is no cap.
+        """
+        return max(1, CPU_BLOCK_BYTES // max(1, self.work_bytes(itemsize)))
 
     def __str__(self) -> str:
         kinds = "-".join(s.kind for s in self.steps)
@@ -206,12 +225,25 @@ def plan_chain(fn, x: torch.Tensor, out_shape: tuple) -> ChainPlan | str:
     for k in range(len(steps) + 1):
         cost_f, peak_f, kind_f, d = _side(steps[:k], n, forward=True)
         cost_r, peak_r, kind_r, _ = _side(steps[k:][::-1], m, forward=False)
-        meet = m * d * n if (kind_f == kind_r == "dense") else m * n
+        meet = _meet_cost(kind_f, kind_r, m, d, n)
         cand = (cost_f + cost_r + meet, -k, max(peak_f, peak_r, m * n))
         if best is None or cand < best:
             best = cand
     cost, neg_k, peak = best
     return ChainPlan(tuple(steps), -neg_k, int(cost), int(peak))
+
+
+def _meet_cost(kind_f: str, kind_r: str, m: int, d: int, n: int) -> int:
+    """Multiply-adds per example of :func:`_meet`: an identity or a diagonal on either
+    side is a copy or a scaling (M x N); otherwise a GEMM of (M x d) by (d x N), once per
+    block where both sides are shared, per example where either is dense (a shared
+    forward side meeting a dense reverse side is a full GEMM per example: counting it as
+    M x N once chose, on a conv-ReLU-linear chain, a split 1.7x slower than pure reverse)."""
+    if "eye" in (kind_f, kind_r) or "diag" in (kind_f, kind_r):
+        return m * n
+    if kind_f == kind_r == "shared":
+        return (m * d * n) // COST_BLOCK
+    return m * d * n
 
 
 def _side(steps: list[_Step], k: int, *, forward: bool) -> tuple[int, int, str, int]:
@@ -365,6 +397,11 @@ def _conv(layer, v: torch.Tensor, shape_out: tuple, *, forward: bool) -> torch.T
     if forward:
         return layer._conv_forward(v, layer.weight, None)
     size = (v.shape[0], *shape_out)
+    flipped = _transpose_as_conv(layer)
+    if flipped is not None:
+        weight, padding = flipped
+        conv = F.conv1d if type(layer) is nn.Conv1d else F.conv2d
+        return conv(v, weight, None, 1, padding, layer.dilation, layer.groups)
     if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
         grad_input = torch.nn.grad.conv1d_input if type(layer) is nn.Conv1d else torch.nn.grad.conv2d_input
         return grad_input(size, layer.weight, v, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -373,6 +410,36 @@ def _conv(layer, v: torch.Tensor, shape_out: tuple, *, forward: bool) -> torch.T
         z = torch.zeros(size, dtype=v.dtype, device=v.device, requires_grad=True)
         (g,) = torch.autograd.grad(layer._conv_forward(z, layer.weight, None), z, v)
     return g
+
+
+def _transpose_as_conv(layer) -> tuple[torch.Tensor, tuple] | None:
+    """The transpose of a stride-1, zero-padded convolution as a forward convolution:
+    (weight, padding), or None where that form does not apply (NOTE [conv transpose]).
+
+    NOTE [conv transpose]
+    With stride 1, the input gradient of a convolution (weight w, padding p, dilation d,
+    kernel size k) is itself a convolution: of the output cotangents, padded by
+    q = d (k - 1) - p, with the kernel flipped in space and its in and out channels
+    swapped (within each group), at the same dilation. Same sums, in another order
+    (float rounding differs in the last bits). On CPU the forward convolution is the
+    better-kept kernel: measured on 9 shapes (1-32 input channels, kernels 3 and 5,
+    dilation 1 and 2, 2 threads) it ran at 0.99-3.1x ``torch.nn.grad.conv2d_input``,
+    2-3x where there are few input channels (a first layer, as in the kernel suite's W4).
+    Strided convolutions (whose transpose interleaves zeros) and paddings with q < 0 keep
+    ``conv*_input``.
+    """
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str) or any(s != 1 for s in layer.stride):
+        return None
+    q = tuple(d * (k - 1) - p for d, k, p in zip(layer.dilation, layer.kernel_size, layer.padding, strict=True))
+    if any(v < 0 for v in q):
+        return None
+    w = layer.weight
+    g = layer.groups
+    co, ci_g = w.shape[:2]
+    spatial = tuple(range(2, w.dim()))
+    # (C_out, C_in/g, *k) -> (g, C_out/g, C_in/g, *k) -> (C_in, C_out/g, *k), flipped.
+    wt = w.reshape(g, co // g, ci_g, *w.shape[2:]).transpose(1, 2).reshape(g * ci_g, co // g, *w.shape[2:])
+    return wt.flip(spatial), q
 
 
 def chain_jacobian(fn: nn.Sequential, plan: ChainPlan, xb: torch.Tensor) -> torch.Tensor:

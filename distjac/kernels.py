@@ -733,6 +733,14 @@ def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple) -> _chain.ChainP
     return cached
 
 
+def _chain_cap(plan, x: torch.Tensor) -> int | None:
+    """The chain's largest block on x's device: NOTE [allocator ceiling] in chain.py (a
+    CPU only; None where there is no cap)."""
+    if isinstance(plan, str) or x.device.type != "cpu":
+        return None
+    return plan.cpu_block(x.element_size())
+
+
 def _act_bytes(fn: Callable, x: torch.Tensor, probe: _Probe, s: Strategy) -> int:
     """Per-example working bytes for fit_to_budget: the probe's saved activations, or the
     chain's working set."""
@@ -1102,12 +1110,14 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         hows = [h for h in hows if not h.vectorize]
     # The chain of known layers (chain.py) is one more candidate, timed like the others,
     # wherever it applies (it is exact, so the choice cannot change the result).
+    # On a CPU its blocks are capped (NOTE [allocator ceiling] in chain.py).
     plan = chain_plan(fn, x, probe.out_shape)
+    cap = _chain_cap(plan, x)
     if isinstance(plan, str):
         notes.append(f"chain: not applicable: {plan}")
     else:
-        notes.append(f"chain: {plan}")
-        hows.append(Strategy("chain", vectorize=False))
+        notes.append(f"chain: {plan}" + (f"; blocks of at most {cap} rows" if cap is not None else ""))
+        hows.append(Strategy("chain", vectorize=False, block=cap))
     stage1 = race.run(hows, xs[:pilot])
     best_t = min(stage1.values()) if stage1 else math.inf
     if not stage1:
@@ -1118,7 +1128,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         keep = sorted((t, str(h), h) for h, t in stage1.items() if t <= AUTO_KEEP * stage1[min(stage1, key=stage1.get)])
         keep = keep[:2]
         blocks = [sample] if heavy else sorted({blk for blk in AUTO_BLOCKS if blk < sample} | {sample})
-        cands = [replace(h, block=blk) for _, _, h in keep for blk in blocks]
+        cands = [replace(h, block=blk) for _, _, h in keep for blk in _blocks_for(h, blocks, cap)]
         predicted = sum(stage1[h] for _, _, h in keep) * len(blocks) * sample * 2
         if race.spent + predicted > budget and sample > pilot:
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
@@ -1133,8 +1143,13 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
                 best_t = stage2[best]
             else:
                 best = replace(keep[0][2], block=sample)
-        if heavy or (best.block is not None and best.block >= b):
+        capped = best.mode == "chain" and cap is not None
+        if capped:  # NOTE [allocator ceiling]: not a whole pass, even of heavy rows
+            best = replace(best, block=min(cap, best.block or cap))
+        if (heavy and not capped) or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
+        elif capped:
+            pass  # a pass larger than the cap is what the cap rules out
         elif best.block is not None:
             if race.spent + 2 * best_t * b <= budget:
                 t0 = time.perf_counter()
@@ -1152,6 +1167,13 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
                                  "describe": f"{getattr(fn, '__qualname__', type(fn).__qualname__)} on "
                                              f"{tuple(x.shape[1:])} {x.dtype} {x.device.type}"})
     return best
+
+
+def _blocks_for(h: Strategy, blocks: list[int], cap: int | None) -> list[int]:
+    """Stage two's block sizes for candidate h: the chain's are cut at its cap."""
+    if h.mode != "chain" or cap is None:
+        return blocks
+    return sorted({blk for blk in blocks if blk < cap} | {min(cap, max(blocks))})
 
 
 def _maybe_compiled(fn, xs, probe, best: Strategy, best_t: float, work_rows: int, race: _Race,
@@ -1318,6 +1340,9 @@ def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max
         plan = chain_plan(fn, x, probe.out_shape)
         if isinstance(plan, str):
             raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
+        cap = _chain_cap(plan, x)
+        if strategy.block is None and cap is not None:  # NOTE [allocator ceiling] in chain.py
+            strategy = replace(strategy, block=cap)
     if strategy.mode == "diag":
         reason = _elementwise(fn, x, probe.out_shape)
         if reason is not None:

@@ -39,6 +39,15 @@ CHAINS = {
                          (3, 10)),
     "conv_circular_groups": (lambda: nn.Sequential(nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular", groups=2),
                                                    nn.Hardswish(), nn.Flatten(), nn.Linear(24, 30)), (4, 6)),
+    # the reverse side's conv as a forward conv of flipped kernels (NOTE [conv transpose]):
+    # dilated, grouped, non-square; then paddings past d(k-1) and strides (conv*_input)
+    "conv2d_dilated_grouped": (lambda: nn.Sequential(nn.Conv2d(4, 6, (3, 2), dilation=(2, 1), padding=(1, 0),
+                                                               groups=2), nn.Softplus(),
+                                                     nn.Conv2d(6, 2, 3, padding=3), nn.Tanh(), nn.Flatten(),
+                                                     nn.Linear(180, 4)), (4, 8, 6)),
+    "conv1d_dilated_strided": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3, dilation=2, padding=2), nn.Tanh(),
+                                                     nn.Conv1d(4, 3, 2, stride=2), nn.Flatten(), nn.Linear(12, 5)),
+                               (2, 9)),
     "layernorm_first": (lambda: nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 3), nn.Tanh()), (5,)),
     "nested_unflatten": (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1)),
                                                nn.Sequential(nn.Linear(4, 6), nn.Softsign()), nn.Unflatten(1, (2, 3)),
@@ -150,3 +159,60 @@ def test_chain_respects_max_memory():
     assert_close(run_strategy(fn, x, Strategy("chain"), max_memory=budget), rev)
     with pytest.raises(distjac.MemoryBudgetError, match="chain strategy needs"):
         run_strategy(fn, x, Strategy("chain"), max_memory=result_bytes + 10)
+
+
+@pytest.mark.parametrize("layer, flips", [
+    (nn.Conv2d(1, 8, 3), True),
+    (nn.Conv2d(4, 6, (3, 2), dilation=(2, 1), padding=(1, 0), groups=2), True),
+    (nn.Conv1d(6, 9, 5, padding=2, groups=3, bias=False), True),
+    (nn.Conv2d(3, 2, 3, padding=3), False),  # padding past d(k - 1)
+    (nn.Conv2d(3, 2, 3, stride=2), False),
+    (nn.Conv1d(3, 2, 3, padding=1, padding_mode="reflect"), False),
+])
+def test_reverse_conv_is_the_input_gradient(layer, flips):
+    """The reverse side's convolution (a forward conv of flipped kernels where it applies,
+    NOTE [conv transpose]) is the convolution's input gradient, in float64."""
+    from distjac.chain import _conv, _transpose_as_conv
+    layer = layer.double()
+    x = randn(3, layer.in_channels, *([11] * (layer.weight.dim() - 2)), seed=4, dtype=torch.float64)
+    assert (_transpose_as_conv(layer) is not None) == flips
+    y = layer(x)
+    v = randn(*y.shape, seed=5, dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(layer(xg), xg, v)
+    got = _conv(layer, v, tuple(x.shape[1:]), forward=False)
+    assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_plan_counts_a_shared_side_meeting_a_dense_one_as_a_gemm():
+    """conv -> ReLU -> Flatten -> Linear(-> 10): splitting after the conv would meet a
+    dense (10 x 5408) reverse state with the shared (784 x 5408) conv images in a GEMM per
+    example, 80x the multiply-adds of pulling the 10 rows through the conv."""
+    fn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))
+    x = randn(4, 1, 28, 28, seed=1)
+    plan = plan_chain(fn, x, (10,))
+    assert plan.split == 0, plan
+    assert plan.cost < 784 * 5408 * 10, plan
+
+
+def test_chain_blocks_stay_under_the_cpu_ceiling(monkeypatch):
+    """NOTE [allocator ceiling]: on a CPU, a chain without a block (forced or chosen by
+    auto) runs in blocks whose working set stays under CPU_BLOCK_BYTES; same result."""
+    from distjac import chain
+    fn = _seeded(CHAINS["conv2d_flatten"][0])
+    x = randn(40, 2, 7, 7, seed=3)
+    plan = plan_chain(fn, x, (5,))
+    monkeypatch.setattr(chain, "CPU_BLOCK_BYTES", 6 * plan.work_bytes(4) + 1)
+    assert plan.cpu_block(4) == 6
+    rev = distjac.batch_jacobian(fn, x, mode="rev")
+    assert kernels._given(fn, x, kernels._probe(fn, x, "t"), Strategy("chain"), None, "t").block == 6
+    assert_close(run_strategy(fn, x, Strategy("chain")), rev)
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    clear_caches()
+    rec = choose_strategy(fn, x, mode="auto").record
+    chains = [t for t, _ in rec.times if t.startswith("chain/")]
+    assert chains and all(t.startswith("chain/block=6 ") or t.startswith("chain/block=6,") for t in chains), rec
+    assert any("blocks of at most 6 rows" in n for n in rec.notes), rec
+    s = choose_strategy(fn, x, mode="auto")
+    if s.mode == "chain":
+        assert s.block is not None and s.block <= 6, s
