@@ -27,11 +27,20 @@ that must be differentiable runs reverse mode instead) and is chosen only if it 
 fastest; ``choose_strategy(fn, x).record`` lists what was timed and why a chain did not
 apply. ``run_strategy(fn, x, Strategy("chain", block=128))`` forces it (tests, benchmarks).
 
+NOTE [small chains]
+Below the measuring threshold (or for one example) a chain of known layers is taken
+without timing: its plan's multiply-adds are never above pure reverse or pure forward
+accumulation's (both are among the splits it weighs), and it runs a few batched GEMMs
+where the others run autograd passes, whose per-op overhead is most of a small call. On
+the kernel suite at 8-256 rows (2 cores) it was 1.3-2.5x the sizes' choice (W1 rev/vmap,
+W2 fwd/vmap, W4 rev/vmap), on every workload and size tried.
+
 NOTE [auto's order of business]
 ``mode="auto"`` (:func:`_choose`) decides, in this order: (1) a fn that is provably
 elementwise (structure.py, NOTE [elementwise functions]) gets ``Strategy("diag")``, one
 forward pass, without measuring; (2) sizes decide when one side is AUTO_MODE_RATIO x the
-other or the problem (its rows, or a job's, times M x N) is too small to measure; (3)
+other or the problem (its rows, or a job's, times M x N) is too small to measure (there a
+chain of known layers, where one applies, is taken: NOTE [small chains]); (3)
 otherwise a measured choice, cached in memory per (fn, fingerprint, shape, dtype, device,
 modes, power-of-two bucket of the batch size, compiled flag, max_memory) and on disk
 (tuning.py, NOTE [the tuning cache]), which is read before anything is measured. The
@@ -1010,7 +1019,16 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
             why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
                    f"{b} x {m} x {n} Jacobian elements: too few to measure" if b >= 2 else "one example")
-            notes = (f"not measured: {why}",) + ((f"diag: not applicable: {structure}",) if structure else ())
+            notes = (f"not measured: {why}",)
+            plan = None if user_fixed else chain_plan(fn, x, probe.out_shape)
+            if plan is not None and not isinstance(plan, str):
+                # NOTE [small chains]
+                s = Strategy("chain", vectorize=False, block=_chain_cap(plan, x))
+                notes += (f"chain: {plan}: its multiply-adds are at most pure reverse or forward "
+                          "mode's (both are splits it weighed), with no autograd pass",)
+            elif isinstance(plan, str):
+                notes += (f"chain: not applicable: {plan}",)
+            notes += (f"diag: not applicable: {structure}",) if structure else ()
             record = Decision("", "sizes", notes=notes)
         else:
             s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory, compiled=compiled,

@@ -27,6 +27,7 @@ from helpers import (
 from torch import nn
 
 import distjac
+from distjac import kernels
 from distjac.kernels import Strategy, choose_strategy, clear_caches
 
 MODES = ["rev", "fwd", "auto"]
@@ -475,15 +476,26 @@ def test_auto_equals_explicit_modes(name):
     auto = distjac.batch_jacobian(fn, x, mode="auto")
     rev = distjac.batch_jacobian(fn, x, mode="rev")
     assert_close(auto, rev, msg=name)
-    assert choose_strategy(fn, x, mode="auto").mode in ("rev", "fwd")
+    s = choose_strategy(fn, x, mode="auto")
+    # a chain of known layers only where one applies (NOTE [small chains])
+    assert s.mode in ("rev", "fwd", "chain"), s
+    if s.mode == "chain":
+        assert not isinstance(kernels.chain_plan(fn, x, tuple(rev.shape[1:rev.dim() - x.dim() + 1])), str)
 
 
 def test_auto_picks_by_per_example_sizes():
     # Far apart sizes decide without measuring: narrow input -> forward, narrow output -> reverse.
+    # (Called through plain functions: the Sequentials themselves are chains of known
+    # layers, which auto takes at these sizes, NOTE [small chains].)
     narrow_in = make_mlp((2, 16, 64), seed=17)
     narrow_out = make_mlp((64, 16, 2), seed=18)
-    assert choose_strategy(narrow_in, randn(4, 2, seed=1), mode="auto").mode == "fwd"
-    assert choose_strategy(narrow_out, randn(4, 64, seed=1), mode="auto").mode == "rev"
+    assert choose_strategy(lambda z: narrow_in(z), randn(4, 2, seed=1), mode="auto").mode == "fwd"
+    assert choose_strategy(lambda z: narrow_out(z), randn(4, 64, seed=1), mode="auto").mode == "rev"
+    for fn, x in ((narrow_in, randn(4, 2, seed=1)), (narrow_out, randn(4, 64, seed=1))):
+        s = choose_strategy(fn, x, mode="auto")
+        assert s.mode == "chain" and s.record.how == "sizes", s.record
+        assert any(n.startswith("chain: chain of 3") for n in s.record.notes), s.record
+        assert_close(distjac.batch_jacobian(fn, x), reference_batch_jacobian(fn, x))
 
 
 @pytest.mark.slow
