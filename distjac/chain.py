@@ -442,9 +442,11 @@ def _transpose_as_conv(layer) -> tuple[torch.Tensor, tuple] | None:
     return wt.flip(spatial), q
 
 
-def chain_jacobian(fn: nn.Sequential, plan: ChainPlan, xb: torch.Tensor) -> torch.Tensor:
+def chain_jacobian(fn: nn.Sequential, plan: ChainPlan, xb: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """(Bb, M, N) per-example Jacobians of the chain on the block ``xb`` (no autograd
-    history; the kernels use it only where none is wanted)."""
+    history; the kernels use it only where none is wanted), written into ``out`` (a
+    contiguous (Bb, M, N) tensor) when given."""
     layers = _in_order(fn)
     b = xb.shape[0]
     n = math.prod(xb.shape[1:])
@@ -457,21 +459,33 @@ def chain_jacobian(fn: nn.Sequential, plan: ChainPlan, xb: torch.Tensor) -> torc
         rev = _State("eye", None, m)
         for i in reversed(range(plan.split, len(plan.steps))):
             rev = _apply(rev, plan.steps[i], layers[plan.steps[i].index], ctx[i], forward=False, b=b, like=xb)
-        return _meet(rev, fwd, b, m, n, xb)
+        return _meet(rev, fwd, b, m, n, xb, out)
 
 
-def _meet(rev: _State, fwd: _State, b: int, m: int, n: int, like: torch.Tensor) -> torch.Tensor:
-    """J = R T^T, where R holds cotangent rows (M, d) and T tangent images (N, d)."""
+def _meet(rev: _State, fwd: _State, b: int, m: int, n: int, like: torch.Tensor,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """J = R T^T, where R holds cotangent rows (M, d) and T tangent images (N, d); the
+    products that are per example are computed into ``out`` when given."""
     if fwd.kind == "eye":
         j = rev.dense(b, like)
     elif rev.kind == "eye":
         j = fwd.dense(b, like).transpose(-1, -2)
     elif fwd.kind == "diag":
-        j = rev.dense(b, like) * fwd.t[:, None, :]
+        f = fwd.t[:, None, :]
+        j = torch.mul(rev.dense(b, like), f) if out is None else torch.mul(rev.dense(b, like), f, out=out)
     elif rev.kind == "diag":
-        j = rev.t[:, :, None] * fwd.dense(b, like).transpose(-1, -2)
+        f = fwd.dense(b, like).transpose(-1, -2)
+        j = torch.mul(rev.t[:, :, None], f) if out is None else torch.mul(rev.t[:, :, None], f, out=out)
+    elif rev.t.dim() == 3 or fwd.t.dim() == 3:
+        f = fwd.t.transpose(-1, -2)
+        j = torch.matmul(rev.t, f) if out is None else torch.matmul(rev.t, f, out=out)
     else:
         j = torch.matmul(rev.t, fwd.t.transpose(-1, -2))
     # A shared product (no per-example factor) is copied per example: the result must
     # not alias a layer's weight, nor carry its autograd history.
-    return j.detach().expand(b, m, n).contiguous() if j.dim() == 2 else j.detach()
+    if j.dim() == 2:
+        j = j.detach().expand(b, m, n)
+        return j.contiguous() if out is None else out.copy_(j)
+    if out is None:
+        return j.detach()
+    return j if j.data_ptr() == out.data_ptr() else out.copy_(j)

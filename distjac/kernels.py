@@ -1152,6 +1152,8 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
                          f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
             best = replace(keep[0][2], block=None if heavy else min(blocks, key=lambda k: abs(k - pilot)))
+            if best.mode == "chain" and cap is not None:
+                best = replace(best, block=min(cap, pilot))  # the passes it was timed in
         else:
             stage2 = race.run(cands, xs, min_rounds=3, deadline=time.perf_counter() + max(0.0, budget - race.spent))
             if stage2:
@@ -1455,11 +1457,10 @@ def _run(
         elif plan is not None:
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
-            jac = _chain.chain_jacobian(fn, plan, xb)
             if out is None and block < b:
                 out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
-            if out is not None:
-                out[b0:b0 + block].copy_(jac)
+            # Written straight into the result's rows (no copy of each block's result).
+            jac = _chain.chain_jacobian(fn, plan, xb, out=None if out is None else out[b0:b0 + block])
         elif s.mode == "rev" and _in_transform():
             jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call, tick=meter)
             m = math.prod(y_shape)

@@ -3,6 +3,7 @@ multiplied out, against reverse mode, the float64 per-example loop and finite di
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -60,6 +61,11 @@ CHAINS = {
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
+def plan_shape(plan, x) -> tuple[int, int]:
+    """(M, N) of the plan's per-example Jacobian."""
+    return math.prod(plan.steps[-1].out_shape), math.prod(x.shape[1:])
+
+
 @pytest.mark.parametrize("b", [1, 3, 50])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(CHAINS))
@@ -78,6 +84,10 @@ def test_chain_equals_rev_at_every_split(name, dtype, b):
     for k in range(len(plan.steps) + 1):  # every bracketing gives the same product
         j = chain_jacobian(fn, replace(plan, split=k), x).reshape(rev.shape)
         assert_close(j, rev, rtol=TOL[dtype], atol=TOL[dtype], msg=f"{name} split {k}")
+        out = torch.full((b, *plan_shape(plan, x)), float("nan"), dtype=dtype)  # written in place
+        got = chain_jacobian(fn, replace(plan, split=k), x, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        assert_close(out.reshape(rev.shape), rev, rtol=TOL[dtype], atol=TOL[dtype], msg=f"{name} split {k}, out=")
 
 
 @pytest.mark.parametrize("name", sorted(CHAINS))
