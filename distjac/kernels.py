@@ -1168,9 +1168,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             best = replace(best, block=min(cap, best.block or cap))
         if (heavy and not capped) or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
-        elif capped:
-            pass  # a pass larger than the cap is what the cap rules out
-        elif best.block is not None:
+        elif best.block is not None and not capped:  # (a capped chain's whole pass is what the cap rules out)
             if race.spent + 2 * best_t * b <= budget:
                 t0 = time.perf_counter()
                 best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory, log)
