@@ -361,7 +361,10 @@ def _apply(state: _State, s: _Step, layer: nn.Module, c, *, forward: bool, b: in
             return _State("diag", state.t * g, d_out)
         return _State("dense", state.t * g[:, None, :], d_out)
     if s.kind == "linear" and len(s.in_shape) == 1:
-        w = layer.weight.T if forward else layer.weight  # rows are the images of e_k / e_j^T W
+        # Rows are the images of e_k (forward: W^T, made contiguous, or the states scaled
+        # from it inherit its transposed layout, and the meet's GEMM ran 2x slower on W2
+        # at 64 rows) or of e_j^T (reverse: W).
+        w = layer.weight.T.contiguous() if forward else layer.weight
         if state.kind == "eye":
             return _State("shared", w, d_out)
         if state.kind == "diag":
