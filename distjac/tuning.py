@@ -17,7 +17,8 @@ it instead of measuring again. An entry is keyed by a hash of:
   name) and torch's intra-op thread count;
 - what the choice was asked for: the modes considered, the power-of-two bucket of the
   batch size and ``max_memory``;
-- the versions of torch and distjac (an upgrade measures afresh).
+- the versions of torch and distjac, and TUNER_REVISION (an upgrade, or a change to how
+  auto chooses, measures afresh).
 
 Writes are atomic (a temporary file in the same folder, fsynced, renamed over the old
 one); two processes writing at once may lose one of their entries, never the file. A
@@ -184,6 +185,14 @@ def device_name(device) -> str:
     return f"{device.type}:{model}"
 
 
+# Bumped whenever auto's candidates or their implementations change in a way that can
+# change the fastest choice, so that choices stored by an older tree (at the same
+# version number) are not reused. 2: the chain's CPU block cap, direct writes, the
+# flipped reverse convolution and the corrected meet cost (W4's best went from the row
+# loop to the chain).
+TUNER_REVISION = 2
+
+
 def make_key(fn, x, extra: tuple) -> tuple[str, dict] | None:
     """The cache key of a choice for fn on batches like x (and what it was made of), or
     None when fn cannot be fingerprinted."""
@@ -197,7 +206,7 @@ def make_key(fn, x, extra: tuple) -> tuple[str, dict] | None:
     parts = {
         "fn": fp, "shape": list(x.shape[1:]), "dtype": str(x.dtype).replace("torch.", ""),
         "device": device_name(x.device), "threads": torch.get_num_threads(), "choice": repr(extra),
-        "torch": torch.__version__, "distjac": __version__,
+        "torch": torch.__version__, "distjac": __version__, "tuner": TUNER_REVISION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40], parts
 

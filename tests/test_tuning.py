@@ -43,6 +43,15 @@ def _fn():
 # --------------------------------------------------------------------------------------
 
 
+def test_key_follows_versions_and_the_tuner_revision(monkeypatch):
+    fn, x = _fn()
+    key, parts = tuning.make_key(fn, x, ("rev",))
+    assert parts["distjac"] == distjac.__version__ and parts["torch"] == torch.__version__
+    assert tuning.make_key(fn, x, ("rev",))[0] == key
+    monkeypatch.setattr(tuning, "TUNER_REVISION", tuning.TUNER_REVISION + 1)
+    assert tuning.make_key(fn, x, ("rev",))[0] != key  # a changed tuner measures afresh
+
+
 def test_fingerprint_follows_code_and_shapes_not_values():
     a, b = models.mlp([4, 8, 3], seed=0), models.mlp([4, 8, 3], seed=1)
     assert tuning.fingerprint(a) == tuning.fingerprint(b)  # other weights, same work
