@@ -92,6 +92,21 @@ class ChainPlan:
         values = sum(math.prod(s.in_shape) for s in self.steps if s.kind in ("diag", "layernorm"))
         return (STATE_COPIES * self.state_elements + 2 * values) * itemsize
 
+    def cost_at(self, rows: int) -> int:
+        """Multiply-adds per example at this split when the shared starts are amortized
+        over ``rows`` examples (the plan itself assumes COST_BLOCK)."""
+        n, m = math.prod(self.steps[0].in_shape), math.prod(self.steps[-1].out_shape)
+        rows = max(1, rows)
+        cost_f, _, kind_f, d = _side(list(self.steps[:self.split]), n, forward=True, block=rows)
+        cost_r, _, kind_r, _ = _side(list(self.steps[self.split:])[::-1], m, forward=False, block=rows)
+        return cost_f + cost_r + _meet_cost(kind_f, kind_r, m, d, n, rows)
+
+    def autograd_cost(self) -> int:
+        """Multiply-adds per example of autograd's cheaper mode on the same layers: one
+        vector pulled (M of them) or pushed (N of them) through every layer."""
+        n, m = math.prod(self.steps[0].in_shape), math.prod(self.steps[-1].out_shape)
+        return min(m, n) * sum(s.macs for s in self.steps)
+
     def cpu_block(self, itemsize: int) -> int:
         """The largest block whose working set stays under CPU_BLOCK_BYTES (at least 1).
 
@@ -103,9 +118,11 @@ class ChainPlan:
         3.6 GB/s, and 48-128 MB ones at 2.5-2.7 GB/s; a chain block of conv-ReLU-linear
         (kernel suite W4, 0.69 MB per example) took 0.28 s per 2,048 rows at 48-row
         blocks and 0.63-0.74 s at 96-128 rows. So on a CPU the chain's blocks are cut to
-        keep its working set under the ceiling; smaller blocks are still raced (a block
-        that fits the core caches can be faster again: W1 ran best at 128 rows, 0.3 of
-        its ceiling). A GPU's caching allocator keeps its blocks, so there is no cap.
+        keep its working set under the ceiling. Auto's stage two also races the block
+        sizes it tries for every strategy (AUTO_BLOCKS) that are below the cap: a block
+        that fits the core caches can be faster again (W1 ran best at 128 rows, 0.3 of
+        its ceiling); a cap of 128 rows or less is the only size tried. A GPU's caching
+        allocator keeps its blocks, so there is no cap.
         """
         return max(1, CPU_BLOCK_BYTES // max(1, self.work_bytes(itemsize)))
 
@@ -233,7 +250,7 @@ def plan_chain(fn, x: torch.Tensor, out_shape: tuple) -> ChainPlan | str:
     return ChainPlan(tuple(steps), -neg_k, int(cost), int(peak))
 
 
-def _meet_cost(kind_f: str, kind_r: str, m: int, d: int, n: int) -> int:
+def _meet_cost(kind_f: str, kind_r: str, m: int, d: int, n: int, block: int = COST_BLOCK) -> int:
     """Multiply-adds per example of :func:`_meet`: an identity or a diagonal on either
     side is a copy or a scaling (M x N); otherwise a GEMM of (M x d) by (d x N), once per
     block where both sides are shared, per example where either is dense (a shared
@@ -242,11 +259,11 @@ def _meet_cost(kind_f: str, kind_r: str, m: int, d: int, n: int) -> int:
     if "eye" in (kind_f, kind_r) or "diag" in (kind_f, kind_r):
         return m * n
     if kind_f == kind_r == "shared":
-        return (m * d * n) // COST_BLOCK
+        return (m * d * n) // block + m * n  # once per block, then copied per example
     return m * d * n
 
 
-def _side(steps: list[_Step], k: int, *, forward: bool) -> tuple[int, int, str, int]:
+def _side(steps: list[_Step], k: int, *, forward: bool, block: int = COST_BLOCK) -> tuple[int, int, str, int]:
     """Multiply-adds per example, peak state elements per example, the final state kind
     and feature size of one side: ``k`` vectors pushed (forward) or pulled (reverse)
     through ``steps`` in the order given. Mirrors :func:`_apply`'s cases."""
@@ -270,7 +287,7 @@ def _side(steps: list[_Step], k: int, *, forward: bool) -> tuple[int, int, str, 
             cost += k * d_out
             kind = "dense"
         elif s.kind in ("linear", "conv") and kind in ("eye", "shared"):
-            cost += (k * s.macs) // COST_BLOCK  # shared: once per block
+            cost += (k * s.macs) // block  # shared: once per block
             kind = "shared"
         else:  # a per-example dense state (LayerNorm always ends in one)
             cost += k * s.macs

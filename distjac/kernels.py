@@ -24,14 +24,21 @@ Where ``fn`` is an ``nn.Sequential`` of layers with known Jacobians, auto also t
 internal strategy ``Strategy("chain")`` (distjac/chain.py, NOTE [chains]): the product of
 per-layer Jacobians as batched GEMMs. It is exact, computes no autograd history (a result
 that must be differentiable runs reverse mode instead) and is chosen only if it measures
-fastest; ``choose_strategy(fn, x).record`` lists what was timed and why a chain did not
-apply. ``run_strategy(fn, x, Strategy("chain", block=128))`` forces it (tests, benchmarks).
+fastest (or, for a problem too small to measure, where its multiply-adds at that batch
+size are at most autograd's: NOTE [small chains]); ``choose_strategy(fn, x).record``
+lists what was timed and why a chain did not apply. ``run_strategy(fn, x,
+Strategy("chain", block=128))`` forces it (tests, benchmarks).
 
 NOTE [small chains]
 Below the measuring threshold (or for one example) a chain of known layers is taken
-without timing: its plan's multiply-adds are never above pure reverse or pure forward
-accumulation's (both are among the splits it weighs), and it runs a few batched GEMMs
-where the others run autograd passes, whose per-op overhead is most of a small call. On
+without timing where its plan's multiply-adds per example, with the shared starts of its
+sides amortized over the call's rows (at most COST_BLOCK), are at most those of
+autograd's cheaper mode (min(M, N) vectors through every layer), and the result need not
+be differentiable (the chain records no history). It runs a few batched GEMMs where the
+others run autograd passes, whose per-op overhead is most of a small call. (Amortized
+over 128 rows, a conv's images of every input are cheap per example; for one example
+they are not: Conv2d(32, 2, 3)-Tanh on one 32x16x16 example ran 7.6x slower as a chain
+than reverse mode, and is left to autograd by this rule.) On
 the kernel suite at 8-256 rows (2 cores) it was 1.3-2.5x the sizes' choice (W1 rev/vmap,
 W2 fwd/vmap, W4 rev/vmap), on every workload and size tried.
 
@@ -1023,9 +1030,17 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             plan = None if user_fixed else chain_plan(fn, x, probe.out_shape)
             if plan is not None and not isinstance(plan, str):
                 # NOTE [small chains]
-                s = Strategy("chain", vectorize=False, block=_chain_cap(plan, x))
-                notes += (f"chain: {plan}: its multiply-adds are at most pure reverse or forward "
-                          "mode's (both are splits it weighed), with no autograd pass",)
+                cost, autograd = plan.cost_at(min(b, _chain.COST_BLOCK)), plan.autograd_cost()
+                if result_is_differentiable(x):
+                    notes += ("chain: not taken: the result must be differentiable (the chain records "
+                              "no autograd history)",)
+                elif cost <= autograd:
+                    s = Strategy("chain", vectorize=False, block=_chain_cap(plan, x))
+                    notes += (f"chain: {plan}: ~{cost:,} multiply-adds per example over {b} rows, "
+                              f"autograd's cheaper mode ~{autograd:,}",)
+                else:
+                    notes += (f"chain: not taken: ~{cost:,} multiply-adds per example over {b} rows "
+                              f"(its shared starts amortized over too few rows), autograd ~{autograd:,}",)
             elif isinstance(plan, str):
                 notes += (f"chain: not applicable: {plan}",)
             notes += (f"diag: not applicable: {structure}",) if structure else ()
@@ -1166,7 +1181,11 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         capped = best.mode == "chain" and cap is not None
         if capped:  # NOTE [allocator ceiling]: not a whole pass, even of heavy rows
             best = replace(best, block=min(cap, best.block or cap))
-        if (heavy and not capped) or (best.block is not None and best.block >= b):
+            if best.block >= b:  # timed on the whole batch: a larger one of its bucket gets the cap
+                best = replace(best, block=cap)
+        # A capped chain keeps its cap even when it covers this batch: the choice is
+        # cached for a bucket of batch sizes, and a larger one must not run whole.
+        if (heavy and not capped) or (best.block is not None and best.block >= b and not capped):
             best = replace(best, block=None)
         elif best.block is not None and not capped:  # (a capped chain's whole pass is what the cap rules out)
             if race.spent + 2 * best_t * b <= budget:
@@ -1359,7 +1378,8 @@ def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max
         if isinstance(plan, str):
             raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
         cap = _chain_cap(plan, x)
-        if strategy.block is None and cap is not None:  # NOTE [allocator ceiling] in chain.py
+        if cap is not None and (strategy.block is None or strategy.block > cap):
+            # NOTE [allocator ceiling] in chain.py (also for a choice made on a GPU)
             strategy = replace(strategy, block=cap)
     if strategy.mode == "diag":
         reason = _elementwise(fn, x, probe.out_shape)

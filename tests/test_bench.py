@@ -144,7 +144,8 @@ def test_kernels_pilot_grows_and_stops_early():
         seen.append(x.shape[0])
         return x
 
-    assert kernels._pilot(kernels.Method("fast", "baseline", fast), None, x, torch.device("cpu"), max_call_s=5.0) is None
+    method = kernels.Method("fast", "baseline", fast)
+    assert kernels._pilot(method, None, x, torch.device("cpu"), max_call_s=5.0) is None
     assert seen == [16, 64, 256, 1024]
 
 

@@ -223,6 +223,47 @@ def test_chain_blocks_stay_under_the_cpu_ceiling(monkeypatch):
     chains = [t for t, _ in rec.times if t.startswith("chain/")]
     assert chains and all(t.startswith("chain/block=6 ") or t.startswith("chain/block=6,") for t in chains), rec
     assert any("blocks of at most 6 rows" in n for n in rec.notes), rec
-    s = choose_strategy(fn, x, mode="auto")
-    if s.mode == "chain":
-        assert s.block is not None and s.block <= 6, s
+    # an explicit block above the cap (a choice made on a GPU, say) is cut to it
+    assert kernels._given(fn, x, kernels._probe(fn, x, "t"), Strategy("chain", block=64), None, "t").block == 6
+
+
+def test_a_capped_chain_keeps_its_cap_when_it_covers_the_batch(monkeypatch):
+    """The choice is cached per bucket of batch sizes: a chain measured on a batch its cap
+    covers must still run a larger batch of the same bucket in capped blocks."""
+    from distjac import chain
+    fn = _seeded(CHAINS["w1_like"][0])
+    x = randn(12, 16, seed=3)  # fewer rows than the cap, and than a pilot
+    plan = plan_chain(fn, x, (8,))
+    monkeypatch.setattr(chain, "CPU_BLOCK_BYTES", 48 * plan.work_bytes(4) + 1)
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "AUTO_KEEP", 1e9)  # the chain stays in the race
+    clear_caches()
+    timed = []
+    for _ in range(5):  # the race is real: the chain must win at least once to be checked
+        clear_caches()
+        s = choose_strategy(fn, x, mode="auto")
+        timed.append(s)
+        if s.mode == "chain":
+            assert s.block == 48, s  # not None (a whole pass), though 48 >= 12 rows
+            break
+    assert any(t.mode == "chain" for t in timed), timed
+
+
+def test_small_chains_only_where_they_cost_less_and_need_no_history():
+    """NOTE [small chains]: too small to measure, a chain is taken where its
+    multiply-adds over the call's rows are at most autograd's, and the result need not be
+    differentiable; otherwise the sizes' choice, with the reason in the record."""
+    conv = _seeded(lambda: nn.Sequential(nn.Conv2d(32, 2, 3, padding=1), nn.Tanh()))
+    one = randn(1, 32, 16, 16, seed=1)
+    s = choose_strategy(conv, one, mode="auto")
+    assert s.mode == "rev" and any("amortized over too few rows" in n for n in s.record.notes), s.record
+    mlp = _seeded(CHAINS["mlp_gelu_out_gt_in"][0])
+    x = randn(8, 6, seed=2)
+    s = choose_strategy(mlp, x, mode="auto")
+    assert s.mode == "chain" and s.record.how == "sizes", s.record
+    xg = x.clone().requires_grad_(True)
+    s = choose_strategy(mlp, xg, mode="auto")
+    assert s.mode != "chain" and any("must be differentiable" in n for n in s.record.notes), s.record
+    jac = distjac.batch_jacobian(mlp, xg)
+    assert jac.requires_grad
+    assert_close(jac, reference_batch_jacobian(mlp, x))
