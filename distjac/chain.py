@@ -486,20 +486,18 @@ def _meet(rev: _State, fwd: _State, b: int, m: int, n: int, like: torch.Tensor,
           out: torch.Tensor | None = None) -> torch.Tensor:
     """J = R T^T, where R holds cotangent rows (M, d) and T tangent images (N, d); the
     products that are per example are computed into ``out`` when given."""
+    into = {} if out is None else {"out": out}  # for the products that are per example
     if fwd.kind == "eye":
         j = rev.dense(b, like)
     elif rev.kind == "eye":
         j = fwd.dense(b, like).transpose(-1, -2)
     elif fwd.kind == "diag":
-        f = fwd.t[:, None, :]
-        j = torch.mul(rev.dense(b, like), f) if out is None else torch.mul(rev.dense(b, like), f, out=out)
+        j = torch.mul(rev.dense(b, like), fwd.t[:, None, :], **into)
     elif rev.kind == "diag":
-        f = fwd.dense(b, like).transpose(-1, -2)
-        j = torch.mul(rev.t[:, :, None], f) if out is None else torch.mul(rev.t[:, :, None], f, out=out)
+        j = torch.mul(rev.t[:, :, None], fwd.dense(b, like).transpose(-1, -2), **into)
     elif rev.t.dim() == 3 or fwd.t.dim() == 3:
-        f = fwd.t.transpose(-1, -2)
-        j = torch.matmul(rev.t, f) if out is None else torch.matmul(rev.t, f, out=out)
-    else:
+        j = torch.matmul(rev.t, fwd.t.transpose(-1, -2), **into)
+    else:  # both shared: one (M, N) product, copied per example below
         j = torch.matmul(rev.t, fwd.t.transpose(-1, -2))
     # A shared product (no per-example factor) is copied per example: the result must
     # not alias a layer's weight, nor carry its autograd history.

@@ -38,9 +38,9 @@ be differentiable (the chain records no history). It runs a few batched GEMMs wh
 others run autograd passes, whose per-op overhead is most of a small call. (Amortized
 over 128 rows, a conv's images of every input are cheap per example; for one example
 they are not: Conv2d(32, 2, 3)-Tanh on one 32x16x16 example ran 7.6x slower as a chain
-than reverse mode, and is left to autograd by this rule.) On
-the kernel suite at 8-256 rows (2 cores) it was 1.3-2.5x the sizes' choice (W1 rev/vmap,
-W2 fwd/vmap, W4 rev/vmap), on every workload and size tried.
+than reverse mode, and is left to autograd by this rule.) On the kernel suite at 8-256
+rows (2 cores) it was 1.3-2.5x the sizes' choice (W1 rev/vmap, W2 fwd/vmap, W4 rev/vmap),
+on every workload and size tried.
 
 NOTE [auto's order of business]
 ``mode="auto"`` (:func:`_choose`) decides, in this order: (1) a fn that is provably
@@ -1178,16 +1178,15 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
                 best_t = stage2[best]
             else:
                 best = replace(keep[0][2], block=sample)
-        capped = best.mode == "chain" and cap is not None
-        if capped:  # NOTE [allocator ceiling]: not a whole pass, even of heavy rows
-            best = replace(best, block=min(cap, best.block or cap))
-            if best.block >= b:  # timed on the whole batch: a larger one of its bucket gets the cap
-                best = replace(best, block=cap)
-        # A capped chain keeps its cap even when it covers this batch: the choice is
-        # cached for a bucket of batch sizes, and a larger one must not run whole.
-        if (heavy and not capped) or (best.block is not None and best.block >= b and not capped):
+        if best.mode == "chain" and cap is not None:
+            # NOTE [allocator ceiling]: never a whole pass, even of heavy rows, and the cap
+            # kept where a block covers this batch (the choice is cached for a bucket of
+            # batch sizes, and a larger batch of it must not run whole).
+            whole = best.block is None or best.block >= b
+            best = replace(best, block=cap if whole else min(cap, best.block))
+        elif heavy or (best.block is not None and best.block >= b):
             best = replace(best, block=None)
-        elif best.block is not None and not capped:  # (a capped chain's whole pass is what the cap rules out)
+        elif best.block is not None:
             if race.spent + 2 * best_t * b <= budget:
                 t0 = time.perf_counter()
                 best = _blocked_or_whole(fn, x, probe, best, m, n, call, max_memory, log)
