@@ -101,7 +101,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import arrow
+from . import _alloc, arrow
 from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
 from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
@@ -1403,7 +1403,7 @@ class _Call:
 
         # 2. Plan, and the output every shard is copied into.
         plan = eng.plan(b, tuple(x.shape[1:]), out_shape, itemsize=x.element_size())
-        self.out = torch.empty(jac_shape, dtype=x.dtype)
+        self.out = _alloc.empty(jac_shape, dtype=x.dtype, device="cpu")
 
         # 3. Schedule and gather.
         tasks = [self._task(i, *plan.bounds(i)) for i in range(len(plan))]

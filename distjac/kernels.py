@@ -88,6 +88,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.func import jvp, vmap
 
+from . import _alloc
 from . import chain as _chain
 from . import compiled as _compiled
 from . import structure as _structure
@@ -414,7 +415,7 @@ def graph_batch_jacobian(
     whole = chunk is None or chunk >= m
     pieces: list[torch.Tensor] = []
     if out is None and not create_graph and not (vectorize and whole):
-        out = torch.empty((b, m, n), dtype=source.dtype, device=source.device)
+        out = _alloc.empty((b, m, n), dtype=source.dtype, device=source.device)
 
     def emit(j0: int, j1: int, grads: tuple) -> None:
         g = grads[0]
@@ -1468,16 +1469,16 @@ def _run(
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
             if out is None and block < b:
-                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+                out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
         elif plan is not None:
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
-            if out is None and block < b:
-                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+            if out is None:
+                out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             # Written straight into the result's rows (no copy of each block's result).
-            jac = _chain.chain_jacobian(fn, plan, xb, out=None if out is None else out[b0:b0 + block])
+            jac = _chain.chain_jacobian(fn, plan, xb, out=out[b0:b0 + block])
         elif s.mode == "rev" and _in_transform():
             jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call, tick=meter)
             m = math.prod(y_shape)
@@ -1492,7 +1493,7 @@ def _run(
             y_shape = tuple(y.shape[1:])
             m = math.prod(y_shape)
             if out is None and not create_graph and block < b:
-                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+                out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             jac = graph_batch_jacobian(
                 y, xd, chunk=s.chunk, vectorize=s.vectorize, create_graph=create_graph,
                 call=call, out=None if out is None else out[b0:b0 + block], tick=meter,
@@ -1510,7 +1511,7 @@ def _run(
                 jac = _forward_block(fn, xb, m, y_shape, chunk=s.chunk, vectorize=s.vectorize, call=call,
                                      tick=meter)
             if out is None and not create_graph and block < b:
-                out = torch.empty((b, m, n), dtype=x.dtype, device=x.device)
+                out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
         if out is None:

@@ -40,6 +40,8 @@ from collections.abc import Callable
 import torch
 from torch.func import jvp
 
+from . import _alloc
+
 __all__ = ["diagonal_block", "elementwise_reason"]
 
 STRUCTURES = (None, "diagonal")
@@ -157,6 +159,6 @@ def dense_from_diagonal(d: torch.Tensor) -> torch.Tensor:
     """(B, *in, *in) dense Jacobians with the (B, *in) diagonal ``d`` on their diagonals."""
     b, in_shape = d.shape[0], tuple(d.shape[1:])
     n = math.prod(in_shape)
-    out = torch.zeros((b, n, n), dtype=d.dtype, device=d.device)
+    out = _alloc.zeros((b, n, n), dtype=d.dtype, device=d.device)
     out.diagonal(dim1=1, dim2=2).copy_(d.reshape(b, n))
     return out.view(b, *in_shape, *in_shape)

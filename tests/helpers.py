@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,6 +73,25 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (5e-3, 2e-3),
     torch.bfloat16: (4e-2, 1.5e-2),
 }
+
+
+# Transparent huge pages (NOTE [huge pages] in distjac/_alloc.py): a Linux kernel feature.
+HUGE_PAGES = sys.platform.startswith("linux") and Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+
+
+def huge_page_flags(t: torch.Tensor) -> set[str]:
+    """VmFlags (/proc/self/smaps) of the mapping holding the first whole 2 MiB page inside
+    t's storage: "hg" there means the pages were advised for transparent huge pages."""
+    huge = 2 << 20
+    addr = -(-t.untyped_storage().data_ptr() // huge) * huge
+    lo = hi = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+        elif head == "VmFlags:" and lo is not None and lo <= addr < hi:
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {addr:#x}")
 
 
 def assert_close(

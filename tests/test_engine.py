@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from helpers import HUGE_PAGES, huge_page_flags
 
 import distjac
 from distjac import DtypeError, OptionError, ShapeError, ShardError
@@ -183,6 +184,18 @@ def test_matrix_shaped_sources_and_targets(settings):
     jac = settings.batch_jacobian(matrix_fn, x)
     assert jac.shape == (11, 2, 2, 3, 2)
     assert_same(jac, distjac.batch_jacobian(matrix_fn, x))
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not HUGE_PAGES, reason="transparent huge pages are a Linux kernel feature")
+def test_the_gathered_result_is_advised_for_huge_pages(settings):
+    # NOTE [huge pages]: the stacked output the shards are copied into is the driver's
+    # largest allocation; 40 x 512 x 512 float32 is 40 MiB.
+    settings.shard_size = 16
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(3))
+    jac = settings.batch_jacobian(cubic, x)
+    assert "hg" in huge_page_flags(jac)
+    assert_same(jac, distjac.batch_jacobian(cubic, x))
 
 
 @pytest.mark.ray
