@@ -650,6 +650,36 @@ def test_probe_cache_follows_a_module_that_changes(mode):
     assert fn.rows.count(5) == 2, fn.rows
 
 
+def test_modules_made_inside_fn_are_told_apart_within_one_call():
+    """NOTE [one call's fingerprints]: a call keeps each module's fingerprint for its own
+    duration, nested calls included; modules made and dropped inside fn (one address
+    reused, shapes changing) must each be probed for themselves."""
+    seen = []
+
+    def fn(x):
+        for k in (3, 5, 3, 7):
+            lin = nn.Linear(4, k).requires_grad_(False)
+            for mode in ("fwd", "auto"):
+                j = distjac.batch_jacobian(lin, x.detach(), mode=mode)
+                seen.append(j.shape == (x.shape[0], k, 4) and torch.equal(j, lin.weight.expand(x.shape[0], k, 4)))
+        return x * x
+
+    x = randn(6, 4, seed=7)
+    assert_close(distjac.batch_jacobian(fn, x, mode="rev"), torch.diag_embed(2 * x))
+    assert len(seen) >= 8 and all(seen), seen
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
+def test_a_lazy_module_is_fingerprinted_before_and_after_its_first_pass(mode):
+    """nn.LazyLinear has no parameter shapes until it runs; the first call initializes
+    it (in the probe) and the next is probed afresh with the real shapes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))
+    x = randn(300, 4, seed=8)
+    for _ in range(2):
+        assert_close(distjac.batch_jacobian(model, x, mode=mode), reference_batch_jacobian(model, x))
+
+
 def test_probe_cache_never_aliases_a_dead_function():
     """Functions made and dropped in a loop often reuse one address; each must get its
     own probe (forward mode would otherwise return the wrong shape)."""
