@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 
@@ -70,6 +71,12 @@ def advise(t: torch.Tensor) -> torch.Tensor:
     if last > first:
         fn(first, last - first, _MADV_HUGEPAGE)
     return t
+
+
+def advisable(shape, *, dtype: torch.dtype, device) -> bool:
+    """Whether ``empty`` would advise a tensor of this shape, dtype and device."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.device(device).type == "cpu" and nbytes >= ADVISE_FROM and _madvise() is not None
 
 
 def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:

@@ -1519,10 +1519,10 @@ def _run(
         elif plan is not None:
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
-            if out is None:
+            if out is None and (block < b or _alloc.advisable((b, m, n), dtype=x.dtype, device=x.device)):
                 out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             # Written straight into the result's rows (no copy of each block's result).
-            jac = _chain.chain_jacobian(fn, plan, xb, out=out[b0:b0 + block])
+            jac = _chain.chain_jacobian(fn, plan, xb, out=None if out is None else out[b0:b0 + block])
         elif s.mode == "rev" and _in_transform():
             jac, y_shape = _reverse_block_func(fn, xb, chunk=s.chunk, vectorize=s.vectorize, call=call, tick=meter)
             m = math.prod(y_shape)
