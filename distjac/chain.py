@@ -376,7 +376,9 @@ def _apply(state: _State, s: _Step, layer: nn.Module, c, *, forward: bool, b: in
             return _State("diag", g, d_out)
         if state.kind == "diag":
             return _State("diag", state.t * g, d_out)
-        return _State("dense", state.t * g[:, None, :], d_out)
+        if state.kind == "dense":  # a product of this block's own: scaled in place
+            return _State("dense", state.t.mul_(g[:, None, :]), d_out)
+        return _State("dense", state.t * g[:, None, :], d_out)  # a layer's weight: copied
     if s.kind == "linear" and len(s.in_shape) == 1:
         # Rows are the images of e_k (forward: W^T, made contiguous, or the states scaled
         # from it inherit its transposed layout, and the meet's GEMM ran 2x slower on W2
