@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 import os
 import threading
@@ -677,56 +676,17 @@ def _fingerprint(fn: Callable) -> tuple:
     """For an nn.Module (or a bound method of one): the names, shapes, dtypes and devices
     of its parameters and buffers and every submodule's training flag, so a module whose
     layers were resized, moved or switched to eval mode is probed and measured afresh.
-    Plain functions: empty (what a closure captures cannot be seen; clear_caches()).
-    Computed once per call (NOTE [one call's fingerprints])."""
+    Plain functions: empty (what a closure captures cannot be seen; clear_caches())."""
     module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     if not isinstance(module, torch.nn.Module):
         return ()
-    memo = _CALL_FINGERPRINTS.get()
-    if memo is not None:
-        hit = memo.get(id(module))
-        if hit is not None and hit[0] is module:
-            return hit[1]
-    tensors, training, seen = [], [], set()
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        training.append(mod.training)
-        for table in (mod._parameters, mod._buffers):
-            for name, t in table.items():
-                if t is not None and id(t) not in seen:
-                    seen.add(id(t))
-                    # A lazy module's parameters have no shape until its first forward pass.
-                    shape = "uninitialized" if is_lazy(t) else tuple(t.shape)
-                    tensors.append((f"{prefix}.{name}" if prefix else name, shape, t.dtype, str(t.device)))
-    fp = (*tensors, tuple(training))
-    if memo is not None:
-        memo[id(module)] = (module, fp)  # the module held: its id cannot be reused in the call
-    return fp
-
-
-# NOTE [one call's fingerprints]
-# A call looks its function up in several caches (probe, chain plan, choice, structure),
-# each keyed by the module's fingerprint, a walk over all its parameters and buffers:
-# 16 us a walk on W2's two-layer MLP, eight walks a call, an eighth of a 64-row call.
-# Within one call a module does not change, so the first walk is kept for the rest of
-# it (a context variable set by the public entry points; a nested call, from inside fn,
-# shares the outer call's). The module is held with its fingerprint, so a module made and
-# freed inside fn cannot pass its id to another.
-_CALL_FINGERPRINTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "distjac_call_fingerprints", default=None)
-
-
-def _one_call(func: Callable) -> Callable:
-    """A public entry point: one call's scope (NOTE [one call's fingerprints])."""
-    @functools.wraps(func)
-    def scoped(*args, **kwargs):
-        if _CALL_FINGERPRINTS.get() is not None:
-            return func(*args, **kwargs)
-        token = _CALL_FINGERPRINTS.set({})
-        try:
-            return func(*args, **kwargs)
-        finally:
-            _CALL_FINGERPRINTS.reset(token)
-    return scoped
+    tensors = tuple(
+        # A lazy module's parameters have no shape until its first forward pass.
+        (name, "uninitialized" if is_lazy(t) else tuple(t.shape), t.dtype, str(t.device))
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t is not None
+    )
+    return tensors + (tuple(m.training for m in module.modules()),)
 
 
 def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:
@@ -1002,7 +962,6 @@ def _rows_bucket(b: int) -> int:
     return max(1, b).bit_length()
 
 
-@_one_call
 def choose_strategy(
     fn: Callable,
     x: torch.Tensor,
@@ -1439,7 +1398,6 @@ def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max
     return replace(fitted, record=strategy.record)
 
 
-@_one_call
 def run_strategy(
     fn: Callable, x: torch.Tensor, strategy: Strategy, *, max_memory: int | None = None,
     call: str = "run_strategy(fn, x, strategy)",
@@ -1519,7 +1477,7 @@ def _run(
         elif plan is not None:
             y_shape = tuple(out_shape)
             m = math.prod(y_shape)
-            if out is None and (block < b or _alloc.advisable((b, m, n), dtype=x.dtype, device=x.device)):
+            if out is None and block < b:
                 out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             # Written straight into the result's rows (no copy of each block's result).
             jac = _chain.chain_jacobian(fn, plan, xb, out=None if out is None else out[b0:b0 + block])
@@ -1568,7 +1526,6 @@ def _run(
     return jac.unflatten(2, in_shape).unflatten(1, y_shape)
 
 
-@_one_call
 def batch_jacobian(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,

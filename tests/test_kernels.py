@@ -651,9 +651,8 @@ def test_probe_cache_follows_a_module_that_changes(mode):
 
 
 def test_modules_made_inside_fn_are_told_apart_within_one_call():
-    """NOTE [one call's fingerprints]: a call keeps each module's fingerprint for its own
-    duration, nested calls included; modules made and dropped inside fn (one address
-    reused, shapes changing) must each be probed for themselves."""
+    """Calls made from inside fn, on modules made and dropped there (one address reused,
+    shapes changing), must each be probed for themselves."""
     seen = []
 
     def fn(x):
@@ -667,6 +666,36 @@ def test_modules_made_inside_fn_are_told_apart_within_one_call():
     x = randn(6, 4, seed=7)
     assert_close(distjac.batch_jacobian(fn, x, mode="rev"), torch.diag_embed(2 * x))
     assert len(seen) >= 8 and all(seen), seen
+
+
+def test_a_module_changed_between_nested_calls_is_probed_afresh():
+    """fn switches a submodule between eval and train mode, and swaps a layer, between
+    the calls it makes: each call sees the module as it is then (a fingerprint kept for
+    the outer call's duration once took train-mode Dropout for eval's, through the
+    chain's cached plan, and trusted a stale output shape in forward mode)."""
+    torch.manual_seed(0)
+    sub = nn.Sequential(nn.Linear(16, 64), nn.Dropout(0.5), nn.Linear(64, 32))
+    got = {}
+
+    def fn(x):
+        xd = x.detach()
+        sub.eval()
+        got["eval"] = distjac.batch_jacobian(sub, xd)
+        sub.train()
+        got["train"] = distjac.batch_jacobian(sub, xd)
+        sub.eval()
+        sub[2] = nn.Linear(64, 40)
+        got["swapped"] = distjac.batch_jacobian(sub, xd, mode="fwd")
+        got["swapped_ref"] = reference_batch_jacobian(sub, xd)
+        sub[2] = nn.Linear(64, 32)
+        return x * x
+
+    x = randn(64, 16, seed=9)
+    distjac.batch_jacobian(fn, x, mode="rev")
+    assert_close(got["eval"][0], got["eval"][1])  # eval: one linear map for every example
+    # train mode: a dropout mask per example, which zeroes some of the eval map's paths
+    assert not torch.allclose(got["train"], got["eval"]), "train-mode Dropout taken for eval's"
+    assert_close(got["swapped"], got["swapped_ref"])
 
 
 @pytest.mark.parametrize("mode", ["auto", "fwd", "rev"])
