@@ -15,7 +15,7 @@ if set before torch starts; distjac cannot set it for a user's interpreter. So d
 advises the allocations it owns: the results it assembles itself (a batch in blocks, a
 reverse pass in chunks, the chain, the diagonal strategy's dense result) and the output
 an Engine gathers its shards into. A single vectorized pass over the whole batch returns
-vmap's own tensor, which is not advised (copying it would cost more than the faults).
+vmap's own tensor, which is not advised (a copy into an advised one is a second pass over it).
 ``empty`` takes a tensor from torch's allocator as usual and advises the whole huge pages
 inside it (2 MiB on x86-64; the size the kernel reports elsewhere). Nothing else changes:
 it is an ordinary tensor, freed the ordinary way. Only CPU tensors of at least 32 MiB are
