@@ -89,7 +89,9 @@ def advise(t: torch.Tensor) -> torch.Tensor:
     try:
         storage = t.untyped_storage()
         start, nbytes = storage.data_ptr(), storage.nbytes()
-    except (RuntimeError, NotImplementedError):  # a functorch wrapper, a functional tensor
+    except (RuntimeError, NotImplementedError):
+        # No storage of its own to advise: a torch.func wrapper (NotImplementedError) or a
+        # functionalized tensor (RuntimeError); tested in test_alloc.py.
         return t
     if start == 0:  # fake tensors: no memory behind them
         return t
