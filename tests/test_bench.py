@@ -10,6 +10,7 @@ real Ray instance (and a real multi-node ``ray.cluster_utils.Cluster``) and real
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,21 @@ def test_kernels_cli(tmp_path, capsys, keep_threads):
     assert doc["files"]["plots"] == [] and not list(tmp_path.glob("*.png"))
 
 
+def test_kernels_sample_is_the_mean_of_the_calls_that_fill_it():
+    calls = []
+
+    def fn():
+        calls.append(time.perf_counter())
+        time.sleep(0.003)
+        return torch.zeros(1)
+
+    t, n = kernels._timed_sample(fn, torch.device("cpu"), 0.03)
+    assert n == len(calls) and 2 <= n <= 11 and 0.003 <= t < 0.03
+    calls.clear()
+    t, n = kernels._timed_sample(fn, torch.device("cpu"), 0.0)
+    assert n == len(calls) == 1 and t >= 0.003
+
+
 def test_kernels_pilot_grows_and_stops_early():
     """The pilot runs on slices growing 4x from 16 rows to 1/8 of the batch, and stops at
     the first slice whose extrapolation fails: a method too big for the 1/8 slice itself
@@ -184,6 +200,7 @@ def test_kernels_batch_override(tmp_path, capsys, keep_threads):
     (["bench", "kernels", "--batch", "W1=many"], "give an integer (every workload) or W1=N,W3=M"),
     (["bench", "kernels", "--workloads", "W9"], "unknown workload(s) ['W9']"),
     (["bench", "kernels", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "kernels", "--min-sample-s", "-1"], "min_sample_s must be a finite number of seconds >= 0"),
     (["bench", "scaling", "--variants", "gather,scatter"], "unknown variant ['scatter']"),
     (["bench", "--size", "huge"], "invalid choice: 'huge'"),
     # a later suite's bad argument stops the run before the first suite writes anything

@@ -214,6 +214,7 @@ def _rewrite(path: str, **changes) -> None:
         ("unknown key", "unknown key(s) 'repeat'"),
         ("bool threads", "threads: expected an integer >= 1"),
         ("negative rtol", "rtol: expected a finite number >= 0"),
+        ("negative min_sample_s", "min_sample_s: expected a finite number >= 0"),
         ("no activation", "activation: an mlp needs one of"),
         ("missing npz", "cannot read the npz"),
         ("duplicate name", "'m' is used twice"),
@@ -240,6 +241,8 @@ def test_spec_validation_messages(peers, tmp_path, case, message):
         raw["threads"] = True
     elif case == "negative rtol":
         raw["rtol"] = -1
+    elif case == "negative min_sample_s":
+        raw["min_sample_s"] = -0.5
     elif case == "no activation":
         del mlp["activation"]
     elif case == "missing npz":
@@ -347,6 +350,38 @@ def test_procedure_statuses(peers, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------
 # With TensorFlow and JAX (DISTJAC_PEER_PYTHON)
 # --------------------------------------------------------------------------------------
+
+
+def test_a_sample_repeats_short_calls(peers, tmp_path, monkeypatch):
+    """With min_sample_s, a sample of a short call is the mean of the calls that fill it,
+    each waited for; a long call is a sample of one."""
+    w = peers.parse_spec({"workloads": [cube_workload(tmp_path, "c", 4, 6)]}).workloads[0]
+    right = _cube_jacobian(w.x)
+    sleep = {"tf.function pfor": 0.002, "tf.function loop": 0.05}
+    calls, waits = dict.fromkeys(sleep, 0), dict.fromkeys(sleep, 0)
+
+    def build(peer, fw, workload):
+        def call():
+            calls[peer] += 1
+            time.sleep(sleep[peer])
+            return right
+
+        def wait(y):
+            waits[peer] += 1
+
+        return peers.Runner(call=call, wait=wait, to_numpy=np.asarray)
+
+    monkeypatch.setattr(peers, "build_peer", build)
+    spec = peers.parse_spec({"workloads": [cube_workload(tmp_path, "c", 4, 6)], "repeats": 3,
+                             "min_sample_s": 0.03, "peers": list(sleep)})
+    assert spec.min_sample_s == 0.03 and spec.summary()["min_sample_s"] == 0.03
+    rec = peers.bench_workload(w, spec, FakeFrameworks(peers))["peers"]
+    short, long = rec["tf.function pfor"], rec["tf.function loop"]
+    assert len(short["times_s"]) == len(short["calls_per_sample"]) == 3
+    assert all(n >= 2 for n in short["calls_per_sample"]), short["calls_per_sample"]
+    assert 1 + sum(short["calls_per_sample"]) == calls["tf.function pfor"] == waits["tf.function pfor"]
+    assert all(0.002 <= t < 0.03 for t in short["times_s"]), short["times_s"]  # a mean, not a sum
+    assert long["calls_per_sample"] == [1, 1, 1] and all(t >= 0.05 for t in long["times_s"])
 
 
 def test_peers_match_torch(tmp_path):

@@ -77,6 +77,9 @@ PEER_CHECK_ROWS = 64
 # How long the peers' subprocess may take in all, per workload and timed call.
 PEER_TIMEOUT_FLOOR_S = 600.0
 DEFAULT_MAX_CALL_S = 60.0
+# A timed sample repeats a call until this long has passed (a call of about a
+# millisecond, timed alone, moved 2-5x between runs of the 64-row suite).
+DEFAULT_MIN_SAMPLE_S = 0.05
 # Fraction of MemAvailable one call may grow the peak RSS by (estimated from the pilot):
 # the reference result and the other developers' processes need the rest.
 MEMORY_FRACTION = 0.6
@@ -275,6 +278,19 @@ def _timed(fn: Callable, device: torch.device):
     return res, time.perf_counter() - t0
 
 
+def _timed_sample(fn: Callable, device: torch.device, min_s: float) -> tuple[float, int]:
+    """One timed sample: calls of ``fn`` (each synchronised and its result released
+    before the next) until ``min_s`` seconds have passed, at least one; the mean time of
+    a call and the number of calls. The peers sample the same way (peers.py)."""
+    total, calls = 0.0, 0
+    while True:
+        res, t = _timed(fn, device)
+        del res
+        total, calls = total + t, calls + 1
+        if total >= min_s:
+            return total / calls, calls
+
+
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return True
@@ -365,7 +381,7 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, *, rtol: float, atol: float) 
 
 def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repeats: int, rtol: float,
                    max_call_s: float, device: torch.device, log: Callable[[str], None],
-                   export: Path | None = None) -> dict:
+                   export: Path | None = None, min_sample_s: float = 0.0) -> dict:
     """Check, warm up and time ``methods`` on one workload, side by side.
 
     ``export``: also write the model's weights, the input and the first rows of the
@@ -455,9 +471,9 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
         # different page-fault costs).
         shift = rep % max(1, len(live))
         for mt in live[shift:] + live[:shift]:
-            res, t = _timed(lambda mt=mt: mt.run(model, x), device)
-            del res
+            t, n = _timed_sample(lambda mt=mt: mt.run(model, x), device, min_sample_s)
             rec["methods"][mt.name]["times_s"].append(t)
+            rec["methods"][mt.name].setdefault("calls_per_sample", []).append(n)
         log(f"   repeat {rep + 1}/{repeats} done")
 
     # Summary ----------------------------------------------------------------------------
@@ -509,11 +525,11 @@ def export_workload(path: Path, w: Workload, model: torch.nn.Module, x: torch.Te
 
 def run_peers(workloads: dict[str, Workload], npz: dict[str, Path], *, python: str, device: torch.device,
               threads: int, repeats: int, rtol: float, max_call_s: float, workdir: Path,
-              peers: Sequence[str] | None = None) -> dict[str, Any]:
+              peers: Sequence[str] | None = None, min_sample_s: float = 0.0) -> dict[str, Any]:
     """Run peers.py under ``python``; its OUT.json, or ``{"error": ...}`` if it failed."""
     spec = {
         "device": "gpu" if device.type == "cuda" else "cpu", "threads": threads, "repeats": repeats,
-        "rtol": rtol, "atol_scale": ATOL_SCALE, "max_call_s": max_call_s,
+        "rtol": rtol, "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "min_sample_s": min_sample_s,
         "workloads": [{"name": name, "kind": w.kind, "npz": str(npz[name]),
                        **({"activation": w.activation} if w.activation else {})}
                       for name, w in workloads.items() if name in npz],
@@ -750,7 +766,8 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
         methods: Sequence[str] | None = None, repeats: int | None = None, threads: int = 2,
         device: str = "cpu", rtol: float = DEFAULT_RTOL, max_call_s: float = DEFAULT_MAX_CALL_S,
         peer_python: str | None = None, peers: bool = True, plots: bool = True,
-        batch: int | Mapping[str, int] | None = None) -> dict[str, Any]:
+        batch: int | Mapping[str, int] | None = None,
+        min_sample_s: float = DEFAULT_MIN_SAMPLE_S) -> dict[str, Any]:
     """Run the kernels suite; write ``kernels.json``, ``kernels.md`` and ``kernels.png``
     under ``out_dir``; return the result document.
 
@@ -758,10 +775,12 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     of every workload (an int), or of some (``{"W1": 65536}``), instead of the suite's;
     the peers run on the same rows. ``peer_python``: the interpreter that runs the
     TensorFlow/JAX peers (default: this one); ``peers=False`` leaves them out.
+    ``min_sample_s``: a timed sample repeats a call until this many seconds have passed
+    and counts its mean (one call, for calls longer than that), here and in the peers.
     """
     quick = size == "tiny"
     repeats = repeats if repeats is not None else (1 if quick else 5)
-    _check(workloads, methods, repeats, threads, device)
+    _check(workloads, methods, repeats, threads, device, min_sample_s)
     batches = _batches(batch, workloads)
     chosen = METHODS if methods is None else [mt for mt in ALL_METHODS if mt.name in methods]
     dev = torch.device(device)
@@ -781,8 +800,10 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
               "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "workloads": list(workloads),
               "methods": [mt.name for mt in chosen], "reference": REFERENCE,
               "peers": peers, "peer_python": peer_python if peers else None, "tf32": False,
-              "timing": "wall clock per call (device synchronised), median of repeats; repeats interleaved "
-                        "across methods; results may be views"}
+              "min_sample_s": min_sample_s,
+              "timing": "wall clock per call (device synchronised); a sample is the mean of the calls that "
+                        "fill min_sample_s (at least one), each result released before the next; median of "
+                        "the samples, interleaved across methods; results may be views"}
     result = new_result(SUITE, config, str(dev))
     result["workloads"] = {}
     _log(machine_line(result))
@@ -798,7 +819,8 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
                 if name in batches:
                     w = dataclasses.replace(w, batch=batches[name], quick_batch=batches[name])
                 rec = bench_workload(w, chosen, quick=quick, repeats=repeats, rtol=rtol,
-                                     max_call_s=max_call_s, device=dev, log=_log, export=export)
+                                     max_call_s=max_call_s, device=dev, log=_log, export=export,
+                                     min_sample_s=min_sample_s)
                 if WORKLOADS[name].kind == "mlp":
                     rec["jacobian_flops_per_example"] = mlp_jacobian_flops(_mlp_sizes(WORKLOADS[name]))
                 if export is not None:
@@ -809,7 +831,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
                 _log(f"\n== peers (TensorFlow, JAX) under {peer_python}")
                 out = run_peers({k: WORKLOADS[k] for k in workloads}, npz, python=peer_python, device=dev,
                                 threads=threads, repeats=repeats, rtol=rtol, max_call_s=max_call_s,
-                                workdir=Path(tmp))
+                                workdir=Path(tmp), min_sample_s=min_sample_s)
                 result["peers"] = {k: v for k, v in out.items() if k != "workloads"}
                 result["records"] += _peer_records(out, peer_python)
     finally:
@@ -827,7 +849,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
 
 
 def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int, threads: int,
-           device: str) -> None:
+           device: str, min_sample_s: float = 0.0) -> None:
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise ValueError(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
     known = [mt.name for mt in ALL_METHODS]
@@ -835,6 +857,8 @@ def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int
         raise ValueError(f"unknown method(s) {bad}; choose from {known}")
     if repeats < 1 or threads < 1:
         raise ValueError("repeats and threads must be >= 1")
+    if not (isinstance(min_sample_s, (int, float)) and math.isfinite(min_sample_s) and min_sample_s >= 0):
+        raise ValueError(f"min_sample_s must be a finite number of seconds >= 0, got {min_sample_s!r}")
     check_device(device)
 
 
@@ -868,7 +892,7 @@ def check_args(args: argparse.Namespace) -> None:
     suite runs, so a bad argument writes nothing)."""
     workloads = args.workloads.split(",")
     _check(workloads, None if args.methods is None else args.methods.split(","),
-           1 if args.repeats is None else args.repeats, args.threads, args.device)
+           1 if args.repeats is None else args.repeats, args.threads, args.device, args.min_sample_s)
     _batches(parse_batch(args.batch), workloads)
 
 
@@ -885,6 +909,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of the check")
     g.add_argument("--max-call-s", type=float, default=DEFAULT_MAX_CALL_S,
                    help="skip a method whose single call would take longer (seconds)")
+    g.add_argument("--min-sample-s", type=float, default=DEFAULT_MIN_SAMPLE_S,
+                   help="a timed sample repeats a call until this many seconds have passed and counts its "
+                        "mean (default %(default)s; 0: one call a sample)")
     g.add_argument("--peer-python", default=None,
                    help="interpreter with TensorFlow and/or JAX for the peers (default: this one)")
     g.add_argument("--no-peers", action="store_true", help="leave the TensorFlow/JAX peers out")
@@ -895,4 +922,4 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
                methods=None if args.methods is None else args.methods.split(","), repeats=args.repeats,
                threads=args.threads, device=args.device, rtol=args.rtol, max_call_s=args.max_call_s,
                peer_python=args.peer_python, peers=not args.no_peers, plots=not args.no_plots,
-               batch=parse_batch(args.batch))
+               batch=parse_batch(args.batch), min_sample_s=args.min_sample_s)

@@ -34,7 +34,7 @@ SPEC.json
 Written by the caller::
 
     {"device": "cpu" | "gpu", "threads": 2, "repeats": 5, "rtol": 1e-4, "atol_scale": 1e-5,
-     "max_call_s": 60.0,
+     "max_call_s": 60.0, "min_sample_s": 0.0,
      "peers": ["tf.function pfor", ...],        # optional subset of PEERS, default all four
      "workloads": [{"name": "W1", "kind": "mlp", "activation": "tanh", "npz": "/abs/W1.npz"}, ...]}
 
@@ -66,10 +66,13 @@ Procedure, per workload (side by side, as torch's side does)
    error in the reason, and the peer is still timed. A first call slower than
    ``max_call_s`` marks the peer ``"skipped"`` ("too slow: ..."); an exception marks it
    ``"error"`` (``"skipped"`` when it is an out-of-memory error) with ``Type: message``.
-2. Then ``repeats`` timed calls, round robin across the live peers, so drift from other
-   load hits all of them alike. A timed call that fails, or takes longer than
-   ``max_call_s``, takes its peer out of the remaining rounds (it keeps the times it has).
-3. ``median_s`` is the median of the timed calls, ``examples_per_s = B / median_s``.
+2. Then ``repeats`` timed samples, round robin across the live peers, so drift from other
+   load hits all of them alike. A sample is one call, or as many calls as it takes to
+   fill ``min_sample_s`` seconds (each waited for and released before the next), and
+   counts as its mean call time (``calls_per_sample`` says how many). A timed call that
+   fails, or a sample whose mean call is longer than ``max_call_s``, takes its peer out
+   of the remaining rounds (it keeps the times it has).
+3. ``median_s`` is the median of the samples, ``examples_per_s = B / median_s``.
 
 Timing is wall clock (``time.perf_counter``) around one call *and its completion*: JAX
 results are waited for with ``block_until_ready()``; for TensorFlow, whose tensors
@@ -150,6 +153,7 @@ DEFAULTS: dict[str, Any] = {
     "rtol": 1e-4,
     "atol_scale": 1e-5,
     "max_call_s": 60.0,
+    "min_sample_s": 0.0,
     "peers": list(PEERS),
 }
 TOP_LEVEL_KEYS = set(DEFAULTS) | {"workloads"}
@@ -161,7 +165,8 @@ REASON_CHARS = 300  # error messages in reasons are cut to about this length
 TIMING_NOTE = (
     "wall clock (time.perf_counter) per full-batch call including its completion "
     "(JAX: block_until_ready; TF: one element of the result copied to the host; Python's GC paused); "
-    "median of the round-robin repeats; the first call (trace/compile) is not among them"
+    "a sample is the mean of the calls that fill min_sample_s (at least one); "
+    "median of the round-robin samples; the first call (trace/compile) is not among them"
 )
 
 
@@ -224,12 +229,14 @@ class Spec:
     max_call_s: float
     peers: list[str]
     workloads: list[Workload]
+    min_sample_s: float = 0.0
 
     def summary(self) -> dict:
         """The settings and workloads as read (for OUT.json)."""
         return {
             "device": self.device, "threads": self.threads, "repeats": self.repeats, "rtol": self.rtol,
-            "atol_scale": self.atol_scale, "max_call_s": self.max_call_s, "peers": list(self.peers),
+            "atol_scale": self.atol_scale, "max_call_s": self.max_call_s, "min_sample_s": self.min_sample_s,
+            "peers": list(self.peers),
             "workloads": [{"name": w.name, "kind": w.kind, "activation": w.activation, "npz": w.npz}
                           for w in self.workloads],
         }
@@ -287,6 +294,7 @@ def parse_spec(raw: Any) -> Spec:
         max_call_s=_float_setting(raw, "max_call_s", positive=True),
         peers=list(peers),
         workloads=loaded,
+        min_sample_s=_float_setting(raw, "min_sample_s", positive=False),
     )
 
 
@@ -709,6 +717,20 @@ def _timed(runner: Runner) -> tuple[Any, float]:
             gc.enable()
 
 
+def _timed_sample(runner: Runner, min_s: float) -> tuple[float, int]:
+    """One timed sample: calls, each waited for and released before the next, until
+    ``min_s`` seconds have passed (at least one call); the mean time of a call and the
+    number of calls. A call of a millisecond, timed alone, is mostly timer and scheduler
+    noise; a sample of many such calls is not."""
+    total, calls = 0.0, 0
+    while True:
+        y, t = _timed(runner)
+        del y
+        total, calls = total + t, calls + 1
+        if total >= min_s:
+            return total / calls, calls
+
+
 def _check(res: np.ndarray, w: Workload, rtol: float, atol: float, rec: dict) -> None:
     """Compare the first K rows with the reference; set status/reason on a mismatch."""
     expected = (w.batch, *w.out_shape, *w.in_shape)
@@ -780,8 +802,7 @@ def bench_workload(w: Workload, spec: Spec, frameworks: Frameworks) -> dict:
         for peer, runner in list(live):
             r = rec["peers"][peer]
             try:
-                y, t = _timed(runner)
-                del y
+                t, n = _timed_sample(runner, spec.min_sample_s)
             except Exception as err:
                 status, reason = _failure(err)
                 r.update(status=status, reason=f"timed call {rep + 1}: {reason}")
@@ -790,6 +811,7 @@ def bench_workload(w: Workload, spec: Spec, frameworks: Frameworks) -> dict:
                 gc.collect()
                 continue
             r["times_s"].append(t)
+            r.setdefault("calls_per_sample", []).append(n)
             if t > spec.max_call_s:
                 r.update(status="skipped", reason=f"too slow: one call took {t:.3g} s > max_call_s "
                                                   f"({spec.max_call_s:g} s)")
