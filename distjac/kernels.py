@@ -602,6 +602,9 @@ class _Probe:
     out_dtype: torch.dtype
     connected: bool
     act_bytes: int  # bytes autograd saves per example in the forward pass
+    # The _shape_key it was probed under: the call's key for every other cache (NOTE [one
+    # key per call]).
+    key: tuple = ()
 
 
 class _FnCache:
@@ -668,7 +671,17 @@ def clear_caches() -> None:
 def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
     """What a cached fact about ``fn`` on ``x`` depends on, besides fn's identity (which
     :class:`_FnCache` holds by weak reference, so a new object at a dead one's address
-    never hits): the per-example shape, dtype and device of x, and fn's fingerprint."""
+    never hits): the per-example shape, dtype and device of x, and fn's fingerprint.
+
+    NOTE [one key per call]
+    A call computes this key once, in its probe (``_Probe.key``), and looks up every
+    other fact (the chain plan, the elementwise proof, the choice, a compiled graph)
+    under it: fn as it was when the call began. A call made inside fn (a nested
+    batch_jacobian on a module fn has just changed) computes its own. Nothing keeps a
+    key beyond its call: a memo across calls once took a module's train-mode Dropout
+    for its eval-mode one. A lazy module's first call probes it "uninitialized" and so
+    keeps its facts under that key; the next call, with real shapes, finds none and
+    works them out again."""
     return (tuple(x.shape[1:]), x.dtype, str(x.device), _fingerprint(fn))
 
 
@@ -676,17 +689,32 @@ def _fingerprint(fn: Callable) -> tuple:
     """For an nn.Module (or a bound method of one): the names, shapes, dtypes and devices
     of its parameters and buffers and every submodule's training flag, so a module whose
     layers were resized, moved or switched to eval mode is probed and measured afresh.
-    Plain functions: empty (what a closure captures cannot be seen; clear_caches())."""
+    Plain functions: empty (what a closure captures cannot be seen; clear_caches()).
+
+    Computed on every call (it is what makes the caches safe for modules that change
+    between calls), so it walks the module tree once, by its own dicts, rather than
+    through named_parameters, named_buffers and modules (three walks, 4x the time on a
+    three-layer MLP)."""
     module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     if not isinstance(module, torch.nn.Module):
         return ()
-    tensors = tuple(
-        # A lazy module's parameters have no shape until its first forward pass.
-        (name, "uninitialized" if is_lazy(t) else tuple(t.shape), t.dtype, str(t.device))
-        for name, t in (*module.named_parameters(), *module.named_buffers())
-        if t is not None
-    )
-    return tensors + (tuple(m.training for m in module.modules()),)
+    parts: list = []
+    seen: set[int] = set()
+    stack: list[tuple[str, torch.nn.Module]] = [("", module)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:  # a submodule shared by two parents: once, as modules() does
+            parts.append((name, "shared"))
+            continue
+        seen.add(id(m))
+        parts.append((name, m.training))
+        for kind in (m._parameters, m._buffers):
+            for key, t in kind.items():
+                if t is not None:
+                    # A lazy module's parameters have no shape until its first forward pass.
+                    parts.append((key, "uninitialized" if is_lazy(t) else t.shape, t.dtype, t.device))
+        stack.extend((f"{name}.{key}", c) for key, c in reversed(m._modules.items()) if c is not None)
+    return tuple(parts)
 
 
 def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:
@@ -708,7 +736,7 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
         # Inside an outer transform autograd cannot be used; torch.func.vjp cannot tell an
         # unconnected output from a zero one, so the output counts as connected.
         y = _check_output(fn(x[:k]), x[:k], call)
-        return _Probe(tuple(y.shape[1:]), y.dtype, True, 0)
+        return _Probe(tuple(y.shape[1:]), y.dtype, True, 0, key)
     xd = x[:k].detach().requires_grad_(True)
     saved = [0]
 
@@ -734,17 +762,17 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
         connected = g is not None
     elif y.requires_grad:
         connected = True
-    probe = _Probe(tuple(y.shape[1:]), y.dtype, connected, saved[0] // max(k, 1))
+    probe = _Probe(tuple(y.shape[1:]), y.dtype, connected, saved[0] // max(k, 1), key)
     _PROBES.put(fn, key, probe)
     return probe
 
 
-def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple) -> _chain.ChainPlan | str:
+def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple, key: tuple | None = None) -> _chain.ChainPlan | str:
     """The chain strategy's plan for fn on x (NOTE [chains] in chain.py), or why it does
-    not apply; cached like the probe."""
+    not apply; cached like the probe (``key``: the call's, NOTE [one key per call])."""
     if _in_transform():
         return "inside a torch.func transform"
-    key = _shape_key(fn, x) + (tuple(out_shape),)
+    key = (key or _shape_key(fn, x)) + (tuple(out_shape),)
     cached = _CHAINS.get(fn, key)
     if cached is None:
         cached = _chain.plan_chain(fn, x, out_shape)
@@ -764,7 +792,7 @@ def _act_bytes(fn: Callable, x: torch.Tensor, probe: _Probe, s: Strategy) -> int
     """Per-example working bytes for fit_to_budget: the probe's saved activations, or the
     chain's working set."""
     if s.mode == "chain":
-        plan = chain_plan(fn, x, probe.out_shape)
+        plan = chain_plan(fn, x, probe.out_shape, probe.key)
         if not isinstance(plan, str):
             return plan.work_bytes(x.element_size())
     if s.mode == "diag":  # one forward pass: its activations, the tangents and the diagonal
@@ -1010,8 +1038,9 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
     user_fixed = parallel_iterations is not None or not use_pfor
     record = Decision("", "explicit")
     if mode == "auto":
-        structure = None if user_fixed else _elementwise(fn, x, probe.out_shape)
-        if _FWD_FAILED.get(fn, _shape_key(fn, x)):
+        structure = None if user_fixed else _elementwise(fn, x, probe.out_shape, probe.key)
+        fwd_failed = _FWD_FAILED.get(fn, probe.key)
+        if fwd_failed:
             modes = ["rev"]
         elif n >= AUTO_MODE_RATIO * m:
             modes = ["rev"]
@@ -1019,7 +1048,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             modes = ["fwd"]
         else:
             modes = ["rev", "fwd"]
-        if not user_fixed and structure is None and not _FWD_FAILED.get(fn, _shape_key(fn, x)):
+        if not user_fixed and structure is None and not fwd_failed:
             # One forward pass instead of N, whatever the sizes: nothing to measure.
             s = Strategy("diag")
             record = Decision("", "structure", notes=(
@@ -1030,7 +1059,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
                    f"{b} x {m} x {n} Jacobian elements: too few to measure" if b >= 2 else "one example")
             notes = (f"not measured: {why}",)
-            plan = None if user_fixed else chain_plan(fn, x, probe.out_shape)
+            plan = None if user_fixed else chain_plan(fn, x, probe.out_shape, probe.key)
             if plan is not None and not isinstance(plan, str):
                 # NOTE [small chains]
                 cost, autograd = plan.cost_at(min(b, _chain.COST_BLOCK)), plan.autograd_cost()
@@ -1108,7 +1137,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     """
     b = x.shape[0]
     # max_memory is part of the key: stage three's whole-batch pass is sized by it.
-    key = _shape_key(fn, x) + (tuple(modes), _rows_bucket(b), compiled, max_memory)
+    key = probe.key + (tuple(modes), _rows_bucket(b), compiled, max_memory)
     cached = _CHOICES.get(fn, key)
     if cached is not None:
         return replace(cached, record=replace(cached.record, how="cached"))
@@ -1147,7 +1176,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     # The chain of known layers (chain.py) is one more candidate, timed like the others,
     # wherever it applies (it is exact, so the choice cannot change the result).
     # On a CPU its blocks are capped (NOTE [allocator ceiling] in chain.py).
-    plan = chain_plan(fn, x, probe.out_shape)
+    plan = chain_plan(fn, x, probe.out_shape, probe.key)
     cap = _chain_cap(plan, x)
     if isinstance(plan, str):
         notes.append(f"chain: not applicable: {plan}")
@@ -1279,14 +1308,15 @@ def _blocked_or_whole(fn, x, probe, best: Strategy, m: int, n: int, call: str, m
 # --------------------------------------------------------------------------------------
 
 
-def _elementwise(fn: Callable, x: torch.Tensor, out_shape: tuple) -> str | None:
+def _elementwise(fn: Callable, x: torch.Tensor, out_shape: tuple, key: tuple | None = None) -> str | None:
     """None when fn is provably elementwise on batches like x (NOTE [elementwise
-    functions] in structure.py), else why not; cached like the probe."""
+    functions] in structure.py), else why not; cached like the probe (``key``: the
+    call's, NOTE [one key per call])."""
     if tuple(out_shape) != tuple(x.shape[1:]):
         return f"its per-example output shape {tuple(out_shape)} is not its input shape {tuple(x.shape[1:])}"
     if _in_transform():
         return "inside a torch.func transform (it is not traced there)"
-    key = _shape_key(fn, x)
+    key = key or _shape_key(fn, x)
     cached = _ELEMENTWISE.get(fn, key)
     if cached is None:
         reason = _structure.elementwise_reason(fn, x)
@@ -1320,7 +1350,7 @@ def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph:
 
 
 def _compiled_for(fn: Callable, x: torch.Tensor, s: Strategy, out_shape: tuple, call: str,
-                  rows: int | None = None) -> tuple[_compiled.Compiled, torch.Tensor | None]:
+                  rows: int | None = None, key: tuple | None = None) -> tuple[_compiled.Compiled, torch.Tensor | None]:
     """The compiled block function of strategy ``s`` (NOTE [compiled blocks]), compiled
     and checked on first use, cached per (fn, fingerprint, shape, dtype, device, mode,
     chunk, and a static graph's block size ``rows``); a fallback's reason is cached too
@@ -1329,7 +1359,7 @@ def _compiled_for(fn: Callable, x: torch.Tensor, s: Strategy, out_shape: tuple, 
     dynamic = _compiled.dynamic_batch(s.mode)
     if rows is None:
         rows = min(s.block or x.shape[0], x.shape[0])
-    key = _shape_key(fn, x) + (s.mode, s.chunk, None if dynamic else rows)
+    key = (key or _shape_key(fn, x)) + (s.mode, s.chunk, None if dynamic else rows)
     hit = _COMPILED.get(fn, key)
     if hit is not None:
         return hit, None
@@ -1376,7 +1406,7 @@ def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max
     if strategy.mode not in STRATEGY_MODES:
         raise ValueError(f"{call}: strategy mode {strategy.mode!r} is not valid; use one of {STRATEGY_MODES}.")
     if strategy.mode == "chain":
-        plan = chain_plan(fn, x, probe.out_shape)
+        plan = chain_plan(fn, x, probe.out_shape, probe.key)
         if isinstance(plan, str):
             raise ValueError(f"{call}: the chain strategy does not apply: {plan}.")
         cap = _chain_cap(plan, x)
@@ -1384,7 +1414,7 @@ def _given(fn: Callable, x: torch.Tensor, probe: _Probe, strategy: Strategy, max
             # NOTE [allocator ceiling] in chain.py (also for a choice made on a GPU)
             strategy = replace(strategy, block=cap)
     if strategy.mode == "diag":
-        reason = _elementwise(fn, x, probe.out_shape)
+        reason = _elementwise(fn, x, probe.out_shape, probe.key)
         if reason is not None:
             raise ValueError(f"{call}: the diag strategy needs a provably elementwise fn: {reason}.")
     budget = max_memory if max_memory is not None else default_memory_budget(x.device)
@@ -1420,15 +1450,17 @@ def run_strategy(
     if not probe.connected:
         return None
     s = _given(fn, x, probe, strategy, max_memory, call)
-    return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape)
+    return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape,
+                key=probe.key)
 
 
 def _run(
     fn: Callable, x: torch.Tensor, s: Strategy, *, create_graph: bool, call: str,
-    out_shape: tuple | None = None, meter: _Meter | None = None,
+    out_shape: tuple | None = None, meter: _Meter | None = None, key: tuple | None = None,
 ) -> torch.Tensor | None:
     """Run strategy ``s`` over the batch; (B, *out, *in), or None when unconnected.
-    ``meter`` receives its progress (NOTE [progress within a call])."""
+    ``meter`` receives its progress (NOTE [progress within a call]); ``key``: the call's
+    (NOTE [one key per call])."""
     b = x.shape[0]
     in_shape = tuple(x.shape[1:])
     n = math.prod(in_shape)
@@ -1445,11 +1477,11 @@ def _run(
     if s.compiled and s.mode in ("rev", "fwd") and not create_graph and not _in_transform():
         if out_shape is None:
             out_shape = _probe(fn, x, call).out_shape
-        comp, first = _compiled_for(fn, x, s, out_shape, call, rows=block)
+        comp, first = _compiled_for(fn, x, s, out_shape, call, rows=block, key=key)
         comp = comp if comp.fn is not None else None
     if s.mode == "chain":
         assert out_shape is not None, "the chain strategy needs the probed output shape"
-        plan = chain_plan(fn, x, out_shape)
+        plan = chain_plan(fn, x, out_shape, key)
         if isinstance(plan, str) or create_graph:
             # The chain computes no autograd history, and applies only to chains of known
             # layers: reverse mode gives the same result (a loop: the least memory).
@@ -1649,18 +1681,20 @@ def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unc
         return unconnected_result()
     if strategy is not None:
         s = _given(fn, x, probe, strategy, max_memory, call)
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
+                   key=probe.key)
         return unconnected_result() if jac is None else jac
     s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
     try:
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
+        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
+                   key=probe.key)
     except RuntimeError as err:
         if mode != "auto" or s.mode != "fwd" or isinstance(err, torch.OutOfMemoryError):
             raise
         # Auto chose forward mode but fn cannot run under it (in-place updates of
         # buffers, a tape inside fn, kernels without forward derivatives): reverse
         # mode gives the same result. Remember, so the next call goes straight there.
-        _FWD_FAILED.put(fn, _shape_key(fn, x), True)
+        _FWD_FAILED.put(fn, probe.key, True)
         s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
     if jac is None:

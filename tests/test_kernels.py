@@ -650,6 +650,73 @@ def test_probe_cache_follows_a_module_that_changes(mode):
     assert fn.rows.count(5) == 2, fn.rows
 
 
+def test_the_fingerprint_sees_what_the_caches_depend_on():
+    from distjac.kernels import _fingerprint
+
+    def fp(m):
+        return _fingerprint(m)
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Dropout(0.1))
+    model = nn.Sequential(inner, nn.Tanh(), nn.Linear(5, 3))
+    base = fp(model)
+    assert base == fp(model) and hash(base) == hash(fp(model))
+    assert fp(model.forward) == base  # a bound method of the module
+    assert fp(lambda z: model(z)) == ()  # a closure: nothing to see (clear_caches())
+    with torch.no_grad():
+        model[2].weight.mul_(2)
+    assert fp(model) == base  # values are not part of it
+    inner[1].train(False)
+    assert fp(model) != base  # a nested training flag
+    inner[1].train(True)
+    assert fp(model) == base
+    model[2] = nn.Linear(5, 4)
+    assert fp(model) != base  # a resized layer
+    model[2] = nn.Linear(5, 3)
+    assert fp(model) == base
+    assert fp(model.double()) != base  # dtypes
+    model.float()
+    model.register_buffer("scale", torch.ones(3))
+    with_buffer = fp(model)
+    assert with_buffer != base
+    model.scale = torch.ones(4)
+    assert fp(model) != with_buffer  # a buffer's shape
+    tied = nn.Sequential(inner, inner)  # one submodule twice: fine, and told apart from one
+    assert fp(tied) != fp(nn.Sequential(inner)) and fp(tied) == fp(tied)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fwd"])
+def test_a_layer_appended_twice_is_seen(mode):
+    """Appending a layer the module already holds adds no parameter name and no new
+    module object: the fingerprint must still change (it once did not, and the cached
+    one-layer chain plan, or forward mode's probed shape, answered for the longer chain)."""
+    clear_caches()
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8).requires_grad_(False)
+    model = nn.Sequential(lin, nn.Tanh())
+    x = randn(64, 8, seed=2)
+    assert_close(distjac.batch_jacobian(model, x, mode=mode), reference_batch_jacobian(model, x))
+    model.append(lin)
+    assert_close(distjac.batch_jacobian(model, x, mode=mode), reference_batch_jacobian(model, x))
+
+
+def test_one_fingerprint_per_call(monkeypatch):
+    """NOTE [one key per call]: a hot call walks the module once, not once per cache."""
+    from distjac import kernels
+
+    model = nn.Sequential(nn.Linear(16, 128), nn.Tanh(), nn.Linear(128, 256)).requires_grad_(False)
+    x = randn(64, 16, seed=3)
+    ref = reference_batch_jacobian(model, x)
+    for mode in ("auto", "fwd", "rev"):
+        distjac.batch_jacobian(model, x, mode=mode)  # probed, chosen
+        walks = []
+        real = kernels._fingerprint
+        monkeypatch.setattr(kernels, "_fingerprint", lambda fn: walks.append(1) or real(fn))
+        assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)
+        assert len(walks) == 1, (mode, len(walks))
+        monkeypatch.setattr(kernels, "_fingerprint", real)
+
+
 def test_modules_made_inside_fn_are_told_apart_within_one_call():
     """Calls made from inside fn, on modules made and dropped there (one address reused,
     shapes changing), must each be probed for themselves."""
