@@ -131,12 +131,21 @@ AUTO_BLOCKS = (128, 512, 2048, 8192)
 # Stage one of the measurement (which mode and vectorization) runs on this fraction of
 # the sample; candidates slower than AUTO_KEEP x the best are not measured further.
 AUTO_PILOT_FRACTION = 8
+# ...but on at least this many rows (or the whole sample, if smaller): per-pass overheads
+# are shared by the rows of a block, and a 16-row pilot misranked candidates by 1.7-1.9x
+# either way (a conv-ReLU-linear chain: reverse mode's row loop cost 654 us per example
+# on 16 rows and 383 on 64, the chain 286 and 544).
+AUTO_PILOT_MIN_ROWS = 64
 AUTO_KEEP = 1.5
 # A vectorized finalist is chosen over a loop only when it is this much faster.
 AUTO_VMAP_MARGIN = 1.25
 # NOTE [measuring]: interleaved rounds per race at most; the prior's doubt factor.
 AUTO_MAX_ROUNDS = 5
 AUTO_PRIOR_DOUBT = 4.0
+# NOTE [measuring]: a run is abandoned once it has taken this many times the fastest run
+# of the race so far (it cannot win; a forward-mode row loop on an MLP ran 87x the
+# leader, and its two runs were 95% of a first call's measuring).
+AUTO_ABANDON = 4.0
 # Stages after the pilot run only while the measuring so far is below this share of the
 # work the choice serves (its rows at the pilot's best speed): a first call costs at most
 # about twice a steady one, more only where the choice serves more rows than the call
@@ -655,6 +664,7 @@ _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
 _ELEMENTWISE = _FnCache()  # ("yes",) or ("no", why): NOTE [elementwise functions]
 _COMPILED = _FnCache()  # compiled.Compiled per (fn, shape, mode, chunk)
+_SEEN = _FnCache()  # rows asked for by calls too small to measure: NOTE [repeated small calls]
 
 
 def clear_caches() -> None:
@@ -666,6 +676,7 @@ def clear_caches() -> None:
     _FWD_FAILED.clear()
     _ELEMENTWISE.clear()
     _COMPILED.clear()
+    _SEEN.clear()
 
 
 def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
@@ -888,11 +899,30 @@ def _hows(modes: Sequence[str], rows_of: dict) -> list[Strategy]:
     return out
 
 
-def _time_once(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str) -> float:
-    """Seconds per example of one run of strategy ``s`` on the sample ``xs``."""
+class _Abandoned(Exception):
+    """A timed run stopped early: it had already taken ``elapsed`` seconds, past its limit."""
+
+    def __init__(self, elapsed: float):
+        super().__init__(f"abandoned after {elapsed:.3g} s")
+        self.elapsed = elapsed
+
+
+def _time_once(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str,
+               limit_s: float | None = None) -> float:
+    """Seconds per example of one run of strategy ``s`` on the sample ``xs``; with
+    ``limit_s``, raises :class:`_Abandoned` at the first pass that ends past it (a loop
+    checks after every row's pass, a vmap pass after each chunk)."""
     _sync(xs.device)
     t0 = time.perf_counter()
-    _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape)
+    meter = None
+    if limit_s is not None:
+        def check(_fraction: float) -> None:
+            elapsed = time.perf_counter() - t0
+            if elapsed > limit_s:
+                raise _Abandoned(elapsed)
+
+        meter = _Meter(check)
+    _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape, meter=meter)
     _sync(xs.device)
     return (time.perf_counter() - t0) / xs.shape[0]
 
@@ -936,7 +966,9 @@ class _Race:
     their samples, until the leader separates from the rest (its slowest sample faster
     than every other's fastest), at most AUTO_MAX_ROUNDS rounds. From the minimum of
     rounds on, a candidate whose fastest sample is AUTO_KEEP x the leader's median is
-    dropped (it cannot win). The
+    dropped (it cannot win), and a run that has taken AUTO_ABANDON x the fastest run so
+    far is stopped at its next pass and its candidate dropped (a hopeless row loop costs
+    a few leader's runs, not its own full time; compiled runs are never stopped). The
     cost model is the prior: while the leader is a candidate that the prior puts
     AUTO_PRIOR_DOUBT x slower than another one still in the race, the rounds go on to
     the maximum, so one noisy sample cannot crown a strategy the sizes say is far
@@ -956,8 +988,14 @@ class _Race:
         for r in range(max_rounds):
             k = r % max(1, len(alive))
             for c in alive[k:] + alive[:k]:
+                fastest = min((min(v) for v in samples.values() if v), default=None)
+                limit = None if fastest is None or c.compiled else AUTO_ABANDON * fastest * rows.shape[0]
                 try:
-                    samples[c].append(_time_once(self.fn, rows, c, self.out_shape, self.call))
+                    samples[c].append(_time_once(self.fn, rows, c, self.out_shape, self.call, limit))
+                except _Abandoned as err:
+                    self.notes.append(f"{c}: stopped after {err.elapsed:.2g} s on {rows.shape[0]} rows, "
+                                      f"{AUTO_ABANDON:g}x the fastest run so far")
+                    samples.pop(c)
                 except (VectorizationError, RuntimeError) as err:
                     self.notes.append(f"{c}: failed ({type(err).__name__})")
                     samples.pop(c)
@@ -1032,7 +1070,10 @@ def choose_strategy(
 
 
 def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call, *, compiled=None,
-            work_rows=None) -> Strategy:
+            work_rows=None, count: bool = False) -> Strategy:
+    """The strategy for this call (NOTE [auto's order of business]); ``count``: a call that
+    will run, whose rows count towards measuring (NOTE [repeated small calls]; a
+    choose_strategy query does not count)."""
     b = x.shape[0]
     n, m = math.prod(x.shape[1:]), math.prod(probe.out_shape)
     user_fixed = parallel_iterations is not None or not use_pfor
@@ -1054,10 +1095,12 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             record = Decision("", "structure", notes=(
                 "fn is provably elementwise (every operation on x pointwise, from its traced graph): its "
                 "Jacobian is diagonal, and one forward pass with ones gives it",))
-        elif user_fixed or max(b, work_rows or b) * m * n < AUTO_MEASURE_MIN_ELEMENTS or b < 2:
+        elif user_fixed or b < 2 or not (seen := _work_seen(fn, probe, x, modes, compiled, max_memory,
+                                                             max(b, work_rows or b), m * n, count)):
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
             why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
-                   f"{b} x {m} x {n} Jacobian elements: too few to measure" if b >= 2 else "one example")
+                   f"{b} x {m} x {n} Jacobian elements: too few to measure (so far: NOTE [repeated small "
+                   f"calls])" if b >= 2 else "one example")
             notes = (f"not measured: {why}",)
             plan = None if user_fixed else chain_plan(fn, x, probe.out_shape, probe.key)
             if plan is not None and not isinstance(plan, str):
@@ -1078,8 +1121,12 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             notes += (f"diag: not applicable: {structure}",) if structure else ()
             record = Decision("", "sizes", notes=notes)
         else:
-            s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory, compiled=compiled,
-                                 work_rows=work_rows or b)
+            why = None
+            if seen > max(b, work_rows or b):
+                why = (f"measured once calls like this one had asked for {seen:,} rows in all (NOTE [repeated "
+                       f"small calls])")
+            s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory, compiled=compiled, work_rows=seen,
+                                 why=why)
             record = s.record
             if structure:
                 record = replace(record, notes=record.notes + (f"diag: not applicable: {structure}",))
@@ -1095,6 +1142,30 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             budget=budget, call=call,
         )
     return replace(s, record=replace(record, strategy=str(s)))
+
+
+def _work_seen(fn, probe: _Probe, x: torch.Tensor, modes, compiled, max_memory, rows: int, per_row: int,
+               count: bool) -> int:
+    """Rows auto's measured choice serves, or 0 where it does not pay to measure yet.
+
+    NOTE [repeated small calls]
+    A call whose Jacobian (its rows, or a job's, times M x N) is below
+    AUTO_MEASURE_MIN_ELEMENTS is not measured: measuring would cost more than the call.
+    But a loop of such calls (a training step's, a benchmark's) serves more than one call,
+    and a choice by sizes alone can be well off the best (a conv chain at 64 rows ran
+    0.76x reverse mode on one machine and 1.0x on another). So the rows asked for are
+    counted per choice key (fn's fingerprint, shape, dtype, device, modes, batch bucket,
+    compiled, max_memory; calls that run, not choose_strategy's queries), and the call
+    that brings them to the threshold measures as for a call of all those rows: its measuring is bounded by AUTO_MEASURE_SHARE of the
+    work done so far, and from then on the measured choice (kept in memory and in the
+    tuning cache) serves every call. Counts live with the other caches (clear_caches)."""
+    if rows * per_row >= AUTO_MEASURE_MIN_ELEMENTS:
+        return rows
+    key = probe.key + (tuple(modes), _rows_bucket(x.shape[0]), compiled, max_memory)
+    seen = (_SEEN.get(fn, key) or 0) + (rows if count else 0)
+    if count:
+        _SEEN.put(fn, key, seen)
+    return seen if seen * per_row >= AUTO_MEASURE_MIN_ELEMENTS else 0
 
 
 def _from_tuning_cache(fn, x, key) -> tuple[Strategy | None, tuple | None]:
@@ -1119,7 +1190,7 @@ def _from_tuning_cache(fn, x, key) -> tuple[Strategy | None, tuple | None]:
 
 
 def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = None, *, compiled=None,
-                     work_rows: int | None = None) -> Strategy:
+                     work_rows: int | None = None, why: str | None = None) -> Strategy:
     """Measure, once per (function, shape, batch bucket, max_memory), how to compute
     this batch Jacobian fastest; the result's ``record`` lists what was timed.
 
@@ -1153,10 +1224,10 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     # passes for little gain, so no block sizes are tried; on a CPU only unblocked loops
     # are (see below), while a GPU wants the large kernels of a vectorized pass.
     heavy = sample < rows_cap
-    pilot = min(sample, max(16, sample // AUTO_PILOT_FRACTION))
+    pilot = min(sample, max(AUTO_PILOT_MIN_ROWS, sample // AUTO_PILOT_FRACTION))
     xs = x[:sample].detach()
     log: list[tuple[str, float]] = []
-    notes: list[str] = []
+    notes: list[str] = [] if why is None else [why]
     race = _Race(fn, probe.out_shape, call, m, n, log, notes)
 
     hows = _hows(modes, {"rev": m, "fwd": n})
@@ -1199,8 +1270,11 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
                          f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
             best = replace(keep[0][2], block=None if heavy else min(blocks, key=lambda k: abs(k - pilot)))
-            if best.mode == "chain" and cap is not None:
-                best = replace(best, block=min(cap, pilot))  # the passes it was timed in
+            if best.mode == "chain":
+                # Its largest blocks (the cap, below), as a chain too small to measure runs
+                # (NOTE [small chains]): a chain's shared starts cost less per example the
+                # more rows a block has (W1/W2 at 64 rows: 16-row blocks ran 1.2-1.5x slower).
+                best = replace(best, block=None)
         else:
             stage2 = race.run(cands, xs, min_rounds=3, deadline=time.perf_counter() + max(0.0, budget - race.spent))
             if stage2:
@@ -1684,7 +1758,7 @@ def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unc
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
                    key=probe.key)
         return unconnected_result() if jac is None else jac
-    s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
+    s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call, count=True)
     try:
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
                    key=probe.key)

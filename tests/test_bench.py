@@ -64,7 +64,7 @@ def test_kernels_tiny(tmp_path, keep_threads, monkeypatch):
     # The compiled method runs, but eagerly (its compile is tens of seconds per workload;
     # tests/test_compiled.py compiles for real): its row is what is checked here.
     monkeypatch.setenv("DISTJAC_COMPILE", "0")
-    doc = kernels.run(tmp_path, size="tiny", workloads=["W1", "W3"], repeats=2)
+    doc = kernels.run(tmp_path, size="tiny", workloads=["W1", "W3"], repeats=2, warmup_s=0.05)
     assert torch.get_num_threads() == 1, "run() restores the caller's thread count"
     _common_shape(doc, "kernels", tmp_path, ["kernels.png"])
     assert doc["config"]["repeats"] == 2 and doc["config"]["threads"] == 2 and doc["config"]["tf32"] is False
@@ -81,6 +81,8 @@ def test_kernels_tiny(tmp_path, keep_threads, monkeypatch):
         for name, r in mine.items():
             assert r["status"] == "ok", (w, name, r["reason"])  # tiny sizes: all run, all match
             assert len(r["times_s"]) == 2 and r["examples_per_s"] > 0 and r["max_rel_err"] < 1e-4
+            assert len(r["calls_per_sample"]) == 2 and min(r["calls_per_sample"]) >= 1
+            assert (r.get("warmup_calls", 0) >= 1) == (r["first_call_s"] < 0.05), (name, r)
             assert r["ratio_to_best_baseline"] > 0
         assert mine[wl["best_baseline"]]["ratio_to_best_baseline"] == pytest.approx(1.0)
         # The peers ran in this interpreter: where TF or JAX is missing they are skipped
@@ -201,6 +203,7 @@ def test_kernels_batch_override(tmp_path, capsys, keep_threads):
     (["bench", "kernels", "--workloads", "W9"], "unknown workload(s) ['W9']"),
     (["bench", "kernels", "--repeats", "0"], "--repeats must be >= 1"),
     (["bench", "kernels", "--min-sample-s", "-1"], "min_sample_s must be a finite number of seconds >= 0"),
+    (["bench", "kernels", "--warmup-s", "nan"], "warmup_s must be a finite number of seconds >= 0"),
     (["bench", "scaling", "--variants", "gather,scatter"], "unknown variant ['scatter']"),
     (["bench", "--size", "huge"], "invalid choice: 'huge'"),
     # a later suite's bad argument stops the run before the first suite writes anything

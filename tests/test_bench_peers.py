@@ -373,13 +373,15 @@ def test_a_sample_repeats_short_calls(peers, tmp_path, monkeypatch):
 
     monkeypatch.setattr(peers, "build_peer", build)
     spec = peers.parse_spec({"workloads": [cube_workload(tmp_path, "c", 4, 6)], "repeats": 3,
-                             "min_sample_s": 0.03, "peers": list(sleep)})
-    assert spec.min_sample_s == 0.03 and spec.summary()["min_sample_s"] == 0.03
+                             "min_sample_s": 0.03, "warmup_s": 0.02, "peers": list(sleep)})
+    assert spec.min_sample_s == 0.03 and spec.summary()["min_sample_s"] == 0.03 and spec.warmup_s == 0.02
     rec = peers.bench_workload(w, spec, FakeFrameworks(peers))["peers"]
     short, long = rec["tf.function pfor"], rec["tf.function loop"]
     assert len(short["times_s"]) == len(short["calls_per_sample"]) == 3
     assert all(n >= 2 for n in short["calls_per_sample"]), short["calls_per_sample"]
-    assert 1 + sum(short["calls_per_sample"]) == calls["tf.function pfor"] == waits["tf.function pfor"]
+    assert short["warmup_calls"] >= 2 and "warmup_calls" not in long  # a first call of 0.05 s is warm-up enough
+    assert (1 + short["warmup_calls"] + sum(short["calls_per_sample"]) == calls["tf.function pfor"]
+            == waits["tf.function pfor"])
     assert all(0.002 <= t < 0.03 for t in short["times_s"]), short["times_s"]  # a mean, not a sum
     assert long["calls_per_sample"] == [1, 1, 1] and all(t >= 0.05 for t in long["times_s"])
 

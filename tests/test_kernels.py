@@ -812,6 +812,63 @@ def test_choice_cache_is_keyed_on_max_memory(monkeypatch):
     assert_close(jac, distjac.batch_jacobian(fn, x, mode="rev"))
 
 
+def test_repeated_small_calls_are_measured_once_they_add_up(monkeypatch):
+    """NOTE [repeated small calls]: calls too small to measure are counted; the call that
+    brings their rows to the threshold measures, and the choice serves every call after.
+    choose_strategy's queries do not count; another batch bucket counts apart."""
+    from distjac import kernels
+
+    monkeypatch.setenv("DISTJAC_TUNING_CACHE", "0")
+    clear_caches()
+    fn = make_mlp((6, 8, 6), seed=3)
+    x = randn(64, 6, seed=3)
+    per_call = 64 * 6 * 6
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 3 * per_call)
+    ref = reference_batch_jacobian(fn, x)
+    hows = []
+    for _ in range(4):
+        for _ in range(3):
+            choose_strategy(fn, x)  # a query: not counted
+        hows.append(choose_strategy(fn, x).record.how)
+        assert_close(distjac.batch_jacobian(fn, x), ref)
+    assert hows == ["sizes", "sizes", "sizes", "cached"], hows
+    rec = choose_strategy(fn, x).record
+    assert any("asked for 192 rows in all" in note for note in rec.notes), rec
+    assert any("on 64 rows" in what for what, _ in rec.times), rec  # the pilot: the whole 64-row call
+    x8 = randn(8, 6, seed=4)
+    assert_close(distjac.batch_jacobian(fn, x8), reference_batch_jacobian(fn, x8))
+    assert choose_strategy(fn, x8).record.how == "sizes"  # its own bucket, 8 rows counted
+
+
+def test_a_hopeless_candidate_is_stopped_at_its_next_pass():
+    """NOTE [measuring]: a run past AUTO_ABANDON x the fastest so far stops at its next
+    pass and its candidate is dropped: a forward row loop of 64 passes (one fn call each)
+    raced against one vectorized pass."""
+    import time
+
+    from distjac import kernels
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 64)
+    calls = [0]
+
+    def fn(z):
+        calls[0] += 1
+        time.sleep(0.004)
+        return torch.tanh(z) @ w.to(z.dtype)
+
+    x = randn(8, 64, seed=1)
+    log, notes = [], []
+    race = kernels._Race(fn, (64,), "test", 64, 64, log, notes)
+    vec, loop = Strategy("fwd", vectorize=True), Strategy("fwd", vectorize=False)
+    times = race.run([vec, loop], x)
+    assert set(times) == {vec}, (times, notes)
+    assert any(note.startswith(f"{loop}: stopped after") for note in notes), notes
+    assert calls[0] < 64, calls  # the loop's one run alone would have called fn 64 times
+    jac = kernels.run_strategy(fn, x, loop)  # stopping a run leaves nothing behind
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+
 def test_decision_record_for_explicit_and_size_decided_choices():
     fn, x = _model("mlp")
     assert choose_strategy(fn, x, mode="rev").record.how == "explicit"

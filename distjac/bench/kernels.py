@@ -80,6 +80,11 @@ DEFAULT_MAX_CALL_S = 60.0
 # A timed sample repeats a call until this long has passed (a call of about a
 # millisecond, timed alone, moved 2-5x between runs of the 64-row suite).
 DEFAULT_MIN_SAMPLE_S = 0.05
+# Before the timed rounds each method is called until this long has passed since its
+# first call began (no more calls where the first took that long): caches, allocator
+# pools and auto's choice for repeated small calls (NOTE [repeated small calls] in
+# kernels.py) settle there, not in a timed sample. The peers warm up the same way.
+DEFAULT_WARMUP_S = 0.5
 # Fraction of MemAvailable one call may grow the peak RSS by (estimated from the pilot):
 # the reference result and the other developers' processes need the rest.
 MEMORY_FRACTION = 0.6
@@ -381,7 +386,7 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, *, rtol: float, atol: float) 
 
 def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repeats: int, rtol: float,
                    max_call_s: float, device: torch.device, log: Callable[[str], None],
-                   export: Path | None = None, min_sample_s: float = 0.0) -> dict:
+                   export: Path | None = None, min_sample_s: float = 0.0, warmup_s: float = 0.0) -> dict:
     """Check, warm up and time ``methods`` on one workload, side by side.
 
     ``export``: also write the model's weights, the input and the first rows of the
@@ -412,6 +417,17 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
     if export is not None:
         export_workload(export, w, model, x, ref[:PEER_CHECK_ROWS])
 
+    def check(r: dict, res: torch.Tensor) -> None:
+        if tuple(res.shape) != tuple(ref.shape):
+            r.update(status="mismatch", reason=f"shape {tuple(res.shape)} != reference {tuple(ref.shape)}")
+            return
+        err, close = _compare(res.detach(), ref, rtol=rtol, atol=atol)
+        r["max_abs_err"] = max(err, r.get("max_abs_err", 0.0))
+        r["max_rel_err"] = r["max_abs_err"] / max(scale, 1e-30)
+        if not close:
+            r.update(status="mismatch", reason=f"not allclose to {REFERENCE}: max abs err "
+                     f"{err:.3g} (rtol {rtol:g}, atol {atol:.3g})")
+
     # Pilots, checks and warm-up ------------------------------------------------------
     live: list[Method] = []
     for mt in methods:
@@ -435,14 +451,7 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
             log(f"   {mt.name:<24} {r['status']}: {r['reason']}")
             continue
         r["first_call_s"] = t_first
-        if tuple(res.shape) != tuple(ref.shape):
-            r.update(status="mismatch", reason=f"shape {tuple(res.shape)} != reference {tuple(ref.shape)}")
-        else:
-            r["max_abs_err"], close = _compare(res.detach(), ref, rtol=rtol, atol=atol)
-            r["max_rel_err"] = r["max_abs_err"] / max(scale, 1e-30)
-            if not close:
-                r.update(status="mismatch", reason=f"not allclose to {REFERENCE}: max abs err "
-                         f"{r['max_abs_err']:.3g} (rtol {rtol:g}, atol {atol:.3g})")
+        check(r, res)
         del res
         if mt.name == "distjac auto":
             r["auto_strategy"] = str(choose_strategy(model, x, mode="auto"))
@@ -455,7 +464,19 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
             r["second_call_s"] = t_call
         if t_call > max_call_s:
             r.update(status="skipped", reason=f"too slow: one full call took {t_call:.1f} s > {max_call_s:.0f} s")
+        elif r["status"] in ("ok", "mismatch") and t_first < warmup_s:
+            _, r["warmup_calls"] = _timed_sample(lambda mt=mt: mt.run(model, x), device, warmup_s - t_first)
+            steady = str(choose_strategy(model, x, mode="auto")) if mt.name == "distjac auto" else None
+            if steady is not None and steady != r["auto_strategy"]:
+                # Repeated calls measured a new choice (NOTE [repeated small calls]): it is
+                # what is timed, so it is checked too.
+                r["first_call_strategy"], r["auto_strategy"] = r["auto_strategy"], steady
+                rec["auto_strategy"] = steady
+                res = mt.run(model, x)
+                check(r, res)
+                del res
         log(f"   {mt.name:<24} first call {t_first:.3f} s"
+            + (f", auto chose {r['first_call_strategy']}, then" if "first_call_strategy" in r else "")
             + (f", auto chose {r['auto_strategy']}" if "auto_strategy" in r else "")
             + ("" if r["status"] == "ok" else f"  [{r['status'].upper()}: {r['reason']}]"))
         if r["status"] in ("ok", "mismatch"):
@@ -525,12 +546,13 @@ def export_workload(path: Path, w: Workload, model: torch.nn.Module, x: torch.Te
 
 def run_peers(workloads: dict[str, Workload], npz: dict[str, Path], *, python: str, device: torch.device,
               threads: int, repeats: int, rtol: float, max_call_s: float, workdir: Path,
-              peers: Sequence[str] | None = None, min_sample_s: float = 0.0) -> dict[str, Any]:
+              peers: Sequence[str] | None = None, min_sample_s: float = 0.0,
+              warmup_s: float = 0.0) -> dict[str, Any]:
     """Run peers.py under ``python``; its OUT.json, or ``{"error": ...}`` if it failed."""
     spec = {
         "device": "gpu" if device.type == "cuda" else "cpu", "threads": threads, "repeats": repeats,
         "rtol": rtol, "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "min_sample_s": min_sample_s,
-        "workloads": [{"name": name, "kind": w.kind, "npz": str(npz[name]),
+        "warmup_s": warmup_s, "workloads": [{"name": name, "kind": w.kind, "npz": str(npz[name]),
                        **({"activation": w.activation} if w.activation else {})}
                       for name, w in workloads.items() if name in npz],
     }
@@ -682,10 +704,13 @@ def markdown(result: dict[str, Any]) -> str:
         auto = index.get((k, "distjac auto"), {})
         first = auto.get("first_call_s")
         share = index.get((k, "distjac auto (first call)"), {}).get("first_call_share")
+        then = auto.get("first_call_strategy")
         lines.append(f"- {k} ({wl['description']}): auto chose `{wl.get('auto_strategy', 'n/a')}`"
                      + (f" (first call, measuring included: {first:.2f} s" if first is not None else "")
                      + (f", {share:.1f}x a steady-state call)" if share is not None else ")" if first is not None
-                        else ""))
+                        else "")
+                     + (f"; its first call ran `{then}`, and the warm-up's repeated calls measured the choice "
+                        f"(NOTE [repeated small calls])" if then else ""))
     rate = result.get("matmul_gflops")
     for k in names:
         flops = result["workloads"][k].get("jacobian_flops_per_example")
@@ -767,7 +792,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
         device: str = "cpu", rtol: float = DEFAULT_RTOL, max_call_s: float = DEFAULT_MAX_CALL_S,
         peer_python: str | None = None, peers: bool = True, plots: bool = True,
         batch: int | Mapping[str, int] | None = None,
-        min_sample_s: float = DEFAULT_MIN_SAMPLE_S) -> dict[str, Any]:
+        min_sample_s: float = DEFAULT_MIN_SAMPLE_S, warmup_s: float = DEFAULT_WARMUP_S) -> dict[str, Any]:
     """Run the kernels suite; write ``kernels.json``, ``kernels.md`` and ``kernels.png``
     under ``out_dir``; return the result document.
 
@@ -777,10 +802,12 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
     TensorFlow/JAX peers (default: this one); ``peers=False`` leaves them out.
     ``min_sample_s``: a timed sample repeats a call until this many seconds have passed
     and counts its mean (one call, for calls longer than that), here and in the peers.
+    ``warmup_s``: untimed calls of each method until this long after its first call
+    began (DEFAULT_WARMUP_S), here and in the peers.
     """
     quick = size == "tiny"
     repeats = repeats if repeats is not None else (1 if quick else 5)
-    _check(workloads, methods, repeats, threads, device, min_sample_s)
+    _check(workloads, methods, repeats, threads, device, min_sample_s, warmup_s)
     batches = _batches(batch, workloads)
     chosen = METHODS if methods is None else [mt for mt in ALL_METHODS if mt.name in methods]
     dev = torch.device(device)
@@ -800,8 +827,9 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
               "atol_scale": ATOL_SCALE, "max_call_s": max_call_s, "workloads": list(workloads),
               "methods": [mt.name for mt in chosen], "reference": REFERENCE,
               "peers": peers, "peer_python": peer_python if peers else None, "tf32": False,
-              "min_sample_s": min_sample_s,
-              "timing": "wall clock per call (device synchronised); a sample is the mean of the calls that "
+              "min_sample_s": min_sample_s, "warmup_s": warmup_s,
+              "timing": "wall clock per call (device synchronised), after untimed calls until warmup_s from the "
+                        "first; a sample is the mean of the calls that "
                         "fill min_sample_s (at least one), each result released before the next; median of "
                         "the samples, interleaved across methods; results may be views"}
     result = new_result(SUITE, config, str(dev))
@@ -820,7 +848,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
                     w = dataclasses.replace(w, batch=batches[name], quick_batch=batches[name])
                 rec = bench_workload(w, chosen, quick=quick, repeats=repeats, rtol=rtol,
                                      max_call_s=max_call_s, device=dev, log=_log, export=export,
-                                     min_sample_s=min_sample_s)
+                                     min_sample_s=min_sample_s, warmup_s=warmup_s)
                 if WORKLOADS[name].kind == "mlp":
                     rec["jacobian_flops_per_example"] = mlp_jacobian_flops(_mlp_sizes(WORKLOADS[name]))
                 if export is not None:
@@ -831,7 +859,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
                 _log(f"\n== peers (TensorFlow, JAX) under {peer_python}")
                 out = run_peers({k: WORKLOADS[k] for k in workloads}, npz, python=peer_python, device=dev,
                                 threads=threads, repeats=repeats, rtol=rtol, max_call_s=max_call_s,
-                                workdir=Path(tmp), min_sample_s=min_sample_s)
+                                workdir=Path(tmp), min_sample_s=min_sample_s, warmup_s=warmup_s)
                 result["peers"] = {k: v for k, v in out.items() if k != "workloads"}
                 result["records"] += _peer_records(out, peer_python)
     finally:
@@ -849,7 +877,7 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
 
 
 def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int, threads: int,
-           device: str, min_sample_s: float = 0.0) -> None:
+           device: str, min_sample_s: float = 0.0, warmup_s: float = 0.0) -> None:
     if bad := [w for w in workloads if w not in WORKLOADS]:
         raise ValueError(f"unknown workload(s) {bad}; choose from {sorted(WORKLOADS)}")
     known = [mt.name for mt in ALL_METHODS]
@@ -857,8 +885,9 @@ def _check(workloads: Sequence[str], methods: Sequence[str] | None, repeats: int
         raise ValueError(f"unknown method(s) {bad}; choose from {known}")
     if repeats < 1 or threads < 1:
         raise ValueError("repeats and threads must be >= 1")
-    if not (isinstance(min_sample_s, (int, float)) and math.isfinite(min_sample_s) and min_sample_s >= 0):
-        raise ValueError(f"min_sample_s must be a finite number of seconds >= 0, got {min_sample_s!r}")
+    for name, value in (("min_sample_s", min_sample_s), ("warmup_s", warmup_s)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     check_device(device)
 
 
@@ -892,7 +921,8 @@ def check_args(args: argparse.Namespace) -> None:
     suite runs, so a bad argument writes nothing)."""
     workloads = args.workloads.split(",")
     _check(workloads, None if args.methods is None else args.methods.split(","),
-           1 if args.repeats is None else args.repeats, args.threads, args.device, args.min_sample_s)
+           1 if args.repeats is None else args.repeats, args.threads, args.device, args.min_sample_s,
+           args.warmup_s)
     _batches(parse_batch(args.batch), workloads)
 
 
@@ -912,6 +942,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-sample-s", type=float, default=DEFAULT_MIN_SAMPLE_S,
                    help="a timed sample repeats a call until this many seconds have passed and counts its "
                         "mean (default %(default)s; 0: one call a sample)")
+    g.add_argument("--warmup-s", type=float, default=DEFAULT_WARMUP_S,
+                   help="untimed calls of each method until this long after its first call began "
+                        "(default %(default)s)")
     g.add_argument("--peer-python", default=None,
                    help="interpreter with TensorFlow and/or JAX for the peers (default: this one)")
     g.add_argument("--no-peers", action="store_true", help="leave the TensorFlow/JAX peers out")
@@ -922,4 +955,4 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
                methods=None if args.methods is None else args.methods.split(","), repeats=args.repeats,
                threads=args.threads, device=args.device, rtol=args.rtol, max_call_s=args.max_call_s,
                peer_python=args.peer_python, peers=not args.no_peers, plots=not args.no_plots,
-               batch=parse_batch(args.batch), min_sample_s=args.min_sample_s)
+               batch=parse_batch(args.batch), min_sample_s=args.min_sample_s, warmup_s=args.warmup_s)

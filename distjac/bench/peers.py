@@ -34,7 +34,7 @@ SPEC.json
 Written by the caller::
 
     {"device": "cpu" | "gpu", "threads": 2, "repeats": 5, "rtol": 1e-4, "atol_scale": 1e-5,
-     "max_call_s": 60.0, "min_sample_s": 0.0,
+     "max_call_s": 60.0, "min_sample_s": 0.0, "warmup_s": 0.0,
      "peers": ["tf.function pfor", ...],        # optional subset of PEERS, default all four
      "workloads": [{"name": "W1", "kind": "mlp", "activation": "tanh", "npz": "/abs/W1.npz"}, ...]}
 
@@ -66,6 +66,8 @@ Procedure, per workload (side by side, as torch's side does)
    error in the reason, and the peer is still timed. A first call slower than
    ``max_call_s`` marks the peer ``"skipped"`` ("too slow: ..."); an exception marks it
    ``"error"`` (``"skipped"`` when it is an out-of-memory error) with ``Type: message``.
+   A peer whose first call took less than ``warmup_s`` is called again, untimed, until
+   ``warmup_s`` has passed since its first call began (``warmup_calls`` says how often).
 2. Then ``repeats`` timed samples, round robin across the live peers, so drift from other
    load hits all of them alike. A sample is one call, or as many calls as it takes to
    fill ``min_sample_s`` seconds (each waited for and released before the next), and
@@ -154,6 +156,7 @@ DEFAULTS: dict[str, Any] = {
     "atol_scale": 1e-5,
     "max_call_s": 60.0,
     "min_sample_s": 0.0,
+    "warmup_s": 0.0,
     "peers": list(PEERS),
 }
 TOP_LEVEL_KEYS = set(DEFAULTS) | {"workloads"}
@@ -230,12 +233,14 @@ class Spec:
     peers: list[str]
     workloads: list[Workload]
     min_sample_s: float = 0.0
+    warmup_s: float = 0.0
 
     def summary(self) -> dict:
         """The settings and workloads as read (for OUT.json)."""
         return {
             "device": self.device, "threads": self.threads, "repeats": self.repeats, "rtol": self.rtol,
             "atol_scale": self.atol_scale, "max_call_s": self.max_call_s, "min_sample_s": self.min_sample_s,
+            "warmup_s": self.warmup_s,
             "peers": list(self.peers),
             "workloads": [{"name": w.name, "kind": w.kind, "activation": w.activation, "npz": w.npz}
                           for w in self.workloads],
@@ -295,6 +300,7 @@ def parse_spec(raw: Any) -> Spec:
         peers=list(peers),
         workloads=loaded,
         min_sample_s=_float_setting(raw, "min_sample_s", positive=False),
+        warmup_s=_float_setting(raw, "warmup_s", positive=False),
     )
 
 
@@ -793,6 +799,15 @@ def bench_workload(w: Workload, spec: Spec, frameworks: Frameworks) -> dict:
              + (f", max abs err {r['max_abs_err']:.3g}" if r.get("max_abs_err") is not None else "")
              + ("" if r["status"] == "ok" else f"  [{r['status'].upper()}: {r['reason']}]"))
         if r["status"] in ("ok", "mismatch"):
+            if t_first < spec.warmup_s:
+                try:
+                    _, r["warmup_calls"] = _timed_sample(runner, spec.warmup_s - t_first)
+                except Exception as err:  # reported like a timed call's failure
+                    status, reason = _failure(err)
+                    r.update(status=status, reason=f"warm-up: {reason}")
+                    _log(f"   {peer:<24} {status} in warm-up: {reason}")
+                    gc.collect()
+                    continue
             live.append((peer, runner))
         # Results were released by del (reference counting); a gc.collect() here would
         # cost about 0.2 s per peer once TF is loaded, so it runs only after errors.
