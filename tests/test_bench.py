@@ -122,11 +122,16 @@ def test_kernels_sample_is_the_mean_of_the_calls_that_fill_it():
         time.sleep(0.003)
         return torch.zeros(1)
 
-    t, n = kernels._timed_sample(fn, torch.device("cpu"), 0.03)
-    assert n == len(calls) and 2 <= n <= 11 and 0.003 <= t < 0.03
+    t, n, fastest = kernels._timed_sample(fn, torch.device("cpu"), 0.03)
+    assert n == len(calls) and 2 <= n <= 11 and 0.003 <= fastest <= t < 0.03
     calls.clear()
-    t, n = kernels._timed_sample(fn, torch.device("cpu"), 0.0)
+    t, n, _ = kernels._timed_sample(fn, torch.device("cpu"), 0.0)
     assert n == len(calls) == 1 and t >= 0.003
+    calls.clear()
+    t, n, _ = kernels._timed_sample(fn, torch.device("cpu"), 10.0, calls=3)  # a fixed count wins
+    assert n == len(calls) == 3 and t < 0.1
+    assert kernels.calls_per_sample(0.003, 0.05) == 17 and kernels.calls_per_sample(0.2, 0.05) == 1
+    assert kernels.calls_per_sample(1e-9, 0.05) == kernels.MAX_CALLS_PER_SAMPLE
 
 
 def test_kernels_pilot_grows_and_stops_early():

@@ -80,6 +80,7 @@ DEFAULT_MAX_CALL_S = 60.0
 # A timed sample repeats a call until this long has passed (a call of about a
 # millisecond, timed alone, moved 2-5x between runs of the 64-row suite).
 DEFAULT_MIN_SAMPLE_S = 0.05
+MAX_CALLS_PER_SAMPLE = 10_000
 # Before the timed rounds each method is called until this long has passed since its
 # first call began (no more calls where the first took that long): caches, allocator
 # pools and auto's choice for repeated small calls (NOTE [repeated small calls] in
@@ -283,17 +284,30 @@ def _timed(fn: Callable, device: torch.device):
     return res, time.perf_counter() - t0
 
 
-def _timed_sample(fn: Callable, device: torch.device, min_s: float) -> tuple[float, int]:
-    """One timed sample: calls of ``fn`` (each synchronised and its result released
-    before the next) until ``min_s`` seconds have passed, at least one; the mean time of
-    a call and the number of calls. The peers sample the same way (peers.py)."""
-    total, calls = 0.0, 0
+def _timed_sample(fn: Callable, device: torch.device, min_s: float,
+                  calls: int | None = None) -> tuple[float, int, float]:
+    """One sample: ``calls`` calls of ``fn`` (each synchronised and its result released
+    before the next), or with ``calls=None`` as many as fill ``min_s`` seconds (at least
+    one); the mean time of a call, the number of calls and the fastest call. The peers
+    sample the same way (peers.py)."""
+    total, n, fastest = 0.0, 0, math.inf
     while True:
         res, t = _timed(fn, device)
         del res
-        total, calls = total + t, calls + 1
-        if total >= min_s:
-            return total / calls, calls
+        total, n, fastest = total + t, n + 1, min(fastest, t)
+        if (n >= calls) if calls is not None else (total >= min_s):
+            return total / n, n, fastest
+
+
+def calls_per_sample(fastest_s: float, min_sample_s: float) -> int:
+    """Calls in each timed sample of a method whose fastest call so far took
+    ``fastest_s``: enough to fill ``min_sample_s``, the same in every sample (a sample
+    cut short by one slow call would count that call alone, and a median of such
+    samples follows the slow calls; on this VM a 64-row call right after another
+    method's freed its result took 10x its usual time now and then)."""
+    if fastest_s <= 0 or not math.isfinite(fastest_s):
+        return 1
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_s / fastest_s)))
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -430,6 +444,7 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
 
     # Pilots, checks and warm-up ------------------------------------------------------
     live: list[Method] = []
+    n_calls: dict[str, int] = {}  # calls per timed sample, from the fastest call so far
     for mt in methods:
         r: dict = {"kind": mt.kind, "status": "ok", "reason": None, "times_s": []}
         rec["methods"][mt.name] = r
@@ -464,8 +479,10 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
             r["second_call_s"] = t_call
         if t_call > max_call_s:
             r.update(status="skipped", reason=f"too slow: one full call took {t_call:.1f} s > {max_call_s:.0f} s")
-        elif r["status"] in ("ok", "mismatch") and t_first < warmup_s:
-            _, r["warmup_calls"] = _timed_sample(lambda mt=mt: mt.run(model, x), device, warmup_s - t_first)
+        fastest = t_call
+        if r["status"] in ("ok", "mismatch") and t_call <= max_call_s and t_first < warmup_s:
+            _, r["warmup_calls"], fastest = _timed_sample(lambda mt=mt: mt.run(model, x), device,
+                                                          warmup_s - t_first)
             steady = str(choose_strategy(model, x, mode="auto")) if mt.name == "distjac auto" else None
             if steady is not None and steady != r["auto_strategy"]:
                 # Repeated calls measured a new choice (NOTE [repeated small calls]): it is
@@ -475,6 +492,9 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
                 res = mt.run(model, x)
                 check(r, res)
                 del res
+        if mt.name == "distjac auto":  # what was chosen, and why (timed candidates, notes)
+            r["auto_record"] = str(choose_strategy(model, x, mode="auto").record)
+        n_calls[mt.name] = calls_per_sample(fastest, min_sample_s)
         log(f"   {mt.name:<24} first call {t_first:.3f} s"
             + (f", auto chose {r['first_call_strategy']}, then" if "first_call_strategy" in r else "")
             + (f", auto chose {r['auto_strategy']}" if "auto_strategy" in r else "")
@@ -492,7 +512,7 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
         # different page-fault costs).
         shift = rep % max(1, len(live))
         for mt in live[shift:] + live[:shift]:
-            t, n = _timed_sample(lambda mt=mt: mt.run(model, x), device, min_sample_s)
+            t, n, _ = _timed_sample(lambda mt=mt: mt.run(model, x), device, min_sample_s, n_calls[mt.name])
             rec["methods"][mt.name]["times_s"].append(t)
             rec["methods"][mt.name].setdefault("calls_per_sample", []).append(n)
         log(f"   repeat {rep + 1}/{repeats} done")
@@ -829,8 +849,8 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
               "peers": peers, "peer_python": peer_python if peers else None, "tf32": False,
               "min_sample_s": min_sample_s, "warmup_s": warmup_s,
               "timing": "wall clock per call (device synchronised), after untimed calls until warmup_s from the "
-                        "first; a sample is the mean of the calls that "
-                        "fill min_sample_s (at least one), each result released before the next; median of "
+                        "first; a sample is the mean of as many calls as fill min_sample_s at the method's fastest call "
+                        "(at least one, the same in every sample), each result released before the next; median of "
                         "the samples, interleaved across methods; results may be views"}
     result = new_result(SUITE, config, str(dev))
     result["workloads"] = {}

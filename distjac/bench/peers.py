@@ -69,9 +69,11 @@ Procedure, per workload (side by side, as torch's side does)
    A peer whose first call took less than ``warmup_s`` is called again, untimed, until
    ``warmup_s`` has passed since its first call began (``warmup_calls`` says how often).
 2. Then ``repeats`` timed samples, round robin across the live peers, so drift from other
-   load hits all of them alike. A sample is one call, or as many calls as it takes to
-   fill ``min_sample_s`` seconds (each waited for and released before the next), and
-   counts as its mean call time (``calls_per_sample`` says how many). A timed call that
+   load hits all of them alike. A sample is one call, or as many calls as fill
+   ``min_sample_s`` seconds at the peer's fastest call (each waited for and released
+   before the next), and
+   counts as its mean call time (``calls_per_sample`` says how many: the same in every
+   sample, set from the fastest call of the first call and warm-up). A timed call that
    fails, or a sample whose mean call is longer than ``max_call_s``, takes its peer out
    of the remaining rounds (it keeps the times it has).
 3. ``median_s`` is the median of the samples, ``examples_per_s = B / median_s``.
@@ -168,7 +170,8 @@ REASON_CHARS = 300  # error messages in reasons are cut to about this length
 TIMING_NOTE = (
     "wall clock (time.perf_counter) per full-batch call including its completion "
     "(JAX: block_until_ready; TF: one element of the result copied to the host; Python's GC paused); "
-    "a sample is the mean of the calls that fill min_sample_s (at least one); "
+    "a sample is the mean of as many calls as fill min_sample_s at the fastest call seen (at least one, "
+    "the same in every sample); "
     "median of the round-robin samples; the first call (trace/compile) is not among them"
 )
 
@@ -723,18 +726,29 @@ def _timed(runner: Runner) -> tuple[Any, float]:
             gc.enable()
 
 
-def _timed_sample(runner: Runner, min_s: float) -> tuple[float, int]:
-    """One timed sample: calls, each waited for and released before the next, until
-    ``min_s`` seconds have passed (at least one call); the mean time of a call and the
-    number of calls. A call of a millisecond, timed alone, is mostly timer and scheduler
-    noise; a sample of many such calls is not."""
-    total, calls = 0.0, 0
+def _timed_sample(runner: Runner, min_s: float, calls: int | None = None) -> tuple[float, int, float]:
+    """One sample: ``calls`` calls, or with ``calls=None`` as many as fill ``min_s``
+    seconds (at least one), each waited for and released before the next; the mean time
+    of a call, the number of calls and the fastest. A call of a millisecond, timed
+    alone, is mostly timer and scheduler noise; a sample of many such calls is not."""
+    total, n, fastest = 0.0, 0, math.inf
     while True:
         y, t = _timed(runner)
         del y
-        total, calls = total + t, calls + 1
-        if total >= min_s:
-            return total / calls, calls
+        total, n, fastest = total + t, n + 1, min(fastest, t)
+        if (n >= calls) if calls is not None else (total >= min_s):
+            return total / n, n, fastest
+
+
+MAX_CALLS_PER_SAMPLE = 10_000
+
+
+def _calls_per_sample(fastest_s: float, min_s: float) -> int:
+    """The same number of calls in every sample of a peer: enough to fill ``min_s`` at
+    its fastest call so far (a sample cut short by one slow call would count it alone)."""
+    if fastest_s <= 0 or not math.isfinite(fastest_s):
+        return 1
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_s / fastest_s)))
 
 
 def _check(res: np.ndarray, w: Workload, rtol: float, atol: float, rec: dict) -> None:
@@ -766,6 +780,7 @@ def bench_workload(w: Workload, spec: Spec, frameworks: Frameworks) -> dict:
 
     # Build, first call, check ----------------------------------------------------------
     live: list[tuple[str, Runner]] = []
+    n_calls: dict[str, int] = {}  # calls per timed sample, from the fastest call so far
     for peer in spec.peers:
         r: dict[str, Any] = {"status": "ok", "reason": None, "times_s": []}
         rec["peers"][peer] = r
@@ -799,15 +814,17 @@ def bench_workload(w: Workload, spec: Spec, frameworks: Frameworks) -> dict:
              + (f", max abs err {r['max_abs_err']:.3g}" if r.get("max_abs_err") is not None else "")
              + ("" if r["status"] == "ok" else f"  [{r['status'].upper()}: {r['reason']}]"))
         if r["status"] in ("ok", "mismatch"):
+            fastest = t_first
             if t_first < spec.warmup_s:
                 try:
-                    _, r["warmup_calls"] = _timed_sample(runner, spec.warmup_s - t_first)
+                    _, r["warmup_calls"], fastest = _timed_sample(runner, spec.warmup_s - t_first)
                 except Exception as err:  # reported like a timed call's failure
                     status, reason = _failure(err)
                     r.update(status=status, reason=f"warm-up: {reason}")
                     _log(f"   {peer:<24} {status} in warm-up: {reason}")
                     gc.collect()
                     continue
+            n_calls[peer] = _calls_per_sample(min(t_first, fastest), spec.min_sample_s)
             live.append((peer, runner))
         # Results were released by del (reference counting); a gc.collect() here would
         # cost about 0.2 s per peer once TF is loaded, so it runs only after errors.
@@ -817,7 +834,7 @@ def bench_workload(w: Workload, spec: Spec, frameworks: Frameworks) -> dict:
         for peer, runner in list(live):
             r = rec["peers"][peer]
             try:
-                t, n = _timed_sample(runner, spec.min_sample_s)
+                t, n, _ = _timed_sample(runner, spec.min_sample_s, n_calls[peer])
             except Exception as err:
                 status, reason = _failure(err)
                 r.update(status=status, reason=f"timed call {rep + 1}: {reason}")
