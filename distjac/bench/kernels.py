@@ -608,7 +608,7 @@ def _peer_records(peers: dict[str, Any], python: str) -> list[dict[str, Any]]:
             rec = {"workload": wname, "method": pname, "kind": "peer", "status": p.get("status", "error"),
                    "reason": p.get("reason"), "times_s": list(p.get("times_s") or []), "batch": wl.get("batch"),
                    "peer_python": where}
-            for key in ("first_call_s", "max_abs_err", "median_s", "examples_per_s"):
+            for key in ("first_call_s", "warmup_calls", "calls_per_sample", "max_abs_err", "median_s", "examples_per_s"):
                 if p.get(key) is not None:
                     rec[key] = p[key]
             records.append(rec)
