@@ -49,8 +49,9 @@ forward pass, without measuring; (2) sizes decide when one side is AUTO_MODE_RAT
 other or the problem (its rows, or a job's, times M x N) is too small to measure (there a
 chain of known layers, where one applies, is taken: NOTE [small chains]); (3)
 otherwise a measured choice, cached in memory per (fn, fingerprint, shape, dtype, device,
-modes, power-of-two bucket of the batch size, compiled flag, max_memory) and on disk
-(tuning.py, NOTE [the tuning cache]), which is read before anything is measured. The
+modes, power-of-two bucket of the batch size, compiled flag, whether the result must be
+differentiable, max_memory) and on disk (tuning.py, NOTE [the tuning cache]), which is
+read before anything is measured. The
 measuring itself is NOTE [measuring] (:class:`_Race`) and is bounded by AUTO_MEASURE_SHARE
 of the work the choice serves; its last stage weighs compiling the winner (compiled.py,
 NOTE [compiled blocks]) against that work.
@@ -899,7 +900,7 @@ def _hows(modes: Sequence[str], rows_of: dict) -> list[Strategy]:
     return out
 
 
-class _Abandoned(Exception):
+class _AbandonedError(Exception):
     """A timed run stopped early: it had already taken ``elapsed`` seconds, past its limit."""
 
     def __init__(self, elapsed: float):
@@ -910,7 +911,7 @@ class _Abandoned(Exception):
 def _time_once(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, call: str,
                limit_s: float | None = None) -> float:
     """Seconds per example of one run of strategy ``s`` on the sample ``xs``; with
-    ``limit_s``, raises :class:`_Abandoned` at the first pass that ends past it (a loop
+    ``limit_s``, raises :class:`_AbandonedError` at the first pass that ends past it (a loop
     checks after every row's pass, a vmap pass after each chunk)."""
     _sync(xs.device)
     t0 = time.perf_counter()
@@ -919,7 +920,7 @@ def _time_once(fn: Callable, xs: torch.Tensor, s: Strategy, out_shape: tuple, ca
         def check(_fraction: float) -> None:
             elapsed = time.perf_counter() - t0
             if elapsed > limit_s:
-                raise _Abandoned(elapsed)
+                raise _AbandonedError(elapsed)
 
         meter = _Meter(check)
     _run(fn, xs, s, create_graph=False, call=call, out_shape=out_shape, meter=meter)
@@ -992,7 +993,7 @@ class _Race:
                 limit = None if fastest is None or c.compiled else AUTO_ABANDON * fastest * rows.shape[0]
                 try:
                     samples[c].append(_time_once(self.fn, rows, c, self.out_shape, self.call, limit))
-                except _Abandoned as err:
+                except _AbandonedError as err:
                     self.notes.append(f"{c}: stopped after {err.elapsed:.2g} s on {rows.shape[0]} rows, "
                                       f"{AUTO_ABANDON:g}x the fastest run so far")
                     samples.pop(c)
@@ -1155,13 +1156,16 @@ def _work_seen(fn, probe: _Probe, x: torch.Tensor, modes, compiled, max_memory, 
     and a choice by sizes alone can be well off the best (a conv chain at 64 rows ran
     0.76x reverse mode on one machine and 1.0x on another). So the rows asked for are
     counted per choice key (fn's fingerprint, shape, dtype, device, modes, batch bucket,
-    compiled, max_memory; calls that run, not choose_strategy's queries), and the call
-    that brings them to the threshold measures as for a call of all those rows: its measuring is bounded by AUTO_MEASURE_SHARE of the
-    work done so far, and from then on the measured choice (kept in memory and in the
-    tuning cache) serves every call. Counts live with the other caches (clear_caches)."""
+    compiled, whether the result must be differentiable, max_memory; calls that run, not
+    choose_strategy's queries), and the call that brings them to the threshold measures
+    as for a call of all those rows: its measuring is bounded by AUTO_MEASURE_SHARE of
+    the work done so far, and from then on the measured choice (kept in memory and in
+    the tuning cache) serves every call.
+    Counts live with the other caches (clear_caches)."""
     if rows * per_row >= AUTO_MEASURE_MIN_ELEMENTS:
         return rows
-    key = probe.key + (tuple(modes), _rows_bucket(x.shape[0]), compiled, max_memory)
+    key = probe.key + (tuple(modes), _rows_bucket(x.shape[0]), compiled, result_is_differentiable(x),
+                       max_memory)
     seen = (_SEEN.get(fn, key) or 0) + (rows if count else 0)
     if count:
         _SEEN.put(fn, key, seen)
@@ -1207,8 +1211,10 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     tuning cache (NOTE [the tuning cache]), which is read first.
     """
     b = x.shape[0]
-    # max_memory is part of the key: stage three's whole-batch pass is sized by it.
-    key = probe.key + (tuple(modes), _rows_bucket(b), compiled, max_memory)
+    # max_memory is part of the key: stage three's whole-batch pass is sized by it; so is
+    # whether the result must be differentiable (the chain is no candidate then).
+    differentiable = result_is_differentiable(x)
+    key = probe.key + (tuple(modes), _rows_bucket(b), compiled, differentiable, max_memory)
     cached = _CHOICES.get(fn, key)
     if cached is not None:
         return replace(cached, record=replace(cached.record, how="cached"))
@@ -1251,6 +1257,9 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     cap = _chain_cap(plan, x)
     if isinstance(plan, str):
         notes.append(f"chain: not applicable: {plan}")
+    elif differentiable:
+        notes.append("chain: not a candidate: the result must be differentiable (the chain records no "
+                     "autograd history)")
     else:
         notes.append(f"chain: {plan}" + (f"; blocks of at most {cap} rows" if cap is not None else ""))
         hows.append(Strategy("chain", vectorize=False, block=cap))

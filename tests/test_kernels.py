@@ -709,9 +709,14 @@ def test_one_fingerprint_per_call(monkeypatch):
     ref = reference_batch_jacobian(model, x)
     for mode in ("auto", "fwd", "rev"):
         distjac.batch_jacobian(model, x, mode=mode)  # probed, chosen
-        walks = []
+        walks: list = []
         real = kernels._fingerprint
-        monkeypatch.setattr(kernels, "_fingerprint", lambda fn: walks.append(1) or real(fn))
+
+        def counting(fn, walks=walks, real=real):
+            walks.append(1)
+            return real(fn)
+
+        monkeypatch.setattr(kernels, "_fingerprint", counting)
         assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)
         assert len(walks) == 1, (mode, len(walks))
         monkeypatch.setattr(kernels, "_fingerprint", real)
@@ -838,6 +843,35 @@ def test_repeated_small_calls_are_measured_once_they_add_up(monkeypatch):
     x8 = randn(8, 6, seed=4)
     assert_close(distjac.batch_jacobian(fn, x8), reference_batch_jacobian(fn, x8))
     assert choose_strategy(fn, x8).record.how == "sizes"  # its own bucket, 8 rows counted
+
+
+def test_repeated_differentiable_calls_measure_without_the_chain(monkeypatch):
+    """A result that must be differentiable is its own choice key, and its measured
+    choice has no chain among its candidates (the chain records no history): after the
+    switch to measuring, the result still carries history, and the plain calls still
+    get a chain."""
+    from distjac import kernels
+
+    monkeypatch.setenv("DISTJAC_TUNING_CACHE", "0")
+    clear_caches()
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5)).requires_grad_(False)
+    x = randn(64, 6, seed=5)
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 2 * 64 * 5 * 6)
+    ref = reference_batch_jacobian(model, x)
+    for _ in range(3):
+        xg = x.clone().requires_grad_(True)
+        jac = distjac.batch_jacobian(model, xg)
+        assert jac.requires_grad and jac.grad_fn is not None
+        assert_close(jac.detach(), ref)
+    rec = choose_strategy(model, x.clone().requires_grad_(True)).record
+    assert rec.how == "cached" and "chain" not in rec.strategy, rec
+    assert any(note.startswith("chain: not a candidate: the result must be differentiable") for note in rec.notes)
+    (g,) = torch.autograd.grad(jac.sum(), xg)  # second derivatives flow: the tanh's curvature
+    assert g.abs().sum() > 0
+    for _ in range(3):
+        assert_close(distjac.batch_jacobian(model, x), ref)
+    plain = choose_strategy(model, x).record
+    assert plain.how == "cached" and any(what.startswith("chain") for what, _ in plain.times), plain
 
 
 def test_a_hopeless_candidate_is_stopped_at_its_next_pass():

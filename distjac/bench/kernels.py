@@ -398,6 +398,20 @@ def _compare(got: torch.Tensor, ref: torch.Tensor, *, rtol: float, atol: float) 
     return worst, close
 
 
+def _check_result(r: dict, res: torch.Tensor, ref: torch.Tensor, *, scale: float, rtol: float, atol: float) -> None:
+    """Compare a method's result with the reference; the worst error so far and, where
+    it is not close, status "mismatch" go into the method's record ``r``."""
+    if tuple(res.shape) != tuple(ref.shape):
+        r.update(status="mismatch", reason=f"shape {tuple(res.shape)} != reference {tuple(ref.shape)}")
+        return
+    err, close = _compare(res.detach(), ref, rtol=rtol, atol=atol)
+    r["max_abs_err"] = max(err, r.get("max_abs_err", 0.0))
+    r["max_rel_err"] = r["max_abs_err"] / max(scale, 1e-30)
+    if not close:
+        r.update(status="mismatch", reason=f"not allclose to {REFERENCE}: max abs err "
+                 f"{err:.3g} (rtol {rtol:g}, atol {atol:.3g})")
+
+
 def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repeats: int, rtol: float,
                    max_call_s: float, device: torch.device, log: Callable[[str], None],
                    export: Path | None = None, min_sample_s: float = 0.0, warmup_s: float = 0.0) -> dict:
@@ -431,17 +445,6 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
     if export is not None:
         export_workload(export, w, model, x, ref[:PEER_CHECK_ROWS])
 
-    def check(r: dict, res: torch.Tensor) -> None:
-        if tuple(res.shape) != tuple(ref.shape):
-            r.update(status="mismatch", reason=f"shape {tuple(res.shape)} != reference {tuple(ref.shape)}")
-            return
-        err, close = _compare(res.detach(), ref, rtol=rtol, atol=atol)
-        r["max_abs_err"] = max(err, r.get("max_abs_err", 0.0))
-        r["max_rel_err"] = r["max_abs_err"] / max(scale, 1e-30)
-        if not close:
-            r.update(status="mismatch", reason=f"not allclose to {REFERENCE}: max abs err "
-                     f"{err:.3g} (rtol {rtol:g}, atol {atol:.3g})")
-
     # Pilots, checks and warm-up ------------------------------------------------------
     live: list[Method] = []
     n_calls: dict[str, int] = {}  # calls per timed sample, from the fastest call so far
@@ -466,7 +469,7 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
             log(f"   {mt.name:<24} {r['status']}: {r['reason']}")
             continue
         r["first_call_s"] = t_first
-        check(r, res)
+        _check_result(r, res, ref, scale=scale, rtol=rtol, atol=atol)
         del res
         if mt.name == "distjac auto":
             r["auto_strategy"] = str(choose_strategy(model, x, mode="auto"))
@@ -490,7 +493,7 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
                 r["first_call_strategy"], r["auto_strategy"] = r["auto_strategy"], steady
                 rec["auto_strategy"] = steady
                 res = mt.run(model, x)
-                check(r, res)
+                _check_result(r, res, ref, scale=scale, rtol=rtol, atol=atol)
                 del res
         if mt.name == "distjac auto":  # what was chosen, and why (timed candidates, notes)
             r["auto_record"] = str(choose_strategy(model, x, mode="auto").record)
@@ -608,7 +611,8 @@ def _peer_records(peers: dict[str, Any], python: str) -> list[dict[str, Any]]:
             rec = {"workload": wname, "method": pname, "kind": "peer", "status": p.get("status", "error"),
                    "reason": p.get("reason"), "times_s": list(p.get("times_s") or []), "batch": wl.get("batch"),
                    "peer_python": where}
-            for key in ("first_call_s", "warmup_calls", "calls_per_sample", "max_abs_err", "median_s", "examples_per_s"):
+            for key in ("first_call_s", "warmup_calls", "calls_per_sample", "max_abs_err", "median_s",
+                        "examples_per_s"):
                 if p.get(key) is not None:
                     rec[key] = p[key]
             records.append(rec)
@@ -849,8 +853,9 @@ def run(out_dir: str | os.PathLike, *, size: str = "full", workloads: Sequence[s
               "peers": peers, "peer_python": peer_python if peers else None, "tf32": False,
               "min_sample_s": min_sample_s, "warmup_s": warmup_s,
               "timing": "wall clock per call (device synchronised), after untimed calls until warmup_s from the "
-                        "first; a sample is the mean of as many calls as fill min_sample_s at the method's fastest call "
-                        "(at least one, the same in every sample), each result released before the next; median of "
+                        "first; a sample is the mean of as many calls as fill min_sample_s at the method's "
+                        "fastest call (at least one, the same in every sample), each result released before the "
+                        "next; median of "
                         "the samples, interleaved across methods; results may be views"}
     result = new_result(SUITE, config, str(dev))
     result["workloads"] = {}
