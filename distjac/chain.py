@@ -324,11 +324,14 @@ class _State:
 
 def _forward_values(layers: list[nn.Module], plan: ChainPlan, xb: torch.Tensor) -> list:
     """Run the chain on the block; per step what its Jacobian needs (diag: the derivative,
-    layernorm: (xhat, rstd)), None for the rest."""
-    ctx: list = []
+    layernorm: (xhat, rstd)), None for the rest. The pass stops after the last step that
+    needs values: the layers after it are linear, their Jacobians their weights, and their
+    outputs are not part of the result (W2's last Linear was a third of its forward pass)."""
+    ctx: list = [None] * len(plan.steps)
+    needed = [i for i, s in enumerate(plan.steps) if s.kind in ("diag", "layernorm")]
     h = xb.detach()
     with torch.no_grad():
-        for s in plan.steps:
+        for i, s in enumerate(plan.steps[:needed[-1] + 1] if needed else ()):
             layer = layers[s.index]
             c = None
             if s.kind == "diag":
@@ -340,7 +343,7 @@ def _forward_values(layers: list[nn.Module], plan: ChainPlan, xb: torch.Tensor) 
                     rstd = torch.rsqrt(var + layer.eps)
                     c = ((h - mean) * rstd, rstd)
                 h2 = layer(h)
-            ctx.append(c)
+            ctx[i] = c
             h = h2
     return ctx
 

@@ -626,8 +626,13 @@ class _FnCache:
 
     @staticmethod
     def _fn_ref(fn: Callable):
-        owner = getattr(fn, "__self__", None)
-        func = getattr(fn, "__func__", None)
+        if isinstance(fn, torch.nn.Module):
+            # A module is its own target; asking it for __self__ and __func__ (absent)
+            # goes through Module.__getattr__'s raised AttributeError, twice per lookup.
+            owner = func = None
+        else:
+            owner = getattr(fn, "__self__", None)
+            func = getattr(fn, "__func__", None)
         target = owner if (owner is not None and func is not None) else fn
         try:
             ref = weakref.ref(target)

@@ -205,6 +205,39 @@ def test_plan_counts_a_shared_side_meeting_a_dense_one_as_a_gemm():
     assert plan.cost < 784 * 5408 * 10, plan
 
 
+def test_forward_values_stop_after_the_last_step_that_needs_them():
+    """The chain's forward pass runs up to the last activation or LayerNorm: the linear
+    layers after it contribute their weights, not their outputs, so they are not run.
+    Same result as reverse mode either way."""
+    from torch.overrides import TorchFunctionMode
+
+    from distjac import chain
+
+    class Weights(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.used: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            self.used += [id(a) for a in (*args, *kwargs.values()) if isinstance(a, nn.Parameter)]
+            return func(*args, **kwargs)
+
+    fn = _seeded(lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Linear(6, 9)))
+    x = randn(11, 5, seed=2)
+    plan = plan_chain(fn, x, (9,))
+    with Weights() as seen:
+        ctx = chain._forward_values(chain._in_order(fn), plan, x)
+    assert id(fn[0].weight) in seen.used and id(fn[2].weight) not in seen.used and id(fn[3].weight) not in seen.used
+    assert [c is not None for c in ctx] == [s.kind == "diag" for s in plan.steps]
+    tail, x7 = fn[2:], randn(3, 7)
+    tail_plan, tail_layers = plan_chain(tail, x7, (9,)), chain._in_order(tail)
+    with Weights() as seen:  # no activation at all: no layer to run
+        assert chain._forward_values(tail_layers, tail_plan, x7) == [None, None]
+    assert not seen.used
+    assert_close(run_strategy(fn, x, Strategy("chain")), distjac.batch_jacobian(fn, x, mode="rev"))
+
+
 def test_chain_blocks_stay_under_the_cpu_ceiling(monkeypatch):
     """NOTE [allocator ceiling]: on a CPU, a chain without a block (forced or chosen by
     auto) runs in blocks whose working set stays under CPU_BLOCK_BYTES; same result."""
