@@ -326,7 +326,8 @@ def _forward_values(layers: list[nn.Module], plan: ChainPlan, xb: torch.Tensor) 
     """Run the chain on the block; per step what its Jacobian needs (diag: the derivative,
     layernorm: (xhat, rstd)), None for the rest. The pass stops after the last step that
     needs values: the layers after it are linear, their Jacobians their weights, and their
-    outputs are not part of the result (W2's last Linear was a third of its forward pass)."""
+    outputs are not part of the result (W2, 16-128-256: its last Linear is 94% of the
+    forward pass's multiply-adds)."""
     ctx: list = [None] * len(plan.steps)
     needed = [i for i, s in enumerate(plan.steps) if s.kind in ("diag", "layernorm")]
     h = xb.detach()
