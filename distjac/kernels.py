@@ -703,10 +703,15 @@ def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
 
 
 def _fingerprint(fn: Callable) -> tuple:
-    """For an nn.Module (or a bound method of one): the names, shapes, dtypes and devices
-    of its parameters and buffers and every submodule's training flag, so a module whose
-    layers were resized, moved or switched to eval mode is probed and measured afresh.
-    Plain functions: empty (what a closure captures cannot be seen; clear_caches()).
+    """For an nn.Module (or a bound method of one), what decides what it computes besides
+    its tensors' values: per submodule its class, its plain settings (every bool, number,
+    string, dtype, device or tuple of them in its ``__dict__``: the training flag,
+    a conv's padding, Dropout's p, LayerNorm's eps, a user's own flags), its hooks, and
+    the callables set on the instance (a replaced ``forward``); then the names, shapes,
+    dtypes and devices of its parameters and buffers; and the global module hooks. So
+    a module whose layers were swapped, resized, reconfigured, hooked, moved or switched
+    to eval mode is probed and measured afresh. Plain functions: empty (what a closure
+    captures cannot be seen; clear_caches()).
 
     Computed on every call (it is what makes the caches safe for modules that change
     between calls), so it walks the module tree once, by its own dicts, rather than
@@ -715,7 +720,9 @@ def _fingerprint(fn: Callable) -> tuple:
     module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
     if not isinstance(module, torch.nn.Module):
         return ()
-    parts: list = []
+    mm = torch.nn.modules.module
+    parts: list = [(tuple(mm._global_forward_hooks), tuple(mm._global_forward_pre_hooks),
+                    tuple(mm._global_backward_hooks), tuple(getattr(mm, "_global_backward_pre_hooks", ())))]
     seen: set[int] = set()
     stack: list[tuple[str, torch.nn.Module]] = [("", module)]
     while stack:
@@ -724,7 +731,7 @@ def _fingerprint(fn: Callable) -> tuple:
             parts.append((name, "shared"))
             continue
         seen.add(id(m))
-        parts.append((name, m.training))
+        parts.append((name, type(m), *_settings(m)))
         for kind in (m._parameters, m._buffers):
             for key, t in kind.items():
                 if t is not None:
@@ -732,6 +739,36 @@ def _fingerprint(fn: Callable) -> tuple:
                     parts.append((key, "uninitialized" if is_lazy(t) else t.shape, t.dtype, t.device))
         stack.extend((f"{name}.{key}", c) for key, c in reversed(m._modules.items()) if c is not None)
     return tuple(parts)
+
+
+_PLAIN = frozenset((bool, int, float, str, type(None), torch.dtype, torch.device))
+# nn.Module's own bookkeeping (hook dicts, the parameter and submodule dicts...): read
+# through the attributes below, not as settings.
+_MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
+
+
+def _settings(m: torch.nn.Module) -> tuple:
+    """A module's plain settings, hooks and instance callables, for :func:`_fingerprint`
+    (callables by id: a key must not keep the module alive through a bound method).
+    Lists are left out: a module's list is as often a log it appends to (and it would
+    change the key on every call) as a setting. A plain attribute that changes on every
+    call (a step counter) does change the key, as torch.compile's guards do: such a
+    module is probed, and its choice made, afresh on each call."""
+    out: list = []
+    hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    if any(hooks):
+        out.append(("hooks", *(tuple(h) for h in hooks)))
+    for key, v in m.__dict__.items():
+        if key in _MODULE_INTERNALS:
+            continue
+        t = type(v)
+        if t in _PLAIN:
+            out.append((key, v))
+        elif t is tuple and all(type(e) in _PLAIN for e in v):
+            out.append((key, v))
+        elif callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor)):
+            out.append((key, "callable", id(v)))
+    return tuple(out)
 
 
 def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:

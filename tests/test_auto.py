@@ -91,7 +91,7 @@ def _scripted(monkeypatch, times: dict):
     its = {k: iter(v) if not isinstance(v, float) else itertools.repeat(v) for k, v in times.items()}
     calls: list[str] = []
 
-    def fake(fn, xs, s, out_shape, call):
+    def fake(fn, xs, s, out_shape, call, limit_s=None):
         calls.append(str(s))
         return next(its[str(s)])
 

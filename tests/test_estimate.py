@@ -288,7 +288,12 @@ def test_a_shard_gets_the_whole_batchs_bits(kind, opts):
     assert torch.equal(by_ids.value, shard.value)
     blocked = distjac.estimate(fn, x, kind, seed=11, block=7, **opts)
     assert torch.equal(blocked.value, whole.value)
-    assert not torch.equal(distjac.estimate(fn, x[10:20], kind, seed=11, **opts).value, shard.value)  # ids matter
+    # ids matter: other rows' probes give other values. A power iteration run to
+    # convergence forgets its start (the same top singular value, at times bit for bit),
+    # so spectral is checked after one step, where the value still depends on the probe.
+    early = {"iters": 1} if kind == "spectral" else opts
+    assert not torch.equal(distjac.estimate(fn, x[10:20], kind, seed=11, **early).value,
+                           distjac.estimate(fn, x[10:20], kind, seed=11, row_offset=10, **early).value)
 
 
 def test_a_recomputed_shard_gives_the_same_bits(wide):

@@ -685,6 +685,106 @@ def test_the_fingerprint_sees_what_the_caches_depend_on():
     assert fp(tied) != fp(nn.Sequential(inner)) and fp(tied) == fp(tied)
 
 
+class _Switchable(nn.Module):
+    """A user's module whose plain attribute decides what forward computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = False
+
+    def forward(self, x):
+        return torch.tanh(x).cumsum(-1) if self.mix else torch.tanh(x)
+
+
+def _swap_activation(m):
+    m[1] = nn.Softmax(-1).train(m.training)  # the same flag: only the class tells them apart
+
+
+def _hook(m):
+    m[1].register_forward_hook(lambda mod, args, out: out * out)
+
+
+def _unpad(m):
+    m[0].padding = (0,)
+
+
+def _drop(m):
+    m[1].p = 0.5
+
+
+def _flag(m):
+    m.mix = True
+
+
+def _forward_replaced(m):
+    m.forward = lambda z: torch.tanh(z).flip(-1)
+
+
+# what a user edits in place -> (model, input shape); every edit keeps the parameters'
+# names and shapes, so the caches must see it some other way (the fingerprint did not:
+# a stale chain plan or elementwise proof answered with the old function's Jacobian)
+EDITS = {
+    "layer swapped (train mode)": (_swap_activation, lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(),
+                                                                        nn.Linear(5, 3)), (9, 4)),
+    "layer swapped (eval mode)": (_swap_activation, lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(),
+                                                                       nn.Linear(5, 3)).eval(), (9, 4)),
+    "elementwise layer swapped": (lambda m: m.__setitem__(0, nn.Softmax(-1)), lambda: nn.Sequential(nn.Tanh()),
+                                  (6, 4)),
+    "output reshaped": (lambda m: m.__setitem__(1, nn.Identity()),
+                        lambda: nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3))), (5, 4)),
+    "hook registered": (_hook, lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), (9, 4)),
+    "conv padding changed": (_unpad, lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten()),
+                             (7, 2, 6)),
+    "dropout p raised in train mode": (_drop, lambda: nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.0),
+                                                                     nn.Linear(5, 3)), (9, 4)),
+    "user flag": (_flag, _Switchable, (6, 4)),
+    "forward replaced": (_forward_replaced, _Switchable, (6, 4)),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=list(EDITS))
+def test_a_module_edited_in_place_is_probed_afresh(edit):
+    """The fingerprint holds each submodule's class, plain settings, hooks and instance
+    callables besides its tensors' shapes: after an in-place edit every cached fact (probe,
+    chain plan, elementwise proof, choice) is worked out again."""
+    change, build, shape = EDITS[edit]
+    clear_caches()
+    torch.manual_seed(0)
+    model = build()
+    x = randn(*shape, seed=6)
+    for mode in ("auto", "fwd", "rev"):
+        distjac.batch_jacobian(model, x, mode=mode)
+    change(model)
+    if edit == "dropout p raised in train mode":  # random masks: no dense reference; never the identity
+        assert choose_strategy(model, x).mode != "chain"
+        return
+    ref = reference_batch_jacobian(model, x)
+    for mode in ("auto", "fwd", "rev"):
+        assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)
+    if edit in ("elementwise layer swapped", "user flag", "forward replaced"):
+        with pytest.raises(distjac.OptionError, match="not provably elementwise"):
+            distjac.batch_jacobian(model, x, structure="diagonal")
+
+
+def test_a_global_module_hook_is_seen():
+    """A global forward hook registered after a chain was planned changes every module's
+    output: the chain (which refuses hooked modules) must not answer from its old plan."""
+    clear_caches()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = randn(9, 4, seed=7)
+    before = distjac.batch_jacobian(model, x)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: out * 2 if isinstance(mod, nn.Tanh) else None)
+    try:
+        assert choose_strategy(model, x).mode != "chain"
+        ref = reference_batch_jacobian(model, x)  # the hook doubles the reference's Tanh too
+        assert_close(2 * before, ref)
+        assert_close(distjac.batch_jacobian(model, x), ref)
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("mode", ["auto", "fwd"])
 def test_a_layer_appended_twice_is_seen(mode):
     """Appending a layer the module already holds adds no parameter name and no new
