@@ -340,8 +340,10 @@ def _one_hot_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Te
 def _vectorize_failed(err: Exception, call: str) -> VectorizationError:
     return VectorizationError(
         f"{call}: the vectorized pass failed ({type(err).__name__}: {err}). An operation in "
-        "the function has no vmap rule. Vectorization can be disabled by setting "
-        "experimental_use_pfor=False, which computes one row per autograd pass."
+        "the function has no vmap rule (or, where the result must be differentiable, no batched "
+        "double backward: GroupNorm's). Vectorization can be disabled by setting "
+        "experimental_use_pfor=False, which computes one row per autograd pass; mode='auto' does "
+        "that by itself."
     )
 
 
@@ -668,6 +670,7 @@ _PROBES = _FnCache()
 _CHAINS = _FnCache()  # ChainPlan, or why fn is not a chain of known layers
 _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
+_VMAP_FAILED = _FnCache()  # (fn, key, differentiable) whose vectorized reverse pass failed: NOTE [vmap fallback]
 _ELEMENTWISE = _FnCache()  # ("yes",) or ("no", why): NOTE [elementwise functions]
 _COMPILED = _FnCache()  # compiled.Compiled per (fn, shape, mode, chunk)
 _SEEN = _FnCache()  # rows asked for by calls too small to measure: NOTE [repeated small calls]
@@ -680,6 +683,7 @@ def clear_caches() -> None:
     _CHAINS.clear()
     _CHOICES.clear()
     _FWD_FAILED.clear()
+    _VMAP_FAILED.clear()
     _ELEMENTWISE.clear()
     _COMPILED.clear()
     _SEEN.clear()
@@ -1124,7 +1128,14 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
     if mode == "auto":
         structure = None if user_fixed else _elementwise(fn, x, probe.out_shape, probe.key)
         fwd_failed = _FWD_FAILED.get(fn, probe.key)
-        if fwd_failed:
+        if fwd_failed or result_is_differentiable(x) or _in_transform():
+            # NOTE [differentiable results]: PyTorch's forward-mode derivatives are not
+            # all differentiable again (aten::glu_jvp has no derivative) nor right
+            # (LayerNorm's second derivatives, forward over forward and reverse over
+            # forward, disagree with reverse mode and finite differences; torch.func's
+            # jacfwd gives the same wrong numbers), so a result that will be
+            # differentiated, by autograd or by an outer torch.func transform (a
+            # batch_jacobian of a batch_jacobian), comes from reverse mode.
             modes = ["rev"]
         elif n >= AUTO_MODE_RATIO * m:
             modes = ["rev"]
@@ -1177,6 +1188,11 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
         s = Strategy(mode)
     if user_fixed:
         s = replace(s, vectorize=use_pfor, chunk=parallel_iterations, block=None)
+    if (mode == "auto" and s.mode == "rev" and s.vectorize
+            and _VMAP_FAILED.get(fn, probe.key + (result_is_differentiable(x),))):
+        s = replace(s, vectorize=False, chunk=None, compiled=False)
+        record = replace(record, notes=record.notes + (
+            "a vectorized reverse pass failed on this function before (NOTE [vmap fallback]): a row loop",))
     if parallel_iterations is None:
         # (the user's chunk is the user's choice: TF runs exactly that many rows)
         budget = max_memory if max_memory is not None else default_memory_budget(x.device)
@@ -1471,7 +1487,8 @@ def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph:
                 pieces.append(_structure.diagonal_block(fn, xb))
         if meter is not None:
             meter(min(b, b0 + step) / b)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    d = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return d.to(x.dtype)  # x's dtype, as reverse mode's (fn may compute in another)
 
 
 def _compiled_for(fn: Callable, x: torch.Tensor, s: Strategy, out_shape: tuple, call: str,
@@ -1680,7 +1697,10 @@ def _run(
     if out is not None:
         return out.view(b, *y_shape, *in_shape)
     jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-    return jac.unflatten(2, in_shape).unflatten(1, y_shape)
+    # x's dtype in every mode: reverse mode's gradients have it; forward mode's tangents
+    # and a compiled graph's results have fn's output dtype (the blocked paths write
+    # into a result of x's dtype).
+    return jac.to(x.dtype).unflatten(2, in_shape).unflatten(1, y_shape)
 
 
 def batch_jacobian(
@@ -1742,7 +1762,8 @@ def batch_jacobian(
 
     Raises:
         ShapeError, DtypeError, OptionError: bad input, before any work is done.
-        VectorizationError: vmap cannot handle fn; pass experimental_use_pfor=False.
+        VectorizationError: vmap cannot handle fn; pass experimental_use_pfor=False
+            (mode="auto" takes the row loop by itself: NOTE [vmap fallback]).
         MemoryBudgetError: the result does not fit max_memory.
         CoupledExamplesError: with check_independence=True, examples are coupled.
 
@@ -1760,6 +1781,16 @@ def batch_jacobian(
         of the per-row intermediate values. Lower it (or max_memory) if a pass runs out
         of memory; the result itself needs B*M*N elements.
     """
+    if isinstance(x, torch.Tensor) and (torch.is_inference_mode_enabled() or x.is_inference()):
+        # NOTE [inference mode]: autograd records nothing in inference mode, so every
+        # output would look unconnected (None, or zeros) and the probe would cache that.
+        # The Jacobian is computed with inference mode off, on a normal copy of x.
+        with torch.inference_mode(False):
+            return batch_jacobian(fn, x.clone() if x.is_inference() else x, mode=mode,
+                                  parallel_iterations=parallel_iterations,
+                                  experimental_use_pfor=experimental_use_pfor,
+                                  unconnected_gradients=unconnected_gradients, max_memory=max_memory,
+                                  check_independence=check_independence, structure=structure, strategy=strategy)
     args = (fn, x, mode, parallel_iterations, experimental_use_pfor, unconnected_gradients, max_memory,
             check_independence, structure, strategy)
     callback = _PROGRESS_TO.get()
@@ -1810,18 +1841,27 @@ def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unc
                    key=probe.key)
         return unconnected_result() if jac is None else jac
     s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call, count=True)
-    try:
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
-                   key=probe.key)
-    except RuntimeError as err:
-        if mode != "auto" or s.mode != "fwd" or isinstance(err, torch.OutOfMemoryError):
-            raise
-        # Auto chose forward mode but fn cannot run under it (in-place updates of
-        # buffers, a tape inside fn, kernels without forward derivatives): reverse
-        # mode gives the same result. Remember, so the next call goes straight there.
-        _FWD_FAILED.put(fn, probe.key, True)
-        s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
-        jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter)
+    for attempt in range(3):  # auto: forward mode, then a vectorized reverse pass, may fail
+        try:
+            jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
+                       key=probe.key)
+            break
+        except RuntimeError as err:
+            if mode != "auto" or isinstance(err, torch.OutOfMemoryError) or attempt == 2:
+                raise
+            if s.mode == "fwd":
+                # fn cannot run under forward mode (in-place updates of buffers, a tape
+                # inside fn, kernels without forward derivatives): reverse mode gives the
+                # same result. Remembered, so the next call goes straight there.
+                _FWD_FAILED.put(fn, probe.key, True)
+            elif s.mode == "rev" and s.vectorize and isinstance(err, VectorizationError):
+                # NOTE [vmap fallback]: the batched backward failed (an op without a vmap
+                # rule, or one whose batched double backward PyTorch cannot do: GroupNorm
+                # when the result must be differentiable); a row loop gives the same result.
+                _VMAP_FAILED.put(fn, probe.key + (create_graph,), True)
+            else:
+                raise
+            s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
     if jac is None:
         return unconnected_result()
     if check_independence:

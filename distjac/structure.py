@@ -151,7 +151,11 @@ def _custom_function(fn: Callable, xs: torch.Tensor) -> str | None:
 
 
 def diagonal_block(fn: Callable, xb: torch.Tensor) -> torch.Tensor:
-    """(Bb, *in) diagonal of an elementwise fn's per-example Jacobians: one jvp with ones."""
+    """(Bb, *in) diagonal of an elementwise fn's per-example Jacobians: one jvp with ones.
+    The primal is made contiguous: forward-mode AD cannot attach a tangent to a tensor
+    whose elements share memory (a broadcast ``expand``), and a copy of a view is cheap
+    next to fn's pass."""
+    xb = xb.contiguous()
     return jvp(fn, (xb,), (torch.ones_like(xb),))[1]
 
 

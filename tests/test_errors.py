@@ -263,11 +263,17 @@ UNVECTORIZABLE = {"item_in_backward": _ItemInBackward.apply, "branch_in_backward
 @pytest.mark.parametrize("name", sorted(UNVECTORIZABLE))
 def test_functional_vmap_failure_says_how_to_take_the_loop(name, mode):
     fn, x = UNVECTORIZABLE[name], randn(3, 4, seed=2)
-    with pytest.raises(distjac.VectorizationError, match="experimental_use_pfor=False"):
-        distjac.batch_jacobian(fn, x, mode=mode)
+    ref = reference_batch_jacobian(fn, x)
+    if mode == "rev":  # an explicit mode does what it says, and says what to do
+        with pytest.raises(distjac.VectorizationError, match="experimental_use_pfor=False"):
+            distjac.batch_jacobian(fn, x, mode=mode)
+    else:  # vectorizing was auto's own choice: it takes the loop (NOTE [vmap fallback])
+        distjac.kernels.clear_caches()
+        assert_close(distjac.batch_jacobian(fn, x, mode=mode), ref)
+        assert "loop" in distjac.kernels.choose_strategy(fn, x).record.strategy
     # ... and the loop path works.
     jac = distjac.batch_jacobian(fn, x, mode=mode, experimental_use_pfor=False)
-    assert_close(jac, reference_batch_jacobian(fn, x))
+    assert_close(jac, ref)
 
 
 @pytest.mark.parametrize("name", sorted(UNVECTORIZABLE))
