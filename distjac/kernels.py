@@ -1013,9 +1013,10 @@ class _Race:
     their samples, until the leader separates from the rest (its slowest sample faster
     than every other's fastest), at most AUTO_MAX_ROUNDS rounds. From the minimum of
     rounds on, a candidate whose fastest sample is AUTO_KEEP x the leader's median is
-    dropped (it cannot win), and a run that has taken AUTO_ABANDON x the fastest run so
-    far is stopped at its next pass and its candidate dropped (a hopeless row loop costs
-    a few leader's runs, not its own full time; compiled runs are never stopped). The
+    dropped (it cannot win), and a run that has taken AUTO_ABANDON x the fastest run of
+    another candidate is stopped at its next pass and its candidate dropped (a hopeless
+    row loop costs a few leader's runs, not its own full time; the leader's runs and
+    compiled runs are never stopped, so the race always keeps one candidate). The
     cost model is the prior: while the leader is a candidate that the prior puts
     AUTO_PRIOR_DOUBT x slower than another one still in the race, the rounds go on to
     the maximum, so one noisy sample cannot crown a strategy the sizes say is far
@@ -1035,13 +1036,17 @@ class _Race:
         for r in range(max_rounds):
             k = r % max(1, len(alive))
             for c in alive[k:] + alive[:k]:
-                fastest = min((min(v) for v in samples.values() if v), default=None)
-                limit = None if fastest is None or c.compiled else AUTO_ABANDON * fastest * rows.shape[0]
+                best = {d: min(v) for d, v in samples.items() if v}
+                fastest = min((t for d, t in best.items() if d is not c), default=None)
+                # The leader (the fastest sample of all) is never stopped: one run of its
+                # slowed by other load once dropped it, and with it every candidate.
+                leads = c in best and (fastest is None or best[c] <= fastest)
+                limit = None if fastest is None or c.compiled or leads else AUTO_ABANDON * fastest * rows.shape[0]
                 try:
                     samples[c].append(_time_once(self.fn, rows, c, self.out_shape, self.call, limit))
                 except _AbandonedError as err:
                     self.notes.append(f"{c}: stopped after {err.elapsed:.2g} s on {rows.shape[0]} rows, "
-                                      f"{AUTO_ABANDON:g}x the fastest run so far")
+                                      f"{AUTO_ABANDON:g}x another candidate's fastest run")
                     samples.pop(c)
                 except (VectorizationError, RuntimeError) as err:
                     self.notes.append(f"{c}: failed ({type(err).__name__})")

@@ -86,14 +86,19 @@ def test_measured_choice_is_right_on_other_batch_sizes(monkeypatch, name):
 # --------------------------------------------------------------------------------------
 
 
-def _scripted(monkeypatch, times: dict):
-    """Replace the clock of one run: ``times[str(strategy)]`` yields its seconds per example."""
+def _scripted(monkeypatch, times: dict, *, abandon: bool = False):
+    """Replace the clock of one run: ``times[str(strategy)]`` yields its seconds per example;
+    with ``abandon``, a run whose scripted time passes its limit is stopped, as
+    ``_time_once`` does."""
     its = {k: iter(v) if not isinstance(v, float) else itertools.repeat(v) for k, v in times.items()}
     calls: list[str] = []
 
     def fake(fn, xs, s, out_shape, call, limit_s=None):
         calls.append(str(s))
-        return next(its[str(s)])
+        t = next(its[str(s)])
+        if abandon and limit_s is not None and t * xs.shape[0] > limit_s:
+            raise kernels._AbandonedError(t * xs.shape[0])
+        return t
 
     monkeypatch.setattr(kernels, "_time_once", fake)
     return calls
@@ -111,6 +116,19 @@ def test_one_noisy_sample_cannot_pick_a_much_slower_candidate(monkeypatch):
     race, log, _ = _race()
     times = race.run([fast, slow], torch.zeros(4, 4))
     assert min(times, key=times.get) == fast
+
+
+def test_a_slowed_run_of_the_leader_does_not_stop_it(monkeypatch):
+    """AUTO_ABANDON stops runs past 4x another candidate's fastest: a hopeless loop is
+    stopped, but the leader's own run slowed 10x by other load is not (it once was, and
+    the race ended with no candidate at all)."""
+    fast, slow = Strategy("fwd", vectorize=True), Strategy("fwd", vectorize=False)
+    _scripted(monkeypatch, {str(fast): iter([1.0, 10.0, 1.0, 1.0, 1.0]), str(slow): 50.0}, abandon=True)
+    race, _, notes = _race()
+    times = race.run([fast, slow], torch.zeros(4, 4))
+    assert set(times) == {fast}, (times, notes)
+    assert any(n.startswith(f"{slow}: stopped after") for n in notes), notes
+    assert not any(n.startswith(f"{fast}: stopped") for n in notes), notes
 
 
 def test_rounds_are_interleaved_and_stop_when_the_leader_separates(monkeypatch):
