@@ -16,7 +16,12 @@ if _TESTS not in sys.path:
 # session, not the user's ~/.cache, and the tuning cache is off unless a test turns it on
 # (tests/test_tuning.py): a choice stored by one test must not decide another's record.
 if "DISTJAC_CACHE_DIR" not in os.environ:
+    import atexit
+    import functools
+    import shutil
     import tempfile
 
     os.environ["DISTJAC_CACHE_DIR"] = tempfile.mkdtemp(prefix="distjac-test-cache-")
+    # removed when the session ends (subprocesses that inherit it have ended by then)
+    atexit.register(functools.partial(shutil.rmtree, os.environ["DISTJAC_CACHE_DIR"], ignore_errors=True))
 os.environ.setdefault("DISTJAC_TUNING_CACHE", "0")
