@@ -735,7 +735,10 @@ def _fingerprint(fn: Callable) -> tuple:
             parts.append((name, "shared"))
             continue
         seen.add(id(m))
-        parts.append((name, type(m), *_settings(m)))
+        # The class by name and id: the key travels in a shipped strategy's record, and a
+        # user's class need not unpickle elsewhere; the id tells a redefined class apart.
+        cls = type(m)
+        parts.append((name, f"{cls.__module__}.{cls.__qualname__}", id(cls), *_settings(m)))
         for kind in (m._parameters, m._buffers):
             for key, t in kind.items():
                 if t is not None:
