@@ -1110,17 +1110,18 @@ def choose_strategy(
             its measuring and compiling against that much work (default: x's rows).
     """
     mode = parse_mode(mode, call)
-    probe = _probe(fn, x, call)
-    s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call,
-                compiled=compiled, work_rows=work_rows)
-    if compiled and not s.compiled and s.mode in ("rev", "fwd"):
-        c = replace(s, vectorize=True, compiled=True, record=None)
-        status = _compiled_for(fn, x, c, probe.out_shape, call)[0]
-        note = f"compiled: {status.status}"
-        if status.fn is not None:
-            s = replace(c, record=replace(s.record, strategy=str(c), notes=s.record.notes + (note,)))
-        else:
-            s = replace(s, record=replace(s.record, notes=s.record.notes + (note,)))
+    with _autograd_usable(x) as x:
+        probe = _probe(fn, x, call)
+        s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call,
+                    compiled=compiled, work_rows=work_rows)
+        if compiled and not s.compiled and s.mode in ("rev", "fwd"):
+            c = replace(s, vectorize=True, compiled=True, record=None)
+            status = _compiled_for(fn, x, c, probe.out_shape, call)[0]
+            note = f"compiled: {status.status}"
+            if status.fn is not None:
+                s = replace(c, record=replace(s.record, strategy=str(c), notes=s.record.notes + (note,)))
+            else:
+                s = replace(s, record=replace(s.record, notes=s.record.notes + (note,)))
     return s
 
 
@@ -1596,12 +1597,13 @@ def run_strategy(
     x, _, _ = check_functional_call(fn, x, "rev", "none", call)
     if x.shape[0] == 0:
         return batch_jacobian(fn, x, mode="rev")
-    probe = _probe(fn, x, call)
-    if not probe.connected:
-        return None
-    s = _given(fn, x, probe, strategy, max_memory, call)
-    return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape,
-                key=probe.key)
+    with _autograd_usable(x) as x:
+        probe = _probe(fn, x, call)
+        if not probe.connected:
+            return None
+        s = _given(fn, x, probe, strategy, max_memory, call)
+        return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape,
+                    key=probe.key)
 
 
 def _run(
@@ -1789,26 +1791,33 @@ def batch_jacobian(
         of the per-row intermediate values. Lower it (or max_memory) if a pass runs out
         of memory; the result itself needs B*M*N elements.
     """
-    if isinstance(x, torch.Tensor) and (torch.is_inference_mode_enabled() or x.is_inference()):
-        # NOTE [inference mode]: autograd records nothing in inference mode, so every
-        # output would look unconnected (None, or zeros) and the probe would cache that.
-        # The Jacobian is computed with inference mode off, on a normal copy of x.
-        with torch.inference_mode(False):
-            return batch_jacobian(fn, x.clone() if x.is_inference() else x, mode=mode,
-                                  parallel_iterations=parallel_iterations,
-                                  experimental_use_pfor=experimental_use_pfor,
-                                  unconnected_gradients=unconnected_gradients, max_memory=max_memory,
-                                  check_independence=check_independence, structure=structure, strategy=strategy)
-    args = (fn, x, mode, parallel_iterations, experimental_use_pfor, unconnected_gradients, max_memory,
-            check_independence, structure, strategy)
-    callback = _PROGRESS_TO.get()
-    if callback is None:
-        return _batch_jacobian(*args, None)
-    token = _PROGRESS_TO.set(None)  # the calls fn itself makes report nothing
-    try:
-        return _batch_jacobian(*args, _Meter(callback))
-    finally:
-        _PROGRESS_TO.reset(token)
+    with _autograd_usable(x) as x:
+        args = (fn, x, mode, parallel_iterations, experimental_use_pfor, unconnected_gradients, max_memory,
+                check_independence, structure, strategy)
+        callback = _PROGRESS_TO.get()
+        if callback is None:
+            return _batch_jacobian(*args, None)
+        token = _PROGRESS_TO.set(None)  # the calls fn itself makes report nothing
+        try:
+            return _batch_jacobian(*args, _Meter(callback))
+        finally:
+            _PROGRESS_TO.reset(token)
+
+
+@contextlib.contextmanager
+def _autograd_usable(x):
+    """NOTE [inference mode]: autograd records nothing in ``torch.inference_mode()``, so
+    every output would look unconnected (None, or zeros) and the probe would cache that
+    for later calls. The public entry points (batch_jacobian, choose_strategy,
+    run_strategy) run with inference mode off and grad mode as it was (off, under
+    inference mode: the result is not differentiable), on a normal copy of an inference
+    tensor x. Yields the x to use."""
+    if not isinstance(x, torch.Tensor) or not (torch.is_inference_mode_enabled() or x.is_inference()):
+        yield x
+        return
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield x.clone() if x.is_inference() else x
 
 
 def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unconnected_gradients, max_memory,

@@ -1053,6 +1053,15 @@ def test_inference_mode_computes_the_jacobian(mode):
     assert xi.is_inference()
     assert_close(distjac.batch_jacobian(model, xi, mode=mode), ref)  # used outside the context
     assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)  # nothing cached from inside it
+    clear_caches()
+    xg = x.clone().requires_grad_(True)
+    with torch.inference_mode():  # grad mode stays off there: no history, even for x requiring grad
+        jac = distjac.batch_jacobian(model, xg, mode=mode)
+        assert not jac.requires_grad
+        assert_close(jac, ref)
+        choose_strategy(model, x)  # the other entry points probe outside inference mode too
+        assert_close(distjac.kernels.run_strategy(model, x, Strategy("rev")), ref)
+    assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)
 
 
 def _to_double(z):
