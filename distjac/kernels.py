@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 import os
 import threading
@@ -735,10 +736,10 @@ def _fingerprint(fn: Callable) -> tuple:
             parts.append((name, "shared"))
             continue
         seen.add(id(m))
-        # The class by name and id: the key travels in a shipped strategy's record, and a
-        # user's class need not unpickle elsewhere; the id tells a redefined class apart.
+        # The class by name and token: the key travels in a shipped strategy's record, and
+        # a user's class need not unpickle elsewhere; the token tells a redefined class apart.
         cls = type(m)
-        parts.append((name, f"{cls.__module__}.{cls.__qualname__}", id(cls), *_settings(m)))
+        parts.append((name, f"{cls.__module__}.{cls.__qualname__}", _token(cls), *_settings(m)))
         for kind in (m._parameters, m._buffers):
             for key, t in kind.items():
                 if t is not None:
@@ -756,7 +757,8 @@ _MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
 
 def _settings(m: torch.nn.Module) -> tuple:
     """A module's plain settings, hooks and instance callables, for :func:`_fingerprint`
-    (callables by id: a key must not keep the module alive through a bound method).
+    (callables by :func:`_token`: a key must not keep the module alive through a bound
+    method).
     Lists are left out: a module's list is as often a log it appends to (and it would
     change the key on every call) as a setting. A plain attribute that changes on every
     call (a step counter) does change the key, as torch.compile's guards do: such a
@@ -774,8 +776,26 @@ def _settings(m: torch.nn.Module) -> tuple:
         elif t is tuple and all(type(e) in _PLAIN for e in v):
             out.append((key, v))
         elif callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor)):
-            out.append((key, "callable", id(v)))
+            out.append((key, "callable", _token(v)))
     return tuple(out)
+
+
+_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEXT_TOKEN = itertools.count()
+
+
+def _token(obj) -> int:
+    """A number for ``obj`` that no other object gets while this process lives (an id is
+    reused once its object is freed: a new lambda set as ``forward`` took an old one's
+    id and its cached proof). Objects that cannot be weakly referenced (builtins, which
+    are never freed) keep their id, negated."""
+    try:
+        tok = _TOKENS.get(obj)
+        if tok is None:
+            tok = _TOKENS[obj] = next(_NEXT_TOKEN)
+        return tok
+    except TypeError:
+        return -1 - id(obj)
 
 
 def _check_output(y, x: torch.Tensor, call: str) -> torch.Tensor:

@@ -766,6 +766,26 @@ def test_a_module_edited_in_place_is_probed_afresh(edit):
             distjac.batch_jacobian(model, x, structure="diagonal")
 
 
+def test_a_forward_replaced_again_and_again_is_never_mistaken():
+    """Callables set on a module are told apart by a token, not their id: a new lambda
+    can take a freed one's id (after 39 swaps between an elementwise and a dense
+    forward, auto once took the dense one for the elementwise one's diagonal)."""
+    clear_caches()
+
+    class Plain(nn.Module):
+        def forward(self, z):
+            return z
+
+    model, x = Plain(), randn(4, 5, seed=14)
+    for i in range(20):
+        model.forward = lambda z: torch.sin(z)
+        assert_close(distjac.batch_jacobian(model, x), reference_batch_jacobian(model, x), msg=str(i))
+        del model.forward  # freed: the next lambda is likely made at its address
+        model.forward = lambda z: torch.sin(z).cumsum(-1)
+        assert_close(distjac.batch_jacobian(model, x), reference_batch_jacobian(model, x), msg=str(i))
+        del model.forward
+
+
 def test_a_global_module_hook_is_seen():
     """A global forward hook registered after a chain was planned changes every module's
     output: the chain (which refuses hooked modules) must not answer from its old plan."""
