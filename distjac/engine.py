@@ -105,7 +105,14 @@ from . import _alloc, arrow
 from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
 from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
-from .plan import DEFAULT_PARALLEL_ITERATIONS, DEFAULT_SHARD_BYTES, ShardPlan, format_bytes, make_plan
+from .plan import (
+    DEFAULT_CPUS_PER_WORKER,
+    DEFAULT_PARALLEL_ITERATIONS,
+    DEFAULT_SHARD_BYTES,
+    ShardPlan,
+    format_bytes,
+    make_plan,
+)
 from .shard import PIPELINE_DEPTH, PROGRESS_POLL_S, KernelOptions, ShardRunError, ShardTask, rows_in_flight, to_wire
 from .worker import PROBE_ROWS, PROGRESS_GROUP, JacobianWorker, function_key, serialize_function
 
@@ -602,7 +609,7 @@ class Engine:
         chunk_size: int | None = None,
         max_retries: int = 3,
         *,
-        num_cpus_per_worker: float = 1,
+        num_cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER,
         num_gpus_per_worker: float | None = None,
         max_memory: int | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,

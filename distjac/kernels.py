@@ -671,6 +671,7 @@ _PROBES = _FnCache()
 _CHAINS = _FnCache()  # ChainPlan, or why fn is not a chain of known layers
 _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
+_FWD_SECOND = _FnCache()  # NOTE [differentiable results]: "agree" or why forward mode's result may not be differentiated
 _VMAP_FAILED = _FnCache()  # (fn, key, differentiable) whose vectorized reverse pass failed: NOTE [vmap fallback]
 _ELEMENTWISE = _FnCache()  # ("yes",) or ("no", why): NOTE [elementwise functions]
 _COMPILED = _FnCache()  # compiled.Compiled per (fn, shape, mode, chunk)
@@ -685,6 +686,7 @@ def clear_caches() -> None:
     _CHOICES.clear()
     _FWD_FAILED.clear()
     _VMAP_FAILED.clear()
+    _FWD_SECOND.clear()
     _ELEMENTWISE.clear()
     _COMPILED.clear()
     _SEEN.clear()
@@ -773,8 +775,8 @@ def _settings(m: torch.nn.Module) -> tuple:
         t = type(v)
         if t in _PLAIN:
             out.append((key, v))
-        elif t is tuple and all(type(e) in _PLAIN for e in v):
-            out.append((key, v))
+        elif isinstance(v, tuple) and all(type(e) in _PLAIN for e in v):  # torch.Size too
+            out.append((key, tuple(v)))
         elif callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor)):
             out.append((key, "callable", _token(v)))
     return tuple(out)
@@ -1038,8 +1040,9 @@ class _Race:
     rounds on, a candidate whose fastest sample is AUTO_KEEP x the leader's median is
     dropped (it cannot win), and a run that has taken AUTO_ABANDON x the fastest run of
     another candidate is stopped at its next pass and its candidate dropped (a hopeless
-    row loop costs a few leader's runs, not its own full time; the leader's runs and
-    compiled runs are never stopped, so the race always keeps one candidate). The
+    row loop costs a few leader's runs, not its own full time; the runs of the candidate
+    holding the fastest sample, and compiled runs, are never stopped, so the race always
+    keeps one candidate). The
     cost model is the prior: while the leader is a candidate that the prior puts
     AUTO_PRIOR_DOUBT x slower than another one still in the race, the rounds go on to
     the maximum, so one noisy sample cannot crown a strategy the sizes say is far
@@ -1154,18 +1157,19 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
     n, m = math.prod(x.shape[1:]), math.prod(probe.out_shape)
     user_fixed = parallel_iterations is not None or not use_pfor
     record = Decision("", "explicit")
+    pre_notes: tuple = ()
     if mode == "auto":
         structure = None if user_fixed else _elementwise(fn, x, probe.out_shape, probe.key)
         fwd_failed = _FWD_FAILED.get(fn, probe.key)
-        if fwd_failed or result_is_differentiable(x) or _in_transform():
-            # NOTE [differentiable results]: PyTorch's forward-mode derivatives are not
-            # all differentiable again (aten::glu_jvp has no derivative) nor right
-            # (LayerNorm's second derivatives, forward over forward and reverse over
-            # forward, disagree with reverse mode and finite differences; torch.func's
-            # jacfwd gives the same wrong numbers), so a result that will be
-            # differentiated, by autograd or by an outer torch.func transform (a
-            # batch_jacobian of a batch_jacobian), comes from reverse mode.
+        fwd_checked = None
+        if not fwd_failed and n < AUTO_MODE_RATIO * m and result_is_differentiable(x) and not _in_transform():
+            fwd_checked = _fwd_second_order(fn, x, probe, call)
+        if fwd_failed or _in_transform() or fwd_checked not in (None, "agree"):
+            # NOTE [differentiable results]
             modes = ["rev"]
+            if fwd_checked is not None:
+                pre_notes = (f"forward mode not taken: the result must be differentiable and {fwd_checked} "
+                             "(NOTE [differentiable results])",)
         elif n >= AUTO_MODE_RATIO * m:
             modes = ["rev"]
         elif m >= AUTO_MODE_RATIO * n:
@@ -1182,8 +1186,9 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
                                                              max(b, work_rows or b), m * n, count)):
             s = Strategy("rev" if m <= n or modes == ["rev"] else "fwd")
             why = ("parallel_iterations or experimental_use_pfor given" if user_fixed else
-                   f"{b} x {m} x {n} Jacobian elements: too few to measure (so far: NOTE [repeated small "
-                   f"calls])" if b >= 2 else "one example")
+                   f"{b:,} x {m:,} x {n:,} Jacobian elements, under the {AUTO_MEASURE_MIN_ELEMENTS:,} worth "
+                   f"measuring (calls like this one are counted, and measured once they add up)"
+                   if b >= 2 else "one example")
             notes = (f"not measured: {why}",)
             plan = None if user_fixed else chain_plan(fn, x, probe.out_shape, probe.key)
             if plan is not None and not isinstance(plan, str):
@@ -1229,7 +1234,64 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             s, b=b, m=m, n=n, act_bytes=_act_bytes(fn, x, probe, s), itemsize=x.element_size(),
             budget=budget, call=call,
         )
-    return replace(s, record=replace(record, strategy=str(s)))
+    return replace(s, record=replace(record, strategy=str(s), notes=pre_notes + record.notes))
+
+
+def _fwd_second_order(fn: Callable, x: torch.Tensor, probe: _Probe, call: str) -> str:
+    """Whether forward mode's result may be differentiated (NOTE [differentiable results]):
+    "agree", or why not. Cached per call key.
+
+    NOTE [differentiable results]
+    A differentiable result from forward mode is a reverse pass through forward-mode
+    formulas, and PyTorch's are not all right there: LayerNorm's and instance norm's second
+    derivatives came out wrong (against reverse mode and finite differences; torch.func's
+    jacfwd gives the same numbers), GLU's jvp has no derivative at all, while tanh MLPs,
+    GroupNorm, RMSNorm, softmax and the other activations tried agree to rounding. A list
+    of bad operators would go stale, so auto checks the function itself, once: on two
+    rows, one random second directional derivative u^T (d/dx J) w computed through
+    forward mode (a jvp, then a backward pass) against reverse mode (a vjp with
+    create_graph, then a backward pass). Forward mode is a candidate only where they
+    agree; otherwise (or where forward mode raises) the result comes from reverse mode.
+    Inside an outer torch.func transform (a batch_jacobian of a batch_jacobian) auto
+    takes reverse mode without the check."""
+    key = probe.key + (tuple(probe.out_shape),)
+    cached = _FWD_SECOND.get(fn, key)
+    if cached is not None:
+        return cached
+    xs = x[:min(2, x.shape[0])].detach()
+    gen = torch.Generator(device=xs.device).manual_seed(0)
+    u = torch.randn((xs.shape[0], *probe.out_shape), generator=gen, dtype=xs.dtype, device=xs.device)
+    w = torch.randn(xs.shape, generator=gen, dtype=xs.dtype, device=xs.device)
+
+    def second(forward: bool) -> torch.Tensor:
+        xd = xs.clone().requires_grad_(True)
+        with torch.enable_grad(), _Differentiating():
+            if forward:
+                first = (jvp(fn, (xd,), (w,))[1] * u).sum()
+            else:
+                (a,) = torch.autograd.grad(fn(xd), xd, u, create_graph=True)
+                first = (a * w).sum()
+            (g,) = torch.autograd.grad(first, xd, allow_unused=True) if first.requires_grad else (None,)
+        return torch.zeros_like(xs) if g is None else g.detach()
+
+    try:
+        want = second(False)
+    except RuntimeError as err:  # reverse mode cannot differentiate it twice either: nothing to choose
+        verdict = f"reverse mode's second derivative failed too ({type(err).__name__})"
+    else:
+        try:
+            got = second(True)
+        except RuntimeError as err:
+            verdict = f"forward mode's result cannot be differentiated ({type(err).__name__}: {str(err)[:80]})"
+        else:
+            tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(xs.dtype, 5e-2)
+            scale = max(float(want.abs().max()), float(got.abs().max()), 1e-30)
+            err = float((want - got).abs().max())
+            verdict = ("agree" if err <= tol * scale else
+                       f"forward mode's second derivatives disagree with reverse mode's (max {err:.3g} on "
+                       f"{float(want.abs().max()):.3g}, checked on {xs.shape[0]} rows)")
+    _FWD_SECOND.put(fn, key, verdict)
+    return verdict
 
 
 def _work_seen(fn, probe: _Probe, x: torch.Tensor, modes, compiled, max_memory, rows: int, per_row: int,

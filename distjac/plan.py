@@ -44,6 +44,8 @@ __all__ = [
 # 32 MiB of Jacobian per shard: the middle of the 8-64 MiB range that ran fastest here
 # (see NOTE [shard size from a memory budget]); 8 shards in flight then hold 256 MiB.
 DEFAULT_SHARD_BYTES = 32 << 20
+# CPUs an Engine's worker reserves by default; it runs torch with that many threads.
+DEFAULT_CPUS_PER_WORKER = 1
 # Splitting a small batch for parallelism stops at 4 MiB of output per shard: 2 MiB shards
 # halved throughput, and one shard fewer per worker costs less than that.
 MIN_SHARD_BYTES = 4 << 20

@@ -16,7 +16,8 @@ it instead of measuring again. An entry is keyed by a hash of:
 - the per-example input shape, the dtype, the device type and name (CPU model or GPU
   name) and torch's intra-op thread count;
 - what the choice was asked for: the modes considered, the power-of-two bucket of the
-  batch size and ``max_memory``;
+  batch size, whether compiling was asked for, whether the result must be
+  differentiable, and ``max_memory``;
 - the versions of torch and distjac, and TUNER_REVISION (an upgrade, or a change to how
   auto chooses, measures afresh).
 
@@ -290,8 +291,10 @@ def tune_job(spec, *, device: str | None = None, rows: int | None = None):
     """Choose the kernel strategy for a job (``distjac tune CONFIG``): build its model
     (``distjac.config.build_model``), read the first rows of its source
     (``distjac.io.sources.open_source``), choose as a worker would (``mode`` from the
-    spec; the measuring weighed against the job's whole row count), store the choice
-    in the tuning cache and return its :class:`~distjac.kernels.Decision`.
+    spec; the measuring weighed against the job's whole row count; torch with the
+    worker's thread count, DEFAULT_CPUS_PER_WORKER, or this process's for an in-process
+    job), store the choice in the tuning cache and return its
+    :class:`~distjac.kernels.Decision`.
 
     ``device``: where to tune (default: the spec's engine.device, "auto" meaning a GPU
     if there is one); ``rows``: rows to tune on (default: one shard, at most
@@ -302,6 +305,7 @@ def tune_job(spec, *, device: str | None = None, rows: int | None = None):
     from .config import build_model
     from .io.sources import open_source
     from .kernels import choose_strategy
+    from .plan import DEFAULT_CPUS_PER_WORKER
 
     dev = device or spec.engine.device
     if dev == "auto":
@@ -318,6 +322,14 @@ def tune_job(spec, *, device: str | None = None, rows: int | None = None):
         params = [p for p in getattr(model, "parameters", lambda: [])()]
         if params:
             x = x.to(params[0].dtype)
-    s = choose_strategy(model, x, mode=spec.jacobian.mode, work_rows=total,
-                        parallel_iterations=spec.jacobian.chunk_size)
+    # Chosen with the thread count the job's workers run torch with (part of the key: a
+    # choice made with this process's threads was measured again by every worker).
+    threads = torch.get_num_threads() if spec.engine.num_workers == 0 else DEFAULT_CPUS_PER_WORKER
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        s = choose_strategy(model, x, mode=spec.jacobian.mode, work_rows=total,
+                            parallel_iterations=spec.jacobian.chunk_size)
+    finally:
+        torch.set_num_threads(before)
     return s.record

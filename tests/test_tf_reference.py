@@ -199,7 +199,7 @@ def test_conv():
 @pytest.mark.parametrize("name", ["mlp", "mlp_f64", "conv"])
 def test_chain_strategy_against_tf(name, block):
     """The chain strategy (per-layer Jacobians multiplied out, chain.py), forced at several
-    blocks, against TF's own batch_jacobian of the same weights; auto's choice too."""
+    blocks, against TF's own batch_jacobian of the same weights."""
     from distjac.kernels import Strategy, chain_plan, run_strategy
 
     model, x = (_tf_conv(), fx("conv/x")) if name == "conv" else (_tf_mlp(name), fx(f"{name}/x"))

@@ -193,3 +193,28 @@ def test_tune_subcommand_prints_the_record_and_fills_the_cache(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distjac.cli", "tune", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+def test_a_job_after_tune_reads_the_tuned_choice(tmp_path):
+    """`distjac tune` chooses with the thread count the job's workers run torch with (part
+    of the key): the job that follows, on real Ray workers, finds the entry and measures
+    nothing (it once stored a second entry under its workers' one thread)."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        model: {{factory: "distjac.models:mlp", kwargs: {{sizes: [16, 24, 16], seed: 0}}}}
+        data: {{kind: synthetic, rows: 20000, shape: [16], seed: 0}}
+        jacobian: {{mode: auto}}
+        engine: {{device: cpu, shard_size: 4096, num_workers: 2}}
+        output: {{path: {tmp_path / 'out'}}}
+    """))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTJAC_CACHE_DIR": str(tmp_path / "cache"),
+           "DISTJAC_TUNING_CACHE": "1", "OMP_NUM_THREADS": "2"}
+    tuned = subprocess.run([sys.executable, "-m", "distjac.cli", "tune", str(cfg)], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert tuned.returncode == 0, tuned.stderr
+    entries = json.loads((tmp_path / "cache" / "tuning.json").read_text())["entries"]
+    assert len(entries) == 1
+    run = subprocess.run([sys.executable, "-m", "distjac.cli", "run", "--no-progress", str(cfg)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "cache" / "tuning.json").read_text())["entries"] == entries
