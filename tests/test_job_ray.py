@@ -115,11 +115,22 @@ def check_nothing_half_written(out, expected: np.ndarray) -> tuple[set[int], set
 
 def drain(engine) -> None:
     """Wait until the workers finished what they still hold. After a shard fails, Ray
-    cancels the queued shards but lets a running actor task finish (and write its part):
-    actor calls run in order, so a fresh call returns once those are done."""
+    cancels the queued shards but lets a running actor task finish (and write its part).
+    A worker runs up to PIPELINE_DEPTH calls at once, so a fresh call can return before
+    those are done (it once did: a part was written after the check): poll each worker's
+    running shards (``progress``, in its own concurrency group) until none is left twice
+    in a row."""
     import ray
 
-    ray.get([w.info.remote() for w in engine._workers], timeout=CLI_TIMEOUT_S)
+    from distjac.worker import PROGRESS_GROUP
+
+    deadline, quiet = time.monotonic() + CLI_TIMEOUT_S, 0
+    while quiet < 2:
+        running = ray.get([w.progress.options(concurrency_group=PROGRESS_GROUP).remote() for w in engine._workers],
+                          timeout=CLI_TIMEOUT_S)
+        quiet = 0 if any(running) else quiet + 1
+        assert time.monotonic() < deadline, f"workers still running shards after {CLI_TIMEOUT_S} s: {running}"
+        time.sleep(0.05)
 
 
 def nan_job(tmp_path, nan_row: int) -> tuple[dict, str]:
