@@ -1161,8 +1161,10 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
     if mode == "auto":
         structure = None if user_fixed else _elementwise(fn, x, probe.out_shape, probe.key)
         fwd_failed = _FWD_FAILED.get(fn, probe.key)
+        diagonal = not user_fixed and structure is None and not fwd_failed
         fwd_checked = None
-        if not fwd_failed and n < AUTO_MODE_RATIO * m and result_is_differentiable(x) and not _in_transform():
+        if (not diagonal and not fwd_failed and n < AUTO_MODE_RATIO * m and result_is_differentiable(x)
+                and not _in_transform()):
             fwd_checked = _fwd_second_order(fn, x, probe, call)
         if fwd_failed or _in_transform() or fwd_checked not in (None, "agree"):
             # NOTE [differentiable results]
@@ -1176,7 +1178,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             modes = ["fwd"]
         else:
             modes = ["rev", "fwd"]
-        if not user_fixed and structure is None and not fwd_failed:
+        if diagonal:
             # One forward pass instead of N, whatever the sizes: nothing to measure.
             s = Strategy("diag")
             record = Decision("", "structure", notes=(
