@@ -784,6 +784,7 @@ def _settings(m: torch.nn.Module) -> tuple:
 
 _TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count()
+_TOKENS_LOCK = threading.Lock()  # a worker computes fingerprints on several threads
 
 
 def _token(obj) -> int:
@@ -792,9 +793,10 @@ def _token(obj) -> int:
     id and its cached proof). Objects that cannot be weakly referenced (builtins, which
     are never freed) keep their id, negated."""
     try:
-        tok = _TOKENS.get(obj)
-        if tok is None:
-            tok = _TOKENS[obj] = next(_NEXT_TOKEN)
+        with _TOKENS_LOCK:
+            tok = _TOKENS.get(obj)
+            if tok is None:
+                tok = _TOKENS[obj] = next(_NEXT_TOKEN)
         return tok
     except TypeError:
         return -1 - id(obj)
@@ -1224,8 +1226,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
         s = Strategy(mode)
     if user_fixed:
         s = replace(s, vectorize=use_pfor, chunk=parallel_iterations, block=None)
-    if (mode == "auto" and s.mode == "rev" and s.vectorize
-            and _VMAP_FAILED.get(fn, probe.key + (result_is_differentiable(x),))):
+    if mode == "auto" and s.mode == "rev" and s.vectorize and _VMAP_FAILED.get(fn, _vmap_key(probe, x)):
         s = replace(s, vectorize=False, chunk=None, compiled=False)
         record = replace(record, notes=record.notes + (
             "a vectorized reverse pass failed on this function before (NOTE [vmap fallback]): a row loop",))
@@ -1237,6 +1238,13 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
             budget=budget, call=call,
         )
     return replace(s, record=replace(record, strategy=str(s), notes=pre_notes + record.notes))
+
+
+def _vmap_key(probe: _Probe, x: torch.Tensor) -> tuple:
+    """The _VMAP_FAILED key (NOTE [vmap fallback]), with whether the result must be
+    differentiable: a batched double backward can fail where the plain one runs
+    (GroupNorm's)."""
+    return probe.key + (result_is_differentiable(x),)
 
 
 def _fwd_second_order(fn: Callable, x: torch.Tensor, probe: _Probe, call: str) -> str:
@@ -1960,7 +1968,7 @@ def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unc
                 # NOTE [vmap fallback]: the batched backward failed (an op without a vmap
                 # rule, or one whose batched double backward PyTorch cannot do: GroupNorm
                 # when the result must be differentiable); a row loop gives the same result.
-                _VMAP_FAILED.put(fn, probe.key + (create_graph,), True)
+                _VMAP_FAILED.put(fn, _vmap_key(probe, x), True)
             else:
                 raise
             s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call)
