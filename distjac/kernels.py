@@ -1102,6 +1102,30 @@ class _Race:
         return out
 
 
+_WARM_DEVICES: set[str] = set()
+
+
+def _warm_autodiff(device: torch.device) -> float:
+    """Seconds spent paying torch's one-off autodiff costs on ``device`` (0 once paid).
+
+    NOTE [cold process]
+    The first reverse pass in a process imports sympy (torch's symbolic shapes, ~0.5 s
+    on 2 cores), the first forward-mode pass ~0.2 s more. Whichever candidate of auto's
+    race ran first paid them inside its timed run: W1's row loop measured 1,140
+    us/example on its pilot, 30x its steady 37, and the measuring budget counted the
+    imports as measuring. They are paid here, once per process and device type, on a
+    2 x 2 tensor, before anything is timed (a worker pays them as it starts)."""
+    if device.type in _WARM_DEVICES:
+        return 0.0
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        t = torch.ones(2, 2, device=device, requires_grad=True)
+        torch.autograd.grad((t * t).sum(), t)
+        jvp(torch.sin, (t.detach(),), (t.detach(),))
+    _WARM_DEVICES.add(device.type)
+    return time.perf_counter() - t0
+
+
 def _rows_bucket(b: int) -> int:
     """The power-of-two bucket of a batch size (a choice measured for 3,000 rows serves
     2,049-4,096; another bucket measures afresh)."""
@@ -1394,6 +1418,10 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     xs = x[:sample].detach()
     log: list[tuple[str, float]] = []
     notes: list[str] = [] if why is None else [why]
+    warm_s = _warm_autodiff(x.device)
+    if warm_s >= 0.05:
+        notes.append(f"torch's first autograd and forward-mode passes in this process took {warm_s:.2g} s "
+                     "before the timing (NOTE [cold process])")
     race = _Race(fn, probe.out_shape, call, m, n, log, notes)
 
     hows = _hows(modes, {"rev": m, "fwd": n})

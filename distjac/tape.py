@@ -24,6 +24,15 @@ recording (TF's rule) or when a source already required grad before the tape wat
 ``gradient`` follows TF's rule alone: gradients w.r.t. parameters are the common case and
 keeping their double-backward graph would cost memory for nothing.
 
+NOTE [recording whatever surrounds it]
+A tape records what runs in its ``with`` block, as TF's does, so the block runs with
+grad mode on and inference mode off even under an outer ``torch.no_grad()`` or
+``torch.inference_mode()`` (which would otherwise record nothing and make every
+source look unconnected: None, silently). This is the rule of torch.func's transforms,
+which ignore an outer no_grad and respect one inside: a ``torch.no_grad()`` block inside
+the tape's block still stops recording there. A tensor made under inference mode
+cannot be recorded through at all; ``watch`` says so and what to do.
+
 Tensors that already required grad when first seen (``torch.nn.Parameter`` and friends)
 play the part of TF's trainable variables: with ``watch_accessed_variables=True`` (the
 default) they can be differentiated without an explicit ``watch``.
@@ -31,6 +40,7 @@ default) they can be differentiated without an explicit ``watch``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -79,6 +89,7 @@ class GradientTape:
         self._used = False
         self._watched: dict[int, torch.Tensor] = {}  # id -> tensor
         self._switched_on: dict[int, torch.Tensor] = {}  # tensors whose requires_grad we set
+        self._modes: contextlib.ExitStack | None = None  # NOTE [recording whatever surrounds it]
 
     # -- context ------------------------------------------------------------------------
 
@@ -86,6 +97,9 @@ class GradientTape:
         if self._recording:
             raise TapeError("GradientTape: this tape is already recording; a tape cannot be entered twice at once.")
         self._recording = True
+        self._modes = contextlib.ExitStack()
+        self._modes.enter_context(torch.inference_mode(False))
+        self._modes.enter_context(torch.enable_grad())
         for t in self._switched_on.values():  # re-entered persistent tape: watch again
             t.requires_grad_(True)
         recording_stack().append(self)
@@ -96,6 +110,9 @@ class GradientTape:
         if self in stack:
             stack.remove(self)
         self._recording = False
+        if self._modes is not None:
+            self._modes.close()
+            self._modes = None
         for key, t in self._switched_on.items():
             # A tensor another recording tape also watches stays on: that tape owns it now.
             heir = next((tp for tp in reversed(stack) if key in getattr(tp, "_watched", ())), None)
@@ -116,6 +133,12 @@ class GradientTape:
         for t in pytree.tree_leaves(tensor):
             t = check_tensor(t, "the watched value", "GradientTape.watch(tensor)")
             check_floating(t, "the watched tensor", "GradientTape.watch(tensor)")
+            if t.is_inference():
+                raise TapeError(
+                    "GradientTape.watch: the tensor was made under torch.inference_mode() (an inference "
+                    "tensor), and autograd cannot record operations on it. Make it outside inference mode, "
+                    "or watch a normal copy made inside the tape's block (x = x.clone())."
+                )
             self._watched[id(t)] = t
             if not t.requires_grad:
                 t.requires_grad_(True)

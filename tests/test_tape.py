@@ -521,3 +521,41 @@ def test_tape_result_is_differentiable_when_the_source_requires_grad():
     assert jac.requires_grad
     (g,) = torch.autograd.grad(jac.sum(), x)
     assert_close(g, -torch.sin(x))
+
+
+@pytest.mark.parametrize("outer", ["no_grad", "inference_mode"])
+def test_tape_records_under_an_outer_no_grad_or_inference_mode(outer):
+    # NOTE [recording whatever surrounds it]: the tape's block records, as TF's does and
+    # as torch.func's transforms ignore an outer no_grad; before, every source came back
+    # unconnected (None) without a word.
+    context = torch.no_grad() if outer == "no_grad" else torch.inference_mode()
+    model = make_mlp((4, 6, 3), seed=3)
+    x = randn(5, 4, seed=4)
+    want = reference_batch_jacobian(model, x)
+    with context:
+        xs = x.clone()  # under inference_mode an inference tensor: it cannot be watched
+        with distjac.GradientTape(persistent=True) as tape:
+            if outer == "inference_mode":
+                with pytest.raises(distjac.TapeError, match="inference tensor.*clone"):
+                    tape.watch(xs)
+                xs = xs.clone()  # a normal tensor: made inside the block
+            tape.watch(xs)
+            y = model(xs)
+            with torch.no_grad():  # an inner no_grad is respected
+                z = model(xs)
+        assert torch.is_grad_enabled() is False  # the outer mode is back after the block
+        assert_close(tape.batch_jacobian(y, xs), want)
+        assert tape.batch_jacobian(z, xs) is None
+
+
+def test_tape_second_order_under_inference_mode_matches_tf():
+    with torch.inference_mode():
+        with distjac.GradientTape() as outer:
+            x = _seed().clone()  # made in inference mode, copied inside the block: a normal tensor
+            outer.watch(x)
+            with distjac.GradientTape() as inner:
+                inner.watch(x)
+                y = x * x * x
+            jac = inner.batch_jacobian(y, x)
+        hess = outer.batch_jacobian(jac, x)
+    assert hess.tolist() == [[[[24, 0], [0, 0]], [[0, 0], [0, 12]]], [[[6, 0], [0, 0]], [[0, 0], [0, 18]]]]
