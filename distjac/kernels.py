@@ -1044,7 +1044,8 @@ class _Race:
     another candidate is stopped at its next pass and its candidate dropped (a hopeless
     row loop costs a few leader's runs, not its own full time; the runs of the candidate
     holding the fastest sample, and compiled runs, are never stopped, so the race always
-    keeps one candidate). The
+    keeps one candidate; a candidate stopped on its first run, which pays its one-off
+    costs and took the chain out of a race on a loaded machine, gets one more). The
     cost model is the prior: while the leader is a candidate that the prior puts
     AUTO_PRIOR_DOUBT x slower than another one still in the race, the rounds go on to
     the maximum, so one noisy sample cannot crown a strategy the sizes say is far
@@ -1059,6 +1060,7 @@ class _Race:
             max_rounds: int | None = None, deadline: float = math.inf) -> dict[Strategy, float]:
         max_rounds = max_rounds or AUTO_MAX_ROUNDS
         samples: dict[Strategy, list[float]] = {c: [] for c in cands}
+        struck: set[Strategy] = set()  # stopped once, on a first run (a cold one)
         alive = list(cands)
         t_start = time.perf_counter()
         for r in range(max_rounds):
@@ -1073,21 +1075,30 @@ class _Race:
                 try:
                     samples[c].append(_time_once(self.fn, rows, c, self.out_shape, self.call, limit))
                 except _AbandonedError as err:
+                    again = c not in struck and not samples[c]
                     self.notes.append(f"{c}: stopped after {err.elapsed:.2g} s on {rows.shape[0]} rows, "
-                                      f"{AUTO_ABANDON:g}x another candidate's fastest run")
-                    samples.pop(c)
+                                      f"{AUTO_ABANDON:g}x another candidate's fastest run"
+                                      + ("; its first run: one more try" if again else ""))
+                    if again:
+                        struck.add(c)
+                    else:
+                        samples.pop(c)
                 except (VectorizationError, RuntimeError) as err:
                     self.notes.append(f"{c}: failed ({type(err).__name__})")
                     samples.pop(c)
             alive = [c for c in alive if c in samples]
-            if not alive:
+            timed = [c for c in alive if samples[c]]
+            if not timed:
+                if alive and r + 1 < max_rounds:
+                    continue
                 break
-            med = {c: _median(samples[c]) for c in alive}
-            lead = min(alive, key=med.get)
+            med = {c: _median(samples[c]) for c in timed}
+            lead = min(timed, key=med.get)
             if r + 1 >= min_rounds:  # never on one sample each: a lucky leader must not drop the rest
-                alive = [c for c in alive if c is lead or min(samples[c]) <= AUTO_KEEP * med[lead]]
+                alive = [c for c in alive if c is lead or not samples[c] or min(samples[c]) <= AUTO_KEEP * med[lead]]
             others = [c for c in alive if c is not lead]
-            separated = not others or max(samples[lead]) < min(min(samples[c]) for c in others)
+            separated = not others or (all(samples[c] for c in others)
+                                       and max(samples[lead]) < min(min(samples[c]) for c in others))
             prior = _prior_passes(lead, self.m, self.n)
             doubt = prior is not None and any(
                 (p := _prior_passes(c, self.m, self.n)) is not None and prior > AUTO_PRIOR_DOUBT * p for c in others)

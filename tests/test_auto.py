@@ -131,6 +131,22 @@ def test_a_slowed_run_of_the_leader_does_not_stop_it(monkeypatch):
     assert not any(n.startswith(f"{fast}: stopped") for n in notes), notes
 
 
+def test_a_cold_first_run_does_not_drop_the_fastest_candidate(monkeypatch):
+    """A candidate stopped on its first run (one-off costs, or a burst of other load)
+    gets one more run: the chain once left a loaded race that way, though it was the
+    fastest. Stopped twice, it is dropped."""
+    rev, chain = Strategy("rev", vectorize=False), Strategy("chain", vectorize=False)
+    hopeless = Strategy("fwd", vectorize=False)
+    _scripted(monkeypatch, {str(rev): 1.0, str(chain): iter([9.0, 0.5, 0.5, 0.5, 0.5, 0.5]), str(hopeless): 9.0},
+              abandon=True)
+    race, _, notes = _race()
+    times = race.run([rev, chain, hopeless], torch.zeros(4, 4))
+    assert min(times, key=times.get) == chain, (times, notes)
+    assert hopeless not in times
+    assert sum(n.startswith(f"{hopeless}: stopped after") for n in notes) == 2, notes
+    assert any(n.startswith(f"{chain}: stopped after") and "one more try" in n for n in notes), notes
+
+
 def test_rounds_are_interleaved_and_stop_when_the_leader_separates(monkeypatch):
     a, b, c = Strategy("rev", vectorize=False), Strategy("fwd", vectorize=False), Strategy("fwd", vectorize=True)
     calls = _scripted(monkeypatch, {str(a): 1.0, str(b): 1.2, str(c): 1.1})
