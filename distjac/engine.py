@@ -139,6 +139,9 @@ FIRST_SHARD_TIMEOUT_S = 600.0
 # or half the stall timeout if that is shorter) is named in a warning.
 SLOW_SHARD_FACTOR = 3.0
 SLOW_SHARD_MIN_S = 5.0
+# NOTE [a failed job's shards in flight]: how long a failed job waits, at most, for the
+# shards already sent to its workers before it raises.
+FAILED_JOB_SETTLE_S = 60.0
 
 
 # --------------------------------------------------------------------------------------
@@ -1006,7 +1009,8 @@ class Engine:
                 tasks = [job_.task(t.shard, t.start, t.stop, rows=wire[t.start:t.stop]) for t in tasks]
             tasks = self._choose_for_job(shipment[0], job_, tasks)
             for _task, result, done in _map_shards(self, shipment[0], tasks, in_flight=in_flight, call=call,
-                                                   shard_timeout_s=timeout, on_progress=on_progress):
+                                                   shard_timeout_s=timeout, on_progress=on_progress,
+                                                   settle_s=FAILED_JOB_SETTLE_S):
                 # Submission to receipt, less the runner's own time: queueing and transfer.
                 runner_s = result.timing.ended - result.timing.started
                 yield replace(result, wait_s=max(0.0, done.wait_s - runner_s), retries=self._retries)
@@ -1092,7 +1096,7 @@ def _stall_timeout(explicit: float | None, run_times: list[float], first: bool) 
 
 def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
                 in_flight: int, call: str, shard_timeout_s: float | None = None,
-                on_progress: Callable[[float], None] | None = None):
+                on_progress: Callable[[float], None] | None = None, settle_s: float = 0.0):
     """Run every task on the workers; yield ``(task, result, _Done)`` once per shard.
 
     At most ``in_flight`` shards are out at once, each sent to the least busy worker.
@@ -1102,6 +1106,20 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
     drops the shards still in flight (their workers finish them). ``on_progress(rows)``,
     if given, hears the rows done so far of the shards in flight, polled from the
     workers about every PROGRESS_POLL_S (NOTE [progress within a shard] in distjac.shard).
+    ``settle_s``: when the call fails, how long to wait for the shards already sent, which
+    are yielded as they finish before the error is raised (NOTE [a failed job's shards in
+    flight]); 0 raises at once.
+
+    NOTE [a failed job's shards in flight]
+    A shard sent to a worker runs to its end whatever the driver does (calls are dropped,
+    not cancelled: see the ``finally`` below), and a job's worker writes its part. When a
+    job fails (fn raised on a shard, or a shard was lost max_retries times), the driver
+    used to raise at once: the shards already sent wrote their parts a moment later, on
+    disk but not in the manifest, so read_result refused rows whose part was there (a
+    resume adopted them, by their checksums). Now no new shard is sent, the ones in
+    flight are waited for (at most ``settle_s``: FAILED_JOB_SETTLE_S for jobs) and yielded
+    as they finish, so the manifest records them, and then the error is raised. An
+    in-memory batch_jacobian has nothing to record and raises at once.
 
     Raises:
         ShardError: fn failed on a shard, or a shard was lost (its worker died, its result
@@ -1214,6 +1232,26 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
         for f in sorted(flights, key=lambda f: -failures[f.index]):
             charge(f.index, reason, err)
 
+    def settle(failure: BaseException):
+        """NOTE [a failed job's shards in flight]."""
+        deadline = time.perf_counter() + settle_s
+        if pending:
+            log.info("distjac: %s failed (%s); waiting up to %g s for %d shard(s) already sent, so the manifest "
+                     "records them", call, type(failure).__name__, settle_s, len(pending))
+        while pending and (left := deadline - time.perf_counter()) > 0:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(left, _WAIT_TICK_S))
+            for ref in ready:
+                flight = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception:  # noqa: BLE001 - another failure: the first one is raised
+                    continue
+                if not finished[flight.index]:
+                    finished[flight.index] = True
+                    now = time.perf_counter()
+                    yield tasks[flight.index], result, _Done(worker=flight.worker, attempts=attempts[flight.index],
+                                                             wait_s=now - flight.submitted)
+
     try:
         while not finished.all():
             while queue and len(pending) < in_flight:
@@ -1291,6 +1329,10 @@ def _map_shards(engine: Engine, shipment: _Shipment, tasks: list[ShardTask], *,
             _watch(engine, tasks, pending, lanes, run_times, timeout, lose_worker)
             if on_progress is not None:
                 poll_progress(time.perf_counter())
+    except Exception as failure:
+        if settle_s > 0:
+            yield from settle(failure)
+        raise
     finally:
         # Shards still in flight are dropped, not cancelled: their workers finish them and
         # the results are freed. (Cancelling a queued actor call can leave a gap in Ray's
