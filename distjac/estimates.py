@@ -29,6 +29,7 @@ A sketch uses one R for every example (so sketches of different examples are com
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .errors import ConfigError, OptionError, ShapeError
-from .kernels import _check_output, _probe
+from .kernels import _check_output, _probe, raw_memory_error
 from .options import check_functional_call, check_int, check_positive_int, is_int
 
 __all__ = [
@@ -247,6 +248,19 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if p < 2:
         return mean, torch.full_like(mean, math.nan)
     return mean, per_row.std(1, correction=1) / math.sqrt(p)
+
+
+@contextlib.contextmanager
+def _plain_tensors_needed(call: str, what: str):
+    """NOTE [fn reading raw memory] in distjac.kernels: its clear error, for estimates and
+    sketches (their products run fn under torch.func in every mode)."""
+    try:
+        yield
+    except RuntimeError as err:
+        clear = raw_memory_error(err, call, what)
+        if clear is None:
+            raise
+        raise clear from err
 
 
 def _fwd_failed(err: Exception) -> bool:
@@ -529,7 +543,7 @@ def estimate(
         raise _not_square(n, m, out_shape, in_shape, call)
     values, errs, products = [], [], 0
     step = block or b
-    with torch.no_grad():
+    with _plain_tensors_needed(call, "each Jacobian-vector product"), torch.no_grad():
         for s0 in range(0, b, step):
             xb = x[s0:s0 + step].detach()
             ops = _Products(fn, xb, parallel_iterations, experimental_use_pfor, call)
@@ -602,7 +616,7 @@ def sketch(
     cols = r.movedim(-1, 0)  # (k, *shape)
     parts = []
     step = block or b
-    with torch.no_grad():
+    with _plain_tensors_needed(call, "each Jacobian-vector product"), torch.no_grad():
         for s0 in range(0, b, step):
             xb = x[s0:s0 + step].detach()
             ops = _Products(fn, xb, parallel_iterations, experimental_use_pfor, call)

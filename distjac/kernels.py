@@ -588,8 +588,34 @@ def _reverse_block_func(
     return jac.transpose(0, 1), out_shape
 
 
+def raw_memory_error(err: BaseException, call: str, what: str, instead: str = "") -> RuntimeError | None:
+    """A clear error for fn reading its input's memory under a torch.func transform (or
+    None when ``err`` is something else).
+
+    NOTE [fn reading raw memory]
+    Forward mode, the diagonal strategy, estimates and sketches run fn under torch.func
+    (jvp, vjp, vmap), whose tensors are wrappers with no memory of their own: a fn that
+    looks at its batch through ``x.detach().numpy()``, ``data_ptr()`` or a C extension
+    fails there with PyTorch's "Cannot access data pointer of Tensor that doesn't have
+    storage". Reverse mode runs fn on plain tensors and computes. Auto takes reverse
+    mode when forward mode or the diagonal fails so (and remembers); the explicit forms
+    raise this error, which says what to do."""
+    text = str(err)
+    if not any(s in text for s in ("doesn't have storage", "Cannot access storage", "Cannot access data pointer")):
+        return None
+    return RuntimeError(
+        f"{call}: fn reads its input's memory directly (.numpy(), .data_ptr() or a C extension; "
+        f"{type(err).__name__}: {text.splitlines()[0] if text else ''}), and {what} runs fn under torch.func "
+        "transforms, whose tensors have no memory of their own. Look at the batch's values with torch "
+        f"operations instead (x.isnan().any()){instead}."
+    )
+
+
 def _forward_failed(err: Exception, call: str, *, vectorized: bool) -> Exception:
     text = str(err)
+    raw = raw_memory_error(err, call, "forward mode", "; or use mode='rev' (mode='auto' falls back to it)")
+    if raw is not None:
+        return raw
     if "requires_grad_()" in text or "autograd.grad" in text or "torch.autograd.functional" in text:
         return RuntimeError(
             f"{call}: forward mode runs fn under torch.func.jvp, and fn uses autograd inside fn "
@@ -1615,17 +1641,29 @@ def _diagonal(fn: Callable, x: torch.Tensor, block: int | None, *, create_graph:
     b = x.shape[0]
     step = b if block is None else max(1, min(block, b))
     pieces = []
+
+    def reverse(xb: torch.Tensor) -> torch.Tensor:
+        xd = xb if (create_graph and xb.requires_grad) else xb.detach().requires_grad_(True)
+        with torch.enable_grad(), _Differentiating():
+            y = _check_output(fn(xd), xd, call)
+            (d,) = torch.autograd.grad(y, xd, torch.ones_like(y), create_graph=create_graph, allow_unused=True)
+        return torch.zeros_like(xb) if d is None else d
+
     for b0 in range(0, b, step):
         xb = x[b0:b0 + step]
         if create_graph and not _in_transform():
-            xd = xb if xb.requires_grad else xb.detach().requires_grad_(True)
-            with torch.enable_grad(), _Differentiating():
-                y = _check_output(fn(xd), xd, call)
-                (d,) = torch.autograd.grad(y, xd, torch.ones_like(y), create_graph=True, allow_unused=True)
-            pieces.append(torch.zeros_like(xb) if d is None else d)
+            pieces.append(reverse(xb))
         else:
-            with torch.set_grad_enabled(create_graph):
-                pieces.append(_structure.diagonal_block(fn, xb))
+            try:
+                with torch.set_grad_enabled(create_graph):
+                    pieces.append(_structure.diagonal_block(fn, xb))
+            except RuntimeError as err:
+                if _in_transform() or isinstance(err, torch.OutOfMemoryError):
+                    raise
+                # fn cannot run under forward mode (NOTE [fn reading raw memory], an op
+                # without a forward derivative): one reverse pass with ones, J^T 1, is the
+                # same diagonal.
+                pieces.append(reverse(xb))
         if meter is not None:
             meter(min(b, b0 + step) / b)
     d = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -1998,10 +2036,11 @@ def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unc
         except RuntimeError as err:
             if mode != "auto" or isinstance(err, torch.OutOfMemoryError) or attempt == 2:
                 raise
-            if s.mode == "fwd":
+            if s.mode in ("fwd", "diag"):
                 # fn cannot run under forward mode (in-place updates of buffers, a tape
-                # inside fn, kernels without forward derivatives): reverse mode gives the
-                # same result. Remembered, so the next call goes straight there.
+                # inside fn, kernels without forward derivatives, NOTE [fn reading raw
+                # memory]): reverse mode gives the same result. Remembered, so the next
+                # call goes straight there (no diagonal either: it is forward mode).
                 _FWD_FAILED.put(fn, probe.key, True)
             elif s.mode == "rev" and s.vectorize and isinstance(err, VectorizationError):
                 # NOTE [vmap fallback]: the batched backward failed (an op without a vmap

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import SEED_X, assert_close, cube, randn, reference_batch_jacobian
@@ -346,3 +347,51 @@ def test_tape_entered_twice_at_once():
         with pytest.raises(distjac.TapeError, match="already recording"):
             with tape:
                 pass
+
+
+# --------------------------------------------------------------------------------------
+# fn reading its input's memory (NOTE [fn reading raw memory] in distjac.kernels)
+# --------------------------------------------------------------------------------------
+
+
+def _numpy_guarded(post):
+    def fn(z):
+        if np.isnan(z.detach().numpy()).any():  # a check through numpy: needs real memory
+            raise ValueError("NaN in the batch")
+        return post(z)
+
+    return fn
+
+
+_MIX = torch.linspace(-1.0, 1.0, 15).reshape(3, 5)
+
+
+@pytest.mark.parametrize("post", [torch.tanh, lambda z: torch.sin(z) @ _MIX.to(z.dtype)], ids=["elementwise", "wide"])
+def test_auto_and_the_diagonal_compute_for_a_fn_reading_numpy(post):
+    """Under torch.func (forward mode, the diagonal's jvp) fn's tensors have no memory of
+    their own; auto and structure='diagonal' then compute by reverse mode, as rev does."""
+    fn = _numpy_guarded(post)
+    x = randn(6, 3, seed=5)
+    want = reference_batch_jacobian(fn, x)
+    assert_close(distjac.batch_jacobian(fn, x, mode="auto"), want)
+    assert_close(distjac.batch_jacobian(fn, x, mode="auto"), want)  # remembered
+    assert_close(distjac.batch_jacobian(fn, x, mode="rev"), want)
+    if post is torch.tanh:
+        assert_close(distjac.batch_jacobian(fn, x, structure="diagonal"), torch.diagonal(want, dim1=1, dim2=2))
+    with pytest.raises(ValueError, match="NaN in the batch"):  # the check itself still runs
+        distjac.batch_jacobian(fn, x.index_fill(0, torch.tensor([2]), float("nan")), mode="auto")
+
+
+@pytest.mark.parametrize("call", ["fwd", "fwd loop", "estimate", "sketch right", "sketch left"])
+def test_forward_mode_and_estimates_say_what_to_do_for_a_fn_reading_numpy(call):
+    fn = _numpy_guarded(torch.tanh)
+    x = randn(4, 3, seed=6)
+    run = {
+        "fwd": lambda: distjac.batch_jacobian(fn, x, mode="fwd"),
+        "fwd loop": lambda: distjac.batch_jacobian(fn, x, mode="fwd", experimental_use_pfor=False),
+        "estimate": lambda: distjac.estimate(fn, x, "frobenius", probes=2),
+        "sketch right": lambda: distjac.sketch(fn, x, 2),
+        "sketch left": lambda: distjac.sketch(fn, x, 2, side="left"),
+    }[call]
+    with pytest.raises(RuntimeError, match=r"fn reads its input's memory directly.*x\.isnan\(\)\.any\(\)"):
+        run()
