@@ -629,7 +629,13 @@ class Engine:
         from .config import check_address
 
         check_address(address, where=f"{call}: address", error=OptionError)  # before Ray starts
-        check_positive_int(num_workers, "num_workers", call)
+        if num_workers == 0 and not isinstance(num_workers, bool):
+            raise OptionError(
+                f"{call}: num_workers=0 is not valid: an Engine computes on Ray workers; use None (what the "
+                "cluster offers) or an integer >= 1. To compute in this process, call distjac.batch_jacobian, "
+                "or run a job with engine.num_workers: 0 (distjac run CONFIG --workers 0)."
+            )
+        check_int(num_workers, "num_workers", call, none="None (what the cluster offers)")
         self.device = _check_device(device, call)
         check_positive_int(shard_size, "shard_size", call)
         check_positive_int(parallel_iterations, "parallel_iterations", call)

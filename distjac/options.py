@@ -102,17 +102,18 @@ def check_batched(t: torch.Tensor, what: str, call: str) -> None:
         shape = tuple(t.shape)
         fix = f"Reshape to {shape + (1,)}" if t.dim() == 1 else "Add a batch and a feature axis"
         raise ShapeError(
-            f"{call}: {what} has shape {shape}, rank {t.dim()}; batch_jacobian needs rank >= 2 "
-            f"with the batch first. {fix}, or use jacobian() for a full Jacobian."
+            f"{call}: {what} has shape {shape}, rank {t.dim()}; it must have rank at least 2 (batch_jacobian "
+            f"needs rank >= 2, with the batch first). {fix}, or use jacobian() for a full Jacobian."
         )
 
 
 def check_same_batch(target: torch.Tensor, source: torch.Tensor, call: str) -> None:
     if target.shape[0] != source.shape[0]:
         raise ShapeError(
-            f"{call}: the first dimensions of target {tuple(target.shape)} and source "
-            f"{tuple(source.shape)} must match (the batch size): got {target.shape[0]} and "
-            f"{source.shape[0]}. Row i of the target must depend only on row i of the source."
+            f"{call}: Need first dimension of target shape {tuple(target.shape)} and source shape "
+            f"{tuple(source.shape)} to match (TF's wording): the first dimensions of target and source "
+            f"must match (the batch size), got {target.shape[0]} and {source.shape[0]}. Row i of the "
+            "target must depend only on row i of the source."
         )
 
 

@@ -121,6 +121,24 @@ class GradientTape:
             elif t.is_leaf:
                 t.requires_grad_(False)
 
+    @contextlib.contextmanager
+    def stop_recording(self):
+        """Operations in this block are not recorded, as TF's ``stop_recording``: to save
+        the memory of a graph nobody will differentiate (a gradient computed here has no
+        autograd history). PyTorch keeps one graph for every tape, so no tape records in
+        the block.
+
+        Raises:
+            TapeError: the tape is not recording.
+        """
+        if not self._recording:
+            raise TapeError(
+                "GradientTape.stop_recording: the tape is not recording; use it inside "
+                "`with distjac.GradientTape() as tape:`."
+            )
+        with torch.no_grad():
+            yield
+
     # -- watching -----------------------------------------------------------------------
 
     def watch(self, tensor: Any) -> None:

@@ -31,7 +31,8 @@ from distjac import DtypeError, OptionError, ShapeError, ShardError
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_workers": 0}, "num_workers=0"),
+        ({"num_workers": 0}, r"num_workers=0 is not valid: an Engine computes on Ray workers.*--workers 0"),
+        ({"num_workers": -2}, r"num_workers=-2 is not valid; use None \(what the cluster offers\)"),
         ({"device": "tpu"}, "device='tpu' is not valid; use one of 'auto', 'cpu', 'cuda'"),
         ({"shard_size": -4}, "shard_size=-4"),
         ({"parallel_iterations": 0}, "parallel_iterations=0"),

@@ -559,3 +559,22 @@ def test_tape_second_order_under_inference_mode_matches_tf():
             jac = inner.batch_jacobian(y, x)
         hess = outer.batch_jacobian(jac, x)
     assert hess.tolist() == [[[[24, 0], [0, 0]], [[0, 0], [0, 12]]], [[[6, 0], [0, 0]], [[0, 0], [0, 18]]]]
+
+
+def test_stop_recording_as_tf():
+    """TF's example: a gradient computed inside stop_recording is not itself recorded, and
+    neither is anything else in the block."""
+    x = _seed()
+    with distjac.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = x * x * x
+        with tape.stop_recording():
+            jac = tape.batch_jacobian(y, x)
+            z = x * 2.0
+        w = x * 3.0
+    assert jac.tolist() == SEED_FIRST and not jac.requires_grad
+    assert tape.batch_jacobian(z, x) is None  # not recorded
+    assert tape.batch_jacobian(w, x).tolist() == [[[3, 0], [0, 3]], [[3, 0], [0, 3]]]  # recording resumed
+    with pytest.raises(distjac.TapeError, match="stop_recording: the tape is not recording"):
+        with tape.stop_recording():
+            pass
