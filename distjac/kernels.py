@@ -77,11 +77,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import math
 import os
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -736,6 +738,16 @@ def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
 
 
 def _fingerprint(fn: Callable) -> tuple:
+    """What decides what ``fn`` computes besides its tensors' values: a module's
+    (:func:`_module_fingerprint`), or for any other callable what its code can see
+    (:func:`_callable_fingerprint`)."""
+    module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+    if isinstance(module, torch.nn.Module):
+        return _module_fingerprint(module)
+    return _callable_fingerprint(fn)
+
+
+def _module_fingerprint(module: torch.nn.Module) -> tuple:
     """For an nn.Module (or a bound method of one), what decides what it computes besides
     its tensors' values: per submodule its class, its plain settings (every bool, number,
     string, dtype, device or tuple of them in its ``__dict__``: the training flag,
@@ -743,16 +755,12 @@ def _fingerprint(fn: Callable) -> tuple:
     the callables set on the instance (a replaced ``forward``); then the names, shapes,
     dtypes and devices of its parameters and buffers; and the global module hooks. So
     a module whose layers were swapped, resized, reconfigured, hooked, moved or switched
-    to eval mode is probed and measured afresh. Plain functions: empty (what a closure
-    captures cannot be seen; clear_caches()).
+    to eval mode is probed and measured afresh.
 
     Computed on every call (it is what makes the caches safe for modules that change
     between calls), so it walks the module tree once, by its own dicts, rather than
     through named_parameters, named_buffers and modules (three walks, 4x the time on a
     three-layer MLP)."""
-    module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
-    if not isinstance(module, torch.nn.Module):
-        return ()
     mm = torch.nn.modules.module
     parts: list = [(tuple(mm._global_forward_hooks), tuple(mm._global_forward_pre_hooks),
                     tuple(mm._global_backward_hooks), tuple(getattr(mm, "_global_backward_pre_hooks", ())))]
@@ -778,6 +786,139 @@ def _fingerprint(fn: Callable) -> tuple:
 
 
 _PLAIN = frozenset((bool, int, float, str, type(None), torch.dtype, torch.device))
+# NOTE [what a function sees]: how far a plain function's fingerprint looks.
+_SEEN_MAX_ITEMS = 32  # a container with more items is described by its length
+_SEEN_MAX_DEPTH = 3  # containers, objects and helper functions nested deeper: by type only
+# Functions of these packages are not looked into: what they compute is decided by their
+# arguments (and their globals are the libraries' own).
+_LIBRARY_ROOTS = frozenset(("torch", "numpy", "distjac", "builtins", "math", "functools", "operator", "scipy",
+                            "einops", "typing", "collections"))
+
+
+def _callable_fingerprint(fn: Callable) -> tuple:
+    """What a callable that is not a module can see, for :func:`_fingerprint`.
+
+    NOTE [what a function sees]
+    A cached fact about a plain function (its probed output shape, its elementwise
+    proof) is only as good as the function: ``lambda t: model(t)`` computes something
+    else once a layer of ``model`` is swapped, and so does a closure over a config dict
+    whose flag flips. The caches hold functions by identity, so the key also holds what
+    the function's code can see, looked at the way a module's settings are: its closure
+    cells, the globals its code names (nested code included) and its defaults; for a
+    partial, its function and arguments; for a bound method or a callable object, the
+    object's attributes. Each value is described as a module's fingerprint (an
+    nn.Module), a tensor's shape, dtype and device (not its values, as for parameters),
+    a plain value itself, a container item by item, an object attribute by attribute,
+    and a user's helper function the same way, to a depth of _SEEN_MAX_DEPTH; functions
+    of torch, numpy and the like are not looked into, and Python modules are named.
+    What cannot be seen this way (state behind a C extension, a value deeper than the
+    depth, a container longer than _SEEN_MAX_ITEMS items) is the caller's to announce
+    with clear_caches(). A value that changes on every call (a global step counter the
+    function reads) makes every call probe afresh: right, and slower."""
+    parts: list = []
+    _fn_parts(fn, parts, 0, set())
+    return tuple(parts)
+
+
+def _fn_parts(f, out: list, depth: int, seen: set) -> None:
+    if isinstance(f, functools.partial):
+        out.append("partial")
+        _fn_parts(f.func, out, depth, seen)
+        out.append(("args", *(_seen_value(a, depth + 1, seen) for a in f.args)))
+        out.append(("keywords", *((k, _seen_value(v, depth + 1, seen)) for k, v in f.keywords.items())))
+        return
+    if isinstance(f, types.MethodType):
+        owner = f.__self__
+        if isinstance(owner, torch.nn.Module):
+            out.append(("method of", _value_key_module(owner, seen), f.__func__.__name__))
+            return
+        out.append(("method", _seen_value(owner, depth + 1, seen)))
+        f = f.__func__
+    if isinstance(f, types.FunctionType):
+        root = (f.__module__ or "").split(".")[0]
+        if root in _LIBRARY_ROOTS:
+            out.append(("library", f.__module__, f.__qualname__))
+            return
+        if id(f) in seen:
+            out.append(("seen", _token(f)))
+            return
+        seen.add(id(f))
+        code = f.__code__
+        out.append(("code", _token(code)))
+        for cell in f.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned later)
+                out.append("<empty>")
+                continue
+            out.append(_seen_value(value, depth + 1, seen))
+        glob = f.__globals__
+        for name in _code_names(code):
+            if name in glob:
+                out.append((name, _seen_value(glob[name], depth + 1, seen)))
+        if f.__defaults__ or f.__kwdefaults__:
+            out.append(("defaults", _seen_value((f.__defaults__, f.__kwdefaults__), depth + 1, seen)))
+        return
+    call = getattr(type(f), "__call__", None)
+    if isinstance(call, types.FunctionType) and not isinstance(f, type):  # a callable object
+        out.append(("object", _seen_value(f, depth, seen)))
+        _fn_parts(call, out, depth, seen)
+        return
+    out.append(("callable", _token(f)))  # a builtin, a C extension's function
+
+
+def _code_names(code: types.CodeType) -> list[str]:
+    """The global (and attribute) names a code object and the code nested in it use."""
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names += _code_names(c)
+    return names
+
+
+def _value_key_module(m: torch.nn.Module, seen: set):
+    if id(m) in seen:
+        return ("seen module", _token(m))
+    seen.add(id(m))
+    return ("module", _module_fingerprint(m))
+
+
+def _seen_value(v, depth: int, seen: set):
+    """A value a function can see, described for NOTE [what a function sees]."""
+    t = type(v)
+    if t in _PLAIN:
+        return v
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device)
+    if isinstance(v, torch.nn.Module):
+        return _value_key_module(v, seen)
+    if isinstance(v, types.ModuleType):
+        return ("python module", v.__name__)
+    if isinstance(v, type):
+        return ("class", _token(v))
+    if depth >= _SEEN_MAX_DEPTH:
+        return ("deep", _token(t))
+    if isinstance(v, (tuple, list)):
+        if len(v) > _SEEN_MAX_ITEMS:
+            return (t.__name__, len(v))
+        return (t.__name__, *(_seen_value(e, depth + 1, seen) for e in v))
+    if isinstance(v, dict):
+        if len(v) > _SEEN_MAX_ITEMS:
+            return ("dict", len(v))
+        return ("dict", *((k if type(k) in _PLAIN else _token(type(k)), _seen_value(e, depth + 1, seen))
+                          for k, e in v.items()))
+    if isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
+        parts: list = []
+        _fn_parts(v, parts, depth, seen)  # a helper's own closure and globals: one level down
+        return ("function", *parts)
+    attrs = getattr(v, "__dict__", None)
+    if isinstance(attrs, dict) and id(v) not in seen:  # a user's object: a config, a wrapper
+        seen.add(id(v))
+        items = list(attrs.items())
+        if len(items) > _SEEN_MAX_ITEMS:
+            return ("object", _token(t), len(items))
+        return ("object", _token(t), *((k, _seen_value(e, depth + 1, seen)) for k, e in items))
+    return ("value", _token(t))
 # nn.Module's own bookkeeping (hook dicts, the parameter and submodule dicts...): read
 # through the attributes below, not as settings.
 _MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
@@ -788,7 +929,8 @@ def _settings(m: torch.nn.Module) -> tuple:
     (callables by :func:`_token`: a key must not keep the module alive through a bound
     method).
     Lists are left out: a module's list is as often a log it appends to (and it would
-    change the key on every call) as a setting. A plain attribute that changes on every
+    change the key on every call) as a setting; a dict of plain values (options kept as
+    ``{"mix": True}``) is in. A plain attribute that changes on every
     call (a step counter) does change the key, as torch.compile's guards do: such a
     module is probed, and its choice made, afresh on each call."""
     out: list = []
@@ -803,6 +945,9 @@ def _settings(m: torch.nn.Module) -> tuple:
             out.append((key, v))
         elif isinstance(v, tuple) and all(type(e) in _PLAIN for e in v):  # torch.Size too
             out.append((key, tuple(v)))
+        elif (t is dict and len(v) <= _SEEN_MAX_ITEMS
+              and all(type(k) in _PLAIN and type(e) in _PLAIN for k, e in v.items())):
+            out.append((key, "dict", tuple(v.items())))  # options kept in a dict: {"mix": True}
         elif callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor)):
             out.append((key, "callable", _token(v)))
     return tuple(out)

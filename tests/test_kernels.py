@@ -6,6 +6,8 @@ Every mode is compared against the float64 per-example loop and a finite differe
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import (
@@ -662,7 +664,8 @@ def test_the_fingerprint_sees_what_the_caches_depend_on():
     base = fp(model)
     assert base == fp(model) and hash(base) == hash(fp(model))
     assert fp(model.forward) == base  # a bound method of the module
-    assert fp(lambda z: model(z)) == ()  # a closure: nothing to see (clear_caches())
+    seen = fp(lambda z: model(z))  # a closure: what it sees (NOTE [what a function sees])
+    assert ("module", base) in seen
     with torch.no_grad():
         model[2].weight.mul_(2)
     assert fp(model) == base  # values are not part of it
@@ -764,6 +767,103 @@ def test_a_module_edited_in_place_is_probed_afresh(edit):
     if edit in ("elementwise layer swapped", "user flag", "forward replaced"):
         with pytest.raises(distjac.OptionError, match="not provably elementwise"):
             distjac.batch_jacobian(model, x, structure="diagonal")
+
+
+class _Options:  # a user's config object a function reads
+    def __init__(self):
+        self.mix = False
+
+
+_GLOBAL_MODEL = nn.Sequential(nn.Tanh())
+_GLOBAL_CFG = {"mix": False}
+
+
+def _reads_global_model(t):
+    return _GLOBAL_MODEL(t)
+
+
+def _helper_reading_cfg(t):
+    return torch.softmax(t, -1) if _GLOBAL_CFG["mix"] else torch.tanh(t)
+
+
+def _calls_a_helper(t):
+    return _helper_reading_cfg(t) * 1.0
+
+
+def _function_cases():
+    """name -> (fn, change): functions whose Jacobian changes with what they can see (NOTE
+    [what a function sees]); each cached an elementwise proof, or a probed output shape,
+    that outlived the change and answered with the old function's Jacobian, silently."""
+    model = nn.Sequential(nn.Tanh())
+    resized = nn.Sequential(nn.Linear(5, 6))
+    cfg = {"mix": False}
+    opts = _Options()
+    flags = [False]
+
+    class Callable:
+        def __init__(self):
+            self.mix = False
+
+        def __call__(self, t):
+            return torch.softmax(t, -1) if self.mix else torch.tanh(t)
+
+    obj = Callable()
+
+    def partial_target(t, mix):
+        return torch.softmax(t, -1) if mix["on"] else torch.tanh(t)
+
+    switch = {"on": False}
+    _GLOBAL_MODEL[0] = nn.Tanh()
+    _GLOBAL_CFG["mix"] = False
+    return {
+        "lambda over a module, layer swapped": (lambda t: model(t), lambda: model.__setitem__(0, nn.Softmax(-1))),
+        "lambda over a module, output resized": (lambda t: resized(t),
+                                                 lambda: resized.__setitem__(0, nn.Linear(5, 2))),
+        "closure over a dict flag": (lambda t: torch.softmax(t, -1) if cfg["mix"] else torch.tanh(t),
+                                     lambda: cfg.__setitem__("mix", True)),
+        "closure over a config object": (lambda t: torch.softmax(t, -1) if opts.mix else torch.tanh(t),
+                                         lambda: setattr(opts, "mix", True)),
+        "closure over a list flag": (lambda t: torch.softmax(t, -1) if flags[0] else torch.tanh(t),
+                                     lambda: flags.__setitem__(0, True)),
+        "global module": (_reads_global_model, lambda: _GLOBAL_MODEL.__setitem__(0, nn.Softmax(-1))),
+        "helper reading a global dict": (_calls_a_helper, lambda: _GLOBAL_CFG.__setitem__("mix", True)),
+        "callable object": (obj, lambda: setattr(obj, "mix", True)),
+        "partial": (functools.partial(partial_target, mix=switch), lambda: switch.__setitem__("on", True)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_function_cases()))
+def test_a_function_is_probed_afresh_when_what_it_sees_changes(case):
+    clear_caches()
+    torch.manual_seed(0)
+    fn, change = _function_cases()[case]
+    x = randn(17, 5, seed=8)
+
+    def reference():  # per example, by torch.func (fn's modules are float32)
+        return torch.func.vmap(torch.func.jacrev(lambda r: fn(r[None])[0]))(x)
+
+    for mode in ("auto", "fwd", "rev"):
+        assert_close(distjac.batch_jacobian(fn, x, mode=mode), reference())
+    change()
+    ref = reference()
+    for mode in ("auto", "fwd", "rev"):
+        assert_close(distjac.batch_jacobian(fn, x, mode=mode), ref, msg=mode)
+
+
+def test_a_module_option_kept_in_a_dict_is_seen():
+    class Opts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.opts = {"mix": False}
+
+        def forward(self, t):
+            return torch.softmax(t, -1) if self.opts["mix"] else torch.tanh(t)
+
+    clear_caches()
+    m, x = Opts(), randn(6, 4, seed=9)
+    distjac.batch_jacobian(m, x)
+    m.opts["mix"] = True
+    assert_close(distjac.batch_jacobian(m, x), reference_batch_jacobian(m, x))
 
 
 def test_a_forward_replaced_again_and_again_is_never_mistaken():
