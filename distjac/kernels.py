@@ -151,9 +151,11 @@ AUTO_PRIOR_DOUBT = 4.0
 # leader, and its two runs were 95% of a first call's measuring).
 AUTO_ABANDON = 4.0
 # Stages after the pilot run only while the measuring so far is below this share of the
-# work the choice serves (its rows at the pilot's best speed): a first call costs at most
-# about twice a steady one, more only where the choice serves more rows than the call
-# (choose_strategy(work_rows=...), distjac tune for a job).
+# work the choice serves (its rows at the pilot's best speed, which overstates a loop's
+# time per row on a larger batch): what follows the pilot race costs about one call more,
+# more only where the choice serves more rows than the call (choose_strategy(work_rows=
+# ...), distjac tune for a job); the pilot race itself, and a process's one-off costs
+# (NOTE [cold process]), come on top.
 AUTO_MEASURE_SHARE = 1.0
 # A compile is tried only when this share of the work the choice serves (what a compiled
 # graph could save at best, a guess on the safe side) exceeds its predicted cost; the
@@ -341,6 +343,13 @@ def _one_hot_rows(n: int, start: int, stop: int, like: torch.Tensor) -> torch.Te
 
 
 def _vectorize_failed(err: Exception, call: str) -> VectorizationError:
+    if "randomness" in str(err):
+        return VectorizationError(
+            f"{call}: fn draws random numbers (Dropout in training mode, torch.rand...), which the "
+            f"vectorized pass refuses ({type(err).__name__}: {str(err).splitlines()[0]}). Set "
+            "experimental_use_pfor=False (one pass per row, each drawing its own numbers), use mode='auto' "
+            "(which does that by itself), or put the model in eval mode."
+        )
     return VectorizationError(
         f"{call}: the vectorized pass failed ({type(err).__name__}: {err}). An operation in "
         "the function has no vmap rule (or, where the result must be differentiable, no batched "
@@ -1607,14 +1616,19 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     race = _Race(fn, probe.out_shape, call, m, n, log, notes)
 
     hows = _hows(modes, {"rev": m, "fwd": n})
-    if x.device.type == "cpu":
+    # Where the pilot is the whole call, what is timed is what will run: the two rules
+    # below (against measurements on a sample that flatter vmap) do not apply. (At 64
+    # rows, vmap(jacrev) ran 1.7-2.1x the row loop and forward mode on softmax, a
+    # LayerNorm residual block and MultiheadAttention.)
+    whole_call = b <= pilot
+    if x.device.type == "cpu" and not whole_call:
         # On a CPU, reverse mode vectorized over output rows never beat the row loop in our
         # measurements (2 cores, docs/benchmarks.md: the loop was 1.5-1.8x vmap(jacrev) on
         # W1, 5-10x on W3, level on W4): the same FLOPs with a working set C times larger, and
         # its pass-count saving matters only where the whole call takes milliseconds. A
         # small sample, whose working set still fits the caches, flatters it.
         hows = [h for h in hows if h.mode == "fwd" or not h.vectorize]
-    if heavy and x.device.type == "cpu":
+    if heavy and x.device.type == "cpu" and not whole_call:
         # Each pass is big enough to amortize its overhead, and a small sample flatters
         # vmap (its working set outgrows the caches as the batch grows): only loops are
         # candidates. (Measured on an H200, the same rule cost W2 and W3 9x and 25x: a GPU
@@ -1648,7 +1662,12 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         if race.spent + predicted > budget and sample > pilot:
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
                          f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
-            best = replace(keep[0][2], block=None if heavy else min(blocks, key=lambda k: abs(k - pilot)))
+            # A loop takes the whole batch (each pass of a larger block costs less per row:
+            # softmax's row loop ran 67 us/example on 256 rows and 8 on 4,096, and blocks
+            # of 128 made it 12x slower); a vectorized pass keeps the size it was timed at.
+            lead = keep[0][2]
+            best = replace(lead, block=None if heavy or not lead.vectorize
+                           else min(blocks, key=lambda k: abs(k - pilot)))
             if best.mode == "chain":
                 # Its largest blocks (the cap, below), as a chain too small to measure runs
                 # (NOTE [small chains]): a chain's shared starts cost less per example the

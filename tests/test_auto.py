@@ -187,3 +187,52 @@ def test_first_call_measuring_is_bounded_by_the_work_it_serves(monkeypatch):
     assert any(n.startswith("measuring stopped after stage one") for n in s.record.notes), s.record
     assert not any("on 600 rows" in t for t, _ in s.record.times)
     assert_close(distjac.batch_jacobian(fn, x, mode="auto"), distjac.batch_jacobian(fn, x, mode="rev"))
+
+
+def _table_clock(monkeypatch, seconds_of):
+    """Replace the clock of one run by ``seconds_of(strategy)`` (seconds per example);
+    returns the list of strategies timed."""
+    timed: list[Strategy] = []
+
+    def fake(fn, xs, s, out_shape, call, limit_s=None):
+        timed.append(s)
+        return seconds_of(s)
+
+    monkeypatch.setattr(kernels, "_time_once", fake)
+    return timed
+
+
+def _mixing():
+    w = torch.linspace(-1.0, 1.0, 36).reshape(6, 6)
+    return lambda t: torch.tanh(t @ w.to(t.dtype))
+
+
+def test_a_loop_chosen_from_the_pilot_alone_takes_the_whole_batch(monkeypatch):
+    """Measuring stopped after stage one: a row loop runs the whole batch (its passes cost
+    less per row the more rows they hold; blocks of 128, the pilot's size, once made
+    softmax's loop 12x slower), not a block of the pilot's size that nobody timed."""
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e-6)
+    clear_caches()
+    _table_clock(monkeypatch, lambda s: 1.0 if (s.mode, s.vectorize) == ("rev", False) else 3.0)
+    fn, x = _mixing(), randn(600, 6, seed=3)
+    s = choose_strategy(fn, x, compiled=False)
+    assert any(n.startswith("measuring stopped after stage one") for n in s.record.notes), s.record
+    assert (s.mode, s.vectorize, s.block) == ("rev", False, None), s
+
+
+@pytest.mark.parametrize("rows", [40, 600])
+def test_vectorized_reverse_mode_is_a_cpu_candidate_only_where_the_pilot_is_the_call(monkeypatch, rows):
+    """On a CPU, vmap over output rows is measured only where the pilot is the whole call
+    (a smaller sample flatters it); at 64 rows it was the fastest way on several models."""
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    clear_caches()
+    timed = _table_clock(monkeypatch, lambda s: 1.0 if (s.mode, s.vectorize) == ("rev", True) else 2.0)
+    fn, x = _mixing(), randn(rows, 6, seed=4)
+    s = choose_strategy(fn, x, compiled=False)
+    vmap_rev = [t for t in timed if (t.mode, t.vectorize) == ("rev", True)]
+    if rows <= kernels.AUTO_PILOT_MIN_ROWS:
+        assert vmap_rev and (s.mode, s.vectorize) == ("rev", True), s.record
+    else:
+        assert not vmap_rev and not (s.mode == "rev" and s.vectorize), s.record
+    assert_close(distjac.batch_jacobian(fn, x), reference_batch_jacobian(fn, x))

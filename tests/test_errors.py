@@ -395,3 +395,12 @@ def test_forward_mode_and_estimates_say_what_to_do_for_a_fn_reading_numpy(call):
     }[call]
     with pytest.raises(RuntimeError, match=r"fn reads its input's memory directly.*x\.isnan\(\)\.any\(\)"):
         run()
+
+
+def test_forward_mode_on_a_random_function_says_what_to_do():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Dropout(0.5)).train()
+    x = randn(4, 5, seed=2)
+    with pytest.raises(distjac.VectorizationError, match=r"draws random numbers.*experimental_use_pfor=False"):
+        distjac.batch_jacobian(model, x, mode="fwd")
+    assert distjac.batch_jacobian(model, x, mode="fwd", experimental_use_pfor=False).shape == (4, 6, 5)
