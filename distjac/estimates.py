@@ -39,7 +39,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .errors import ConfigError, OptionError, ShapeError
-from .kernels import _check_output, _probe, raw_memory_error
+from .kernels import _check_output, _probe, _raw_memory_error
 from .options import check_functional_call, check_int, check_positive_int, is_int
 
 __all__ = [
@@ -257,7 +257,7 @@ def _plain_tensors_needed(call: str, what: str):
     try:
         yield
     except RuntimeError as err:
-        clear = raw_memory_error(err, call, what)
+        clear = _raw_memory_error(err, call, what)
         if clear is None:
             raise
         raise clear from err

@@ -599,7 +599,7 @@ def _reverse_block_func(
     return jac.transpose(0, 1), out_shape
 
 
-def raw_memory_error(err: BaseException, call: str, what: str, instead: str = "") -> RuntimeError | None:
+def _raw_memory_error(err: BaseException, call: str, what: str, instead: str = "") -> RuntimeError | None:
     """A clear error for fn reading its input's memory under a torch.func transform (or
     None when ``err`` is something else).
 
@@ -609,8 +609,9 @@ def raw_memory_error(err: BaseException, call: str, what: str, instead: str = ""
     looks at its batch through ``x.detach().numpy()``, ``data_ptr()`` or a C extension
     fails there with PyTorch's "Cannot access data pointer of Tensor that doesn't have
     storage". Reverse mode runs fn on plain tensors and computes. Auto takes reverse
-    mode when forward mode or the diagonal fails so (and remembers); the explicit forms
-    raise this error, which says what to do."""
+    mode when forward mode fails so (and remembers), the diagonal strategy (auto's or
+    ``structure="diagonal"``) computes by one reverse pass with ones instead; explicit
+    forward mode, estimates and sketches raise this error, which says what to do."""
     text = str(err)
     if not any(s in text for s in ("doesn't have storage", "Cannot access storage", "Cannot access data pointer")):
         return None
@@ -624,7 +625,7 @@ def raw_memory_error(err: BaseException, call: str, what: str, instead: str = ""
 
 def _forward_failed(err: Exception, call: str, *, vectorized: bool) -> Exception:
     text = str(err)
-    raw = raw_memory_error(err, call, "forward mode", "; or use mode='rev' (mode='auto' falls back to it)")
+    raw = _raw_memory_error(err, call, "forward mode", "; or use mode='rev' (mode='auto' falls back to it)")
     if raw is not None:
         return raw
     if "requires_grad_()" in text or "autograd.grad" in text or "torch.autograd.functional" in text:
