@@ -207,18 +207,33 @@ def _mixing():
     return lambda t: torch.tanh(t @ w.to(t.dtype))
 
 
-def test_a_loop_chosen_from_the_pilot_alone_takes_the_whole_batch(monkeypatch):
-    """Measuring stopped after stage one: a row loop runs the whole batch (its passes cost
-    less per row the more rows they hold; blocks of 128, the pilot's size, once made
-    softmax's loop 12x slower), not a block of the pilot's size that nobody timed."""
+def _saves_a_lot():
+    """(B, 6) -> (B, 6), saving a (6, 4096) tanh output per example for its backward."""
+    big = torch.linspace(-1.0, 1.0, 6 * 4096).reshape(6, 4096)
+    return lambda t: torch.tanh(t[:, :, None] * big.to(t.dtype)).sum(-1)
+
+
+@pytest.mark.parametrize("saves", ["little", "a lot"])
+def test_a_loop_chosen_from_the_pilot_alone_takes_blocks_by_its_working_set(monkeypatch, saves):
+    """Measuring stopped after stage one: a row loop runs the most rows whose saved
+    activations fit AUTO_LOOP_BLOCK_BYTES, never fewer than the pilot's (a block of 128,
+    below the pilot and never timed, once made softmax's loop 12x slower than the whole
+    batch; the whole batch made W4's 3.3x slower than blocks of 256)."""
     monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
     monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e-6)
     clear_caches()
     _table_clock(monkeypatch, lambda s: 1.0 if (s.mode, s.vectorize) == ("rev", False) else 3.0)
-    fn, x = _mixing(), randn(600, 6, seed=3)
+    fn = _mixing() if saves == "little" else _saves_a_lot()
+    x = randn(4000, 6, seed=3)
     s = choose_strategy(fn, x, compiled=False)
     assert any(n.startswith("measuring stopped after stage one") for n in s.record.notes), s.record
-    assert (s.mode, s.vectorize, s.block) == ("rev", False, None), s
+    assert (s.mode, s.vectorize) == ("rev", False), s
+    if saves == "little":
+        assert s.block is None, s
+    else:
+        per_example = 6 * 4096 * 4
+        pilot = max(kernels.AUTO_PILOT_MIN_ROWS, 2048 // kernels.AUTO_PILOT_FRACTION)
+        assert s.block == max(pilot, kernels.AUTO_LOOP_BLOCK_BYTES // per_example) < 4000, s
 
 
 @pytest.mark.parametrize("rows", [40, 600])
