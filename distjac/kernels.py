@@ -349,9 +349,10 @@ def _vectorize_failed(err: Exception, call: str) -> VectorizationError:
     if "randomness" in str(err):
         return VectorizationError(
             f"{call}: fn draws random numbers (Dropout in training mode, torch.rand...), which the "
-            f"vectorized pass refuses ({type(err).__name__}: {str(err).splitlines()[0]}). Set "
-            "experimental_use_pfor=False (one pass per row, each drawing its own numbers), use mode='auto' "
-            "(which does that by itself), or put the model in eval mode."
+            f"vectorized pass refuses ({type(err).__name__}: {str(err).splitlines()[0]}). Use mode='rev' "
+            "or mode='auto' (one draw per call: the Jacobian of the function with that draw), or put the "
+            "model in eval mode. (experimental_use_pfor=False runs, but forward mode's passes would each "
+            "draw their own numbers, so each column of the Jacobian would come from another draw.)"
         )
     return VectorizationError(
         f"{call}: the vectorized pass failed ({type(err).__name__}: {err}). An operation in "
@@ -801,7 +802,7 @@ def _module_fingerprint(module: torch.nn.Module) -> tuple:
 _PLAIN = frozenset((bool, int, float, str, type(None), torch.dtype, torch.device))
 # NOTE [what a function sees]: how far a plain function's fingerprint looks.
 _SEEN_MAX_ITEMS = 32  # a container with more items is described by its length
-_SEEN_MAX_DEPTH = 3  # containers, objects and helper functions nested deeper: by type only
+_SEEN_MAX_DEPTH = 4  # hops (into a value, a helper, an attribute) deeper: by type only
 # Functions of these packages are not looked into: what they compute is decided by their
 # arguments (and their globals are the libraries' own).
 _LIBRARY_ROOTS = frozenset(("torch", "numpy", "distjac", "builtins", "math", "functools", "operator", "scipy",
@@ -825,18 +826,32 @@ def _callable_fingerprint(fn: Callable) -> tuple:
     and a user's helper function the same way, to a depth of _SEEN_MAX_DEPTH; functions
     of torch, numpy and the like are not looked into, and Python modules are named.
     What cannot be seen this way (state behind a C extension, a value deeper than the
-    depth, a container longer than _SEEN_MAX_ITEMS items) is the caller's to announce
-    with clear_caches(). A value that changes on every call (a global step counter the
-    function reads) makes every call probe afresh: right, and slower."""
+    depth, a dict or tuple longer than _SEEN_MAX_ITEMS items, an object with more
+    attributes than that, a list (described by its type alone: a list a function appends
+    to, a log, would change the key on every call), a class's own attributes, a
+    ``__slots__`` object's fields) is the caller's to announce with clear_caches(). A
+    value that changes on every call (a global step counter the function reads, a dict
+    of counts) makes every call probe afresh: right, and slower. Long strings are
+    described by their length and ends (the key travels in a shipped strategy's record)."""
     parts: list = []
-    _fn_parts(fn, parts, 0, set())
+    try:
+        _fn_parts(fn, parts, 0, set())
+    except Exception:  # noqa: BLE001 - a key never makes a call fail (see _seen_value)
+        return ("opaque", id(fn))
     return tuple(parts)
 
 
 def _fn_parts(f, out: list, depth: int, seen: set) -> None:
+    """Append what callable ``f`` sees to ``out`` (NOTE [what a function sees]). Each hop
+    (into a value, a helper function, an object's attributes) is one level deeper; only
+    modules are described once per call (``seen``: their description does not depend on
+    the depth), so a value met twice is described alike both times."""
+    if depth > _SEEN_MAX_DEPTH:
+        out.append(("deep", _token(type(f))))
+        return
     if isinstance(f, functools.partial):
         out.append("partial")
-        _fn_parts(f.func, out, depth, seen)
+        _fn_parts(f.func, out, depth + 1, seen)
         out.append(("args", *(_seen_value(a, depth + 1, seen) for a in f.args)))
         out.append(("keywords", *((k, _seen_value(v, depth + 1, seen)) for k, v in f.keywords.items())))
         return
@@ -852,10 +867,6 @@ def _fn_parts(f, out: list, depth: int, seen: set) -> None:
         if root in _LIBRARY_ROOTS:
             out.append(("library", f.__module__, f.__qualname__))
             return
-        if id(f) in seen:
-            out.append(("seen", _token(f)))
-            return
-        seen.add(id(f))
         code = f.__code__
         out.append(("code", _token(code)))
         for cell in f.__closure__ or ():
@@ -866,7 +877,7 @@ def _fn_parts(f, out: list, depth: int, seen: set) -> None:
                 continue
             out.append(_seen_value(value, depth + 1, seen))
         glob = f.__globals__
-        for name in _code_names(code):
+        for name in dict.fromkeys(_code_names(code)):
             if name in glob:
                 out.append((name, _seen_value(glob[name], depth + 1, seen)))
         if f.__defaults__ or f.__kwdefaults__:
@@ -874,8 +885,8 @@ def _fn_parts(f, out: list, depth: int, seen: set) -> None:
         return
     call = getattr(type(f), "__call__", None)
     if isinstance(call, types.FunctionType) and not isinstance(f, type):  # a callable object
-        out.append(("object", _seen_value(f, depth, seen)))
-        _fn_parts(call, out, depth, seen)
+        out.append(("object", _seen_value(f, depth + 1, seen)))
+        _fn_parts(call, out, depth + 1, seen)
         return
     out.append(("callable", _token(f)))  # a builtin, a C extension's function
 
@@ -896,11 +907,29 @@ def _value_key_module(m: torch.nn.Module, seen: set):
     return ("module", _module_fingerprint(m))
 
 
+# A string or bytes value longer than this is described by its length and ends: the key
+# travels in a shipped strategy's record, and a global holding a vocabulary would ride along.
+_SEEN_MAX_CHARS = 256
+
+
 def _seen_value(v, depth: int, seen: set):
-    """A value a function can see, described for NOTE [what a function sees]."""
-    t = type(v)
+    """A value a function can see, described for NOTE [what a function sees]; whatever
+    describing it raises (a dead weakref proxy, a lazy object whose attributes raise),
+    it is described by its type's token instead: a key never makes a call fail."""
+    try:
+        return _describe(v, depth, seen)
+    except Exception:  # noqa: BLE001 - a user's object may raise anything from getattr
+        return ("opaque", id(type(v)))
+
+
+def _describe(v, depth: int, seen: set):
+    t = type(v)  # never v.__class__: a proxy may lie or raise there
     if t in _PLAIN:
+        if t in (str, bytes) and len(v) > _SEEN_MAX_CHARS:
+            return (t.__name__, len(v), v[:32], v[-32:])
         return v
+    if t is bytes:
+        return v if len(v) <= _SEEN_MAX_CHARS else ("bytes", len(v), v[:32], v[-32:])
     if isinstance(v, torch.Tensor):
         return ("tensor", tuple(v.shape), v.dtype, v.device)
     if isinstance(v, torch.nn.Module):
@@ -909,29 +938,37 @@ def _seen_value(v, depth: int, seen: set):
         return ("python module", v.__name__)
     if isinstance(v, type):
         return ("class", _token(v))
-    if depth >= _SEEN_MAX_DEPTH:
+    if t.__module__ == "numpy" and hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        return ("numpy scalar", v.item())  # np.bool_, np.float32 flags
+    if depth > _SEEN_MAX_DEPTH:
         return ("deep", _token(t))
-    if isinstance(v, (tuple, list)):
+    if isinstance(v, tuple):
         if len(v) > _SEEN_MAX_ITEMS:
-            return (t.__name__, len(v))
+            return (t.__name__, "long")
         return (t.__name__, *(_seen_value(e, depth + 1, seen) for e in v))
+    if isinstance(v, list):
+        # By type only, as a module's lists (_settings): a list a function appends to (a log)
+        # would otherwise change the key, and the choice, on every call.
+        return ("list",)
     if isinstance(v, dict):
         if len(v) > _SEEN_MAX_ITEMS:
-            return ("dict", len(v))
+            return ("dict", "long")
         return ("dict", *((k if type(k) in _PLAIN else _token(type(k)), _seen_value(e, depth + 1, seen))
                           for k, e in v.items()))
     if isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
         parts: list = []
-        _fn_parts(v, parts, depth, seen)  # a helper's own closure and globals: one level down
+        _fn_parts(v, parts, depth + 1, seen)
         return ("function", *parts)
     attrs = getattr(v, "__dict__", None)
-    if isinstance(attrs, dict) and id(v) not in seen:  # a user's object: a config, a wrapper
-        seen.add(id(v))
-        items = list(attrs.items())
-        if len(items) > _SEEN_MAX_ITEMS:
-            return ("object", _token(t), len(items))
-        return ("object", _token(t), *((k, _seen_value(e, depth + 1, seen)) for k, e in items))
+    if isinstance(attrs, dict):  # a user's object: a config, a wrapper
+        if len(attrs) > _SEEN_MAX_ITEMS:
+            return ("object", _token(t), "many attributes")
+        return ("object", _token(t), *((k, _seen_value(e, depth + 1, seen)) for k, e in list(attrs.items())))
+    if callable(v):  # a builtin or C function (torch.tanh): itself, not its type
+        return ("callable", _token(v))
     return ("value", _token(t))
+
+
 # nn.Module's own bookkeeping (hook dicts, the parameter and submodule dicts...): read
 # through the attributes below, not as settings.
 _MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}

@@ -21,7 +21,8 @@ values: every operation that depends on ``x`` must be
 Tensors that do not depend on ``x`` (parameters, constants, ``arange``) may have any
 shape and come from any operation: they are broadcast against x-shaped tensors,
 which mixes nothing (Dropout in training mode draws its mask so, and is elementwise for
-the mask it draws, as every mode's result is for its own draw). An in-place operation may only write into an x-dependent tensor
+the mask it draws: the result is the Jacobian of fn with that draw, as reverse mode's
+is for its own). An in-place operation may only write into an x-dependent tensor
 (writing x's values into a constant would hide the dependency from the trace). Any
 other operation on an x-dependent tensor (a reduction, ``.item()``, indexing, a
 random op, a matmul) means "not provably elementwise", and the reason names it. The

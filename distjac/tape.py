@@ -31,7 +31,9 @@ grad mode on and inference mode off even under an outer ``torch.no_grad()`` or
 source look unconnected: None, silently). This is the rule of torch.func's transforms,
 which ignore an outer no_grad and respect one inside: a ``torch.no_grad()`` block inside
 the tape's block still stops recording there. A tensor made under inference mode
-cannot be recorded through at all; ``watch`` says so and what to do.
+cannot be recorded through at all; ``watch`` says so and what to do. The modes are set
+only where they must change, and restored when the block ends: a tape's block nests
+with the contexts around it, as any ``with`` block does.
 
 Tensors that already required grad when first seen (``torch.nn.Parameter`` and friends)
 play the part of TF's trainable variables: with ``watch_accessed_variables=True`` (the
@@ -97,9 +99,13 @@ class GradientTape:
         if self._recording:
             raise TapeError("GradientTape: this tape is already recording; a tape cannot be entered twice at once.")
         self._recording = True
+        # Only where something must change: a tape entered with grad on (the usual case)
+        # leaves the modes alone, so tapes exited out of order cannot disturb them.
         self._modes = contextlib.ExitStack()
-        self._modes.enter_context(torch.inference_mode(False))
-        self._modes.enter_context(torch.enable_grad())
+        if torch.is_inference_mode_enabled():
+            self._modes.enter_context(torch.inference_mode(False))
+        if not torch.is_grad_enabled():
+            self._modes.enter_context(torch.enable_grad())
         for t in self._switched_on.values():  # re-entered persistent tape: watch again
             t.requires_grad_(True)
         recording_stack().append(self)

@@ -401,6 +401,8 @@ def test_forward_mode_on_a_random_function_says_what_to_do():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Dropout(0.5)).train()
     x = randn(4, 5, seed=2)
-    with pytest.raises(distjac.VectorizationError, match=r"draws random numbers.*experimental_use_pfor=False"):
+    with pytest.raises(distjac.VectorizationError, match=r"draws random numbers.*Use mode='rev' or mode='auto'"):
         distjac.batch_jacobian(model, x, mode="fwd")
-    assert distjac.batch_jacobian(model, x, mode="fwd", experimental_use_pfor=False).shape == (4, 6, 5)
+    jac = distjac.batch_jacobian(model, x, mode="auto")  # one draw: each row is W masked by it
+    kept = (jac != 0).any(-1)  # (4, 6): the outputs the draw kept
+    assert_close(jac, model[0].weight.detach() * kept[:, :, None] / 0.5)

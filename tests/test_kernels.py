@@ -798,7 +798,8 @@ def _function_cases():
     resized = nn.Sequential(nn.Linear(5, 6))
     cfg = {"mix": False}
     opts = _Options()
-    flags = [False]
+    cfg2 = {"f": (False,)}
+    act = {0: torch.tanh}
 
     class Callable:
         def __init__(self):
@@ -823,8 +824,9 @@ def _function_cases():
                                      lambda: cfg.__setitem__("mix", True)),
         "closure over a config object": (lambda t: torch.softmax(t, -1) if opts.mix else torch.tanh(t),
                                          lambda: setattr(opts, "mix", True)),
-        "closure over a list flag": (lambda t: torch.softmax(t, -1) if flags[0] else torch.tanh(t),
-                                     lambda: flags.__setitem__(0, True)),
+        "closure over a tuple of flags in a dict": (lambda t: torch.softmax(t, -1) if cfg2["f"][0] else torch.tanh(t),
+                                                    lambda: cfg2.__setitem__("f", (True,))),
+        "a builtin swapped": (lambda t: act[0](t), lambda: act.__setitem__(0, torch.fliplr)),
         "global module": (_reads_global_model, lambda: _GLOBAL_MODEL.__setitem__(0, nn.Softmax(-1))),
         "helper reading a global dict": (_calls_a_helper, lambda: _GLOBAL_CFG.__setitem__("mix", True)),
         "callable object": (obj, lambda: setattr(obj, "mix", True)),
