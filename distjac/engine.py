@@ -637,8 +637,8 @@ class Engine:
             )
         check_int(num_workers, "num_workers", call, none="None (what the cluster offers)")
         self.device = _check_device(device, call)
-        check_positive_int(shard_size, "shard_size", call)
-        check_positive_int(parallel_iterations, "parallel_iterations", call)
+        check_int(shard_size, "shard_size", call, none="None (the job's, else sized by shard_bytes)")
+        check_int(parallel_iterations, "parallel_iterations", call, none="None (the job's, else 8)")
         check_positive_int(chunk_size, "chunk_size", call)
         check_positive_int(max_memory, "max_memory", call)
         check_positive_int(shard_bytes, "shard_bytes", call, allow_none=False)
@@ -850,12 +850,14 @@ class Engine:
             lambda actor: actor.probe_model.remote(shipment.key, shipment.box, source, rows),
             "Engine.run(spec)", "building and probing the model", 0, min(rows, source.num_rows))
 
-    def plan(self, rows: int, in_shape, out_shape, *, itemsize: int = 4, gather: bool = True) -> ShardPlan:
-        """The shard plan this engine would run for ``rows`` examples (no work is done)."""
+    def plan(self, rows: int, in_shape, out_shape, *, itemsize: int = 4, gather: bool = True,
+             parallel_iterations: int | None = None) -> ShardPlan:
+        """The shard plan this engine would run for ``rows`` examples (no work is done);
+        ``parallel_iterations``, where given, overrides the Engine's shards in flight."""
         workers = max(1, self.num_workers)
         return make_plan(
             rows, in_shape, out_shape, in_itemsize=itemsize, shard_size=self.shard_size,
-            parallel_iterations=self.parallel_iterations or DEFAULT_PARALLEL_ITERATIONS,
+            parallel_iterations=parallel_iterations or self.parallel_iterations or DEFAULT_PARALLEL_ITERATIONS,
             num_workers=workers, shard_bytes=self.shard_bytes, gather=gather,
         )
 
@@ -885,6 +887,8 @@ class Engine:
         mode: str = "auto",
         unconnected_gradients: str | UnconnectedGradients = "none",
         experimental_use_pfor: bool = True,
+        parallel_iterations: int | None = None,
+        chunk_size: int | None = None,
         progress: bool | None = None,
         column: str | None = None,
         shape: Sequence[int] | None = None,
@@ -909,6 +913,11 @@ class Engine:
             unconnected_gradients: "none" returns None when fn(x) does not depend on x,
                 "zero" returns zeros.
             experimental_use_pfor: False runs one autograd pass per row on the workers.
+            parallel_iterations: shards in flight for this call, as the Engine's argument
+                of that name (None: the Engine's). Not TF's per-pass rows: on the Engine
+                that knob is ``chunk_size``.
+            chunk_size: Jacobian rows per vectorized pass on the workers for this call
+                (the kernels' ``parallel_iterations``; None: the Engine's).
             progress: show a progress bar (None: the engine's setting).
             column: for a Dataset, its tensor column (None: the only one).
             shape: for a Dataset whose column holds flat rows, the per-example shape
@@ -930,6 +939,8 @@ class Engine:
         """
         call = "Engine.batch_jacobian(fn, x)"
         self._check_open(call)
+        check_int(parallel_iterations, "parallel_iterations", call, none="None (the Engine's)")
+        check_int(chunk_size, "chunk_size", call, none="None (the Engine's)")
         source = None
         if type(x).__module__.startswith("ray.data") and hasattr(x, "to_arrow_refs"):
             # The cheap checks first; then the workers take their CPUs, and only then is
@@ -943,7 +954,8 @@ class Engine:
                               f"{type(x).__name__}.")
         x, mode, unconnected = check_functional_call(fn, x, mode, unconnected_gradients, call)
         _check_pfor(experimental_use_pfor, call)
-        return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress, source).run()
+        return _Call(self, fn, x, mode, unconnected, experimental_use_pfor, call, progress, source,
+                     in_flight=parallel_iterations, chunk_size=chunk_size).run()
 
     def run(self, spec, *, progress: bool | None = None) -> dict:
         """Run a job: a :class:`distjac.JobSpec` streamed to Arrow/Parquet part files.
@@ -1420,11 +1432,14 @@ def place_shard(out: torch.Tensor, batch, start: int, stop: int, *, call: str = 
 class _Call:
     """One ``Engine.batch_jacobian`` call."""
 
-    def __init__(self, engine: Engine, fn, x, mode, unconnected, use_pfor, call, progress, source=None):
+    def __init__(self, engine: Engine, fn, x, mode, unconnected, use_pfor, call, progress, source=None, *,
+                 in_flight: int | None = None, chunk_size: int | None = None):
         self.engine, self.fn, self.x, self.call = engine, fn, x, call
         self.source = source  # a Dataset's rows (x then stands for their shape and dtype)
         self.unconnected = unconnected
-        self.options = KernelOptions(mode=mode, chunk_size=engine.chunk_size, use_pfor=use_pfor, call=call)
+        self.in_flight = in_flight  # None: the Engine's parallel_iterations
+        chunk = chunk_size if chunk_size is not None else engine.chunk_size
+        self.options = KernelOptions(mode=mode, chunk_size=chunk, use_pfor=use_pfor, call=call)
         show = engine.progress if progress is None else progress
         self.show_progress = show  # None: a bar on a terminal, nothing elsewhere (distjac.progress)
 
@@ -1457,7 +1472,8 @@ class _Call:
             return torch.zeros(jac_shape, dtype=x.dtype, device=x.device)
 
         # 2. Plan, and the output every shard is copied into.
-        plan = eng.plan(b, tuple(x.shape[1:]), out_shape, itemsize=x.element_size())
+        plan = eng.plan(b, tuple(x.shape[1:]), out_shape, itemsize=x.element_size(),
+                        parallel_iterations=self.in_flight)
         self.out = _alloc.empty(jac_shape, dtype=x.dtype, device="cpu")
 
         # 3. Schedule and gather.

@@ -217,6 +217,24 @@ def test_shards_in_flight(settings, parallel_iterations):
 
 
 @pytest.mark.ray
+def test_per_call_shards_in_flight_and_chunk_size(settings):
+    """A call's own parallel_iterations (shards in flight) and chunk_size (the kernels'
+    rows per pass) apply to that call only; the Engine keeps its own."""
+    settings.shard_size = 3
+    settings.parallel_iterations = 8
+    x = torch.randn(40, 4)
+    expected = distjac.batch_jacobian(mixing, x)
+    for in_flight, chunk in ((1, 1), (3, 2), (None, 5)):
+        got = settings.batch_jacobian(mixing, x, mode="rev", parallel_iterations=in_flight, chunk_size=chunk)
+        assert_same(got, expected)
+        assert settings.last_stats.plan.in_flight == (in_flight or 8)
+    assert (settings.parallel_iterations, settings.chunk_size) == (8, None)
+    for bad in ({"parallel_iterations": 0}, {"chunk_size": -1}, {"parallel_iterations": 1.5}):
+        with pytest.raises(OptionError, match=next(iter(bad))):
+            settings.batch_jacobian(mixing, x, **bad)
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("mode", ["rev", "fwd", "auto"])
 def test_modes_and_a_module_class_from_the_test_file(settings, mode):
     settings.shard_size = 16
