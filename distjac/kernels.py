@@ -713,7 +713,8 @@ _PROBES = _FnCache()
 _CHAINS = _FnCache()  # ChainPlan, or why fn is not a chain of known layers
 _CHOICES = _FnCache()
 _FWD_FAILED = _FnCache()  # functions forward mode could not run (auto then uses rev)
-_FWD_SECOND = _FnCache()  # NOTE [differentiable results]: "agree" or why forward mode's result may not be differentiated
+# NOTE [differentiable results]: "agree" or why forward mode's result may not be differentiated
+_FWD_SECOND = _FnCache()
 _VMAP_FAILED = _FnCache()  # (fn, key, differentiable) whose vectorized reverse pass failed: NOTE [vmap fallback]
 _ELEMENTWISE = _FnCache()  # ("yes",) or ("no", why): NOTE [elementwise functions]
 _COMPILED = _FnCache()  # compiled.Compiled per (fn, shape, mode, chunk)
@@ -883,7 +884,7 @@ def _fn_parts(f, out: list, depth: int, seen: set) -> None:
         if f.__defaults__ or f.__kwdefaults__:
             out.append(("defaults", _seen_value((f.__defaults__, f.__kwdefaults__), depth + 1, seen)))
         return
-    call = getattr(type(f), "__call__", None)
+    call = getattr(type(f), "__call__", None)  # noqa: B004 (the class's own __call__, a function or not)
     if isinstance(call, types.FunctionType) and not isinstance(f, type):  # a callable object
         out.append(("object", _seen_value(f, depth + 1, seen)))
         _fn_parts(call, out, depth + 1, seen)

@@ -61,7 +61,8 @@ def test_tape_rank_one_source():
     x = torch.tensor([1.0, 2.0])
     tape, _ = _recorded(x)
     y = torch.stack([x, x], dim=1)  # (2, 2)
-    with pytest.raises(distjac.ShapeError, match=r"source has shape \(2,\), rank 1; it must have rank at least 2.*rank >= 2"):
+    with pytest.raises(distjac.ShapeError,
+                       match=r"source has shape \(2,\), rank 1; it must have rank at least 2.*rank >= 2"):
         tape.batch_jacobian(y, x)
 
 
@@ -103,7 +104,8 @@ def test_functional_rank_one_target(mode):
 def test_tape_batch_sizes_differ():
     x = randn(2, 3, seed=1)
     tape, y = _recorded(x, fn=lambda z: torch.cat([z, z], dim=0))  # (4, 3)
-    with pytest.raises(distjac.ShapeError, match=r"Need first dimension of target shape \(4, 3\) and source shape \(2, 3\) to match.*got 4 and 2"):
+    with pytest.raises(distjac.ShapeError, match=r"Need first dimension of target shape \(4, 3\) and "
+                                                 r"source shape \(2, 3\) to match.*got 4 and 2"):
         tape.batch_jacobian(y, x)
 
 

@@ -1190,7 +1190,8 @@ def _to_double(z):
     return torch.sin(z.double())
 
 
-@pytest.mark.parametrize("kw", [{"mode": "rev"}, {"mode": "fwd"}, {"mode": "auto"}, {"mode": "fwd", "parallel_iterations": 1},
+@pytest.mark.parametrize("kw", [{"mode": "rev"}, {"mode": "fwd"}, {"mode": "auto"},
+                                {"mode": "fwd", "parallel_iterations": 1},
                                 {"mode": "rev", "experimental_use_pfor": False}, {"structure": "diagonal"}])
 def test_the_result_has_x_dtype_whatever_fn_computes_in(kw):
     """fn computes in float64 on a float32 x: reverse mode's gradients have x's dtype, and
