@@ -1466,7 +1466,9 @@ class _Call:
         probe = self._probe(shipment, probe_task)
         out_shape = tuple(probe["out_shape"])
         jac_shape = (b, *out_shape, *x.shape[1:])
-        if not probe["connected"] or b == 0:
+        # The probe saw its rows only: where the batch has more, the shards say whether
+        # any of them reaches fn's output (NOTE [connected somewhere] in distjac.kernels).
+        if b == 0 or (not probe["connected"] and b <= probe_task.stop):
             if b > 0 and self.unconnected is UnconnectedGradients.NONE:
                 return None
             return torch.zeros(jac_shape, dtype=x.dtype, device=x.device)
@@ -1479,6 +1481,7 @@ class _Call:
         # 3. Schedule and gather.
         tasks = [self._task(i, *plan.bounds(i)) for i in range(len(plan))]
         eng._retries = eng._duplicates = 0
+        connected = False
         shard_stats: dict[int, ShardStats] = {}
         gather_s, gather_bytes = 0.0, 0
         bar = self._progress_bar(b)
@@ -1487,6 +1490,7 @@ class _Call:
                                                   on_progress=bar.set_in_flight if bar.enabled else None):
                 t0 = time.perf_counter()
                 gather_bytes += self._place(result.batch, task.start, task.stop)
+                connected = connected or result.connected
                 t, node, pid = result.timing, result.node, result.pid
                 del result  # frees the shard's object-store copy
                 dt = time.perf_counter() - t0
@@ -1506,6 +1510,8 @@ class _Call:
 
         wall = time.perf_counter() - t_start
         eng.last_stats = self._stats(plan, shard_stats, infos, wall, gather_s, gather_bytes)
+        if not connected and self.unconnected is UnconnectedGradients.NONE:
+            return None
         return self.out if x.device.type == "cpu" else self.out.to(x.device)
 
     def _probe(self, shipment: _Shipment, task: ShardTask) -> dict:

@@ -1074,6 +1074,36 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
     return probe
 
 
+# NOTE [connected somewhere]
+# Whether fn(x) depends on x is a fact about this call's rows, not about fn: a function
+# whose control flow looks at the batch's values (`if x.sum() > 0: ...`) may return a
+# constant for the probe's 8 rows, or for an earlier call's batch, and depend on x for
+# the rest. So the probe's "unconnected" (fresh or cached) is only a hint: before a call
+# returns None or zeros for it, the whole batch is run forward in blocks of
+# CONNECTED_CHECK_ROWS (the cost of one forward pass, paid only where the answer is
+# None), and the first block whose output depends on its rows sends the call down the
+# usual path. There, reverse mode gives a block that does not depend on its rows zeros,
+# and the call is unconnected (None) only where no block was connected.
+CONNECTED_CHECK_ROWS = 1024
+
+
+def _unconnected_everywhere(fn: Callable, x: torch.Tensor, call: str) -> bool:
+    """Whether no block of x's rows reaches fn's output (NOTE [connected somewhere])."""
+    if _in_transform():
+        return False  # the probe counts as connected there; never reached
+    for b0 in range(0, x.shape[0], CONNECTED_CHECK_ROWS):
+        xd = x[b0:b0 + CONNECTED_CHECK_ROWS].detach().requires_grad_(True)
+        with torch.enable_grad(), _Differentiating():
+            y = _check_output(fn(xd), xd, call)
+        if y.requires_grad and y.numel() > 0:
+            (g,) = torch.autograd.grad(y, xd, torch.ones_like(y), allow_unused=True)
+            if g is not None:
+                return False
+        elif y.requires_grad:
+            return False
+    return True
+
+
 def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple, key: tuple | None = None) -> _chain.ChainPlan | str:
     """The chain strategy's plan for fn on x (NOTE [chains] in chain.py), or why it does
     not apply; cached like the probe (``key``: the call's, NOTE [one key per call])."""
@@ -1992,7 +2022,9 @@ def run_strategy(
     with _autograd_usable(x) as x:
         probe = _probe(fn, x, call)
         if not probe.connected:
-            return None
+            if _unconnected_everywhere(fn, x, call):
+                return None
+            probe = replace(probe, connected=True)
         s = _given(fn, x, probe, strategy, max_memory, call)
         return _run(fn, x, s, create_graph=result_is_differentiable(x), call=call, out_shape=probe.out_shape,
                     key=probe.key)
@@ -2018,6 +2050,7 @@ def _run(
         return _structure.dense_from_diagonal(_diagonal(fn, x, s.block, create_graph=create_graph, call=call,
                                                         meter=meter))
     comp = first = None
+    unconnected_blocks, blocks = 0, -(-b // block)
     if s.compiled and s.mode in ("rev", "fwd") and not create_graph and not _in_transform():
         if out_shape is None:
             out_shape = _probe(fn, x, call).out_shape
@@ -2076,8 +2109,11 @@ def _run(
                 y, xd, chunk=s.chunk, vectorize=s.vectorize, create_graph=create_graph,
                 call=call, out=None if out is None else out[b0:b0 + block], tick=meter,
             )
-            if jac is None:
-                return None
+            if jac is None:  # NOTE [connected somewhere]: this block's rows are zeros
+                unconnected_blocks += 1
+                jac = torch.zeros((xb.shape[0], *y_shape, *in_shape), dtype=x.dtype, device=x.device)
+                if out is not None:
+                    out[b0:b0 + block].zero_()
             jac = jac.flatten(1 + len(y_shape)).flatten(1, len(y_shape))  # (Bb, M, N), a view
         else:
             assert out_shape is not None, "forward mode needs the probed output shape"
@@ -2096,6 +2132,8 @@ def _run(
             pieces.append(jac)
         if meter is not None:
             meter(1.0)
+    if unconnected_blocks == blocks:
+        return None
     if out is not None:
         return out.view(b, *y_shape, *in_shape)
     jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
@@ -2243,7 +2281,9 @@ def _batch_jacobian(fn, x, mode, parallel_iterations, experimental_use_pfor, unc
         return torch.zeros((x.shape[0], *probe.out_shape, *x.shape[1:]), dtype=x.dtype, device=x.device)
 
     if not probe.connected:
-        return unconnected_result()
+        if _unconnected_everywhere(fn, x, call):
+            return unconnected_result()
+        probe = replace(probe, connected=True)  # NOTE [connected somewhere]: for this call only
     if strategy is not None:
         s = _given(fn, x, probe, strategy, max_memory, call)
         jac = _run(fn, x, s, create_graph=create_graph, call=call, out_shape=probe.out_shape, meter=meter,
@@ -2291,7 +2331,8 @@ def _diagonal_result(fn: Callable, x: torch.Tensor, unconnected, create_graph: b
                               f"{tuple(x.shape[1:])}, so its Jacobian is not square; leave structure=None.")
         return torch.zeros_like(x)
     probe = _probe(fn, x, call)
-    if not probe.connected and tuple(probe.out_shape) == tuple(x.shape[1:]):
+    if (not probe.connected and tuple(probe.out_shape) == tuple(x.shape[1:])
+            and _unconnected_everywhere(fn, x, call)):
         return None if unconnected is UnconnectedGradients.NONE else torch.zeros_like(x)
     reason = _elementwise(fn, x, probe.out_shape)
     if reason is not None:

@@ -288,6 +288,7 @@ class ShardResult:
     wait_s: float | None = None
     retries: int = 0
     strategy: str | None = None
+    connected: bool = True
 
 
 class ShardRunError(Exception):
@@ -628,6 +629,7 @@ class ShardRunner:
 
         t_start, wall0 = time.perf_counter(), time.time()
         times = dict.fromkeys(STAGES, 0.0)
+        connected = True
         target = task.target
         stage = "read"
         pinned: list[torch.Tensor] = []
@@ -644,7 +646,13 @@ class ShardRunner:
                 if target is not None and target.estimate:
                     values = self._estimated(fn, x, task)
                 else:
-                    jac = self._kernel(fn, x, task.options)
+                    # None where no row of the shard reaches fn's output: zeros then, and
+                    # the driver returns None if no shard was connected (NOTE [connected
+                    # somewhere] in distjac.kernels).
+                    jac = self._kernel(fn, x, task.options, unconnected="none")
+                    if jac is None:
+                        connected = False
+                        jac = self._kernel(fn, x, task.options, unconnected="zero")
                     values = self._stored(jac, target)
                     del jac
                 del x
@@ -697,7 +705,7 @@ class ShardRunner:
         o = task.options
         strategy = str(o.strategy) if o.strategy is not None and o.structure is None else None
         return ShardResult(task.shard, task.start, task.stop, self.node, self.pid, str(self.device), timing,
-                           batch=batch, part=part, strategy=strategy)
+                           batch=batch, part=part, strategy=strategy, connected=connected)
 
     @staticmethod
     def _kept_columns(task: ShardTask) -> dict | None:

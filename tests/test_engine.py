@@ -245,6 +245,26 @@ def test_modes_and_a_module_class_from_the_test_file(settings, mode):
     assert_same(settings.batch_jacobian(net, x, mode=mode), distjac.batch_jacobian(net, x, mode=mode))
 
 
+def positive_rows_double(t):
+    """2 t where the shard's rows sum to more than 0, else a constant (control flow on values)."""
+    return t * 2 if t.sum() > 0 else torch.zeros_like(t)
+
+
+@pytest.mark.ray
+def test_shards_beyond_the_probes_rows_decide_whether_fn_is_connected(settings):
+    """NOTE [connected somewhere]: the probe's 8 rows do not reach the output, later
+    shards do: their rows are computed, the probe's shard is zeros; no shard: None."""
+    settings.shard_size = 8
+    x = torch.cat([-torch.ones(8, 3), torch.ones(12, 3)])
+    expected = 2 * torch.eye(3).expand(20, 3, 3).clone()
+    expected[:8] = 0
+    for mode in ("rev", "auto"):
+        assert_same(settings.batch_jacobian(positive_rows_double, x, mode=mode), expected)
+    assert settings.batch_jacobian(positive_rows_double, -x.abs()) is None
+    assert torch.equal(settings.batch_jacobian(positive_rows_double, -x.abs(), unconnected_gradients="zero"),
+                       torch.zeros(20, 3, 3))
+
+
 @pytest.mark.ray
 def test_unconnected_gradients(engine):
     x = torch.randn(6, 3)

@@ -29,7 +29,8 @@ from helpers import (
 from torch import nn
 
 import distjac
-from distjac.kernels import Strategy, choose_strategy, clear_caches
+from distjac import kernels
+from distjac.kernels import Strategy, choose_strategy, clear_caches, run_strategy
 
 MODES = ["rev", "fwd", "auto"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -1279,3 +1280,47 @@ def test_a_failed_vectorized_backward_falls_back_to_a_row_loop_in_auto():
     with pytest.raises(distjac.VectorizationError, match="experimental_use_pfor=False"):
         distjac.batch_jacobian(model, xg, mode="rev")
     assert_close(distjac.batch_jacobian(model, x), ref)  # a plain result: vectorized as before
+
+
+# --------------------------------------------------------------------------------------
+# NOTE [connected somewhere]: whether fn(x) depends on x is a fact about the call's rows
+# --------------------------------------------------------------------------------------
+
+
+def _positive_batch_doubles(t):
+    """2 t where the rows given sum to more than 0, else a constant: control flow on values."""
+    return t * 2 if t.sum() > 0 else torch.zeros_like(t)
+
+
+@pytest.mark.parametrize("kw", [{"mode": "rev"}, {"mode": "fwd"}, {"mode": "auto"},
+                                {"mode": "rev", "parallel_iterations": 2},
+                                {"mode": "rev", "experimental_use_pfor": False},
+                                {"mode": "auto", "unconnected_gradients": "zero"}])
+def test_a_batch_connected_beyond_the_probes_rows_is_not_called_unconnected(kw):
+    distjac.kernels.clear_caches()
+    x = torch.cat([-torch.ones(kernels.PROBE_ROWS, 4), 10 * torch.ones(12, 4)])  # the probe's rows sum < 0
+    jac = distjac.batch_jacobian(_positive_batch_doubles, x, **kw)
+    assert jac is not None
+    assert torch.equal(jac, 2 * torch.eye(4).expand(20, 4, 4))
+
+
+def test_an_unconnected_verdict_is_not_reused_for_another_batch():
+    distjac.kernels.clear_caches()
+    assert distjac.batch_jacobian(_positive_batch_doubles, -torch.ones(3, 4)) is None
+    assert torch.equal(distjac.batch_jacobian(_positive_batch_doubles, -torch.ones(3, 4),
+                                              unconnected_gradients="zero"), torch.zeros(3, 4, 4))
+    jac = distjac.batch_jacobian(_positive_batch_doubles, torch.ones(3, 4))
+    assert jac is not None and torch.equal(jac, 2 * torch.eye(4).expand(3, 4, 4))
+    s = choose_strategy(_positive_batch_doubles, torch.ones(3, 4))
+    assert torch.equal(run_strategy(_positive_batch_doubles, torch.ones(3, 4), s), jac)
+    assert run_strategy(_positive_batch_doubles, -torch.ones(3, 4), s) is None
+
+
+def test_a_block_whose_rows_do_not_reach_the_output_is_zeros_and_the_rest_are_computed():
+    """fn sees a block at a time; an unconnected block gives zeros, not a None for the call."""
+    x = torch.cat([-torch.ones(8, 3), torch.ones(12, 3)])
+    jac = run_strategy(_positive_batch_doubles, x, Strategy("rev", block=8))  # blocks of 8, 8 and 4 rows
+    expected = 2 * torch.eye(3).expand(20, 3, 3).clone()
+    expected[:8] = 0
+    assert torch.equal(jac, expected)
+    assert run_strategy(_positive_batch_doubles, -x.abs(), Strategy("rev", block=8)) is None
