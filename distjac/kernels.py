@@ -1405,7 +1405,7 @@ def choose_strategy(
     max_memory: int | None = None,
     compiled: bool | None = None,
     work_rows: int | None = None,
-    call: str = "batch_jacobian(fn, x)",
+    call: str = "choose_strategy(fn, x)",
 ) -> Strategy:
     """The strategy :func:`batch_jacobian` would use for ``fn`` on ``x`` (probes fn).
 
@@ -1421,7 +1421,7 @@ def choose_strategy(
         work_rows: rows the choice will serve (a job's whole source, say); auto weighs
             its measuring and compiling against that much work (default: x's rows).
     """
-    mode = parse_mode(mode, call)
+    x, mode, _ = check_functional_call(fn, x, mode, "none", call)
     with _autograd_usable(x) as x:
         probe = _probe(fn, x, call)
         s = _choose(fn, x, probe, mode, parallel_iterations, experimental_use_pfor, max_memory, call,

@@ -139,4 +139,10 @@ def check_functional_call(fn: Any, x: Any, mode: Any, unconnected_gradients: Any
     x = check_tensor(x, "x", call)
     check_batched(x, "x (the source)", call)
     check_floating(x, "x (the source)", call)
-    return x, parse_mode(mode, call), parse_unconnected(unconnected_gradients, call)
+    mode, unconnected = parse_mode(mode, call), parse_unconnected(unconnected_gradients, call)
+    if x.layout == torch.strided and any(st == 0 and sz > 1 for st, sz in zip(x.stride(), x.shape)):
+        # An expanded x (a stride of 0) shares one element's memory between positions;
+        # forward mode's tangents cannot be laid out like it. A dense copy (differentiable,
+        # where x requires grad) computes the same Jacobian in every mode.
+        x = x.contiguous()
+    return x, mode, unconnected

@@ -1324,3 +1324,31 @@ def test_a_block_whose_rows_do_not_reach_the_output_is_zeros_and_the_rest_are_co
     expected[:8] = 0
     assert torch.equal(jac, expected)
     assert run_strategy(_positive_batch_doubles, -x.abs(), Strategy("rev", block=8)) is None
+
+
+def _tanh_of_mix(t):
+    w = torch.linspace(-1, 1, 25, dtype=t.dtype).reshape(5, 5)
+    return torch.tanh(t @ w)
+
+
+@pytest.mark.parametrize("kw", [{"mode": "rev"}, {"mode": "fwd"}, {"mode": "auto"},
+                                {"mode": "fwd", "experimental_use_pfor": False}])
+def test_an_expanded_x_gives_the_dense_copys_jacobian(kw):
+    """A stride-0 x (torch.expand) shares memory between positions; forward mode's tangents
+    cannot be laid out like it, so distjac works on a dense copy."""
+    xe = torch.randn(4, 1, generator=torch.Generator().manual_seed(0)).expand(4, 5)
+    expected = reference_batch_jacobian(_tanh_of_mix, xe.contiguous())
+    assert_close(distjac.batch_jacobian(_tanh_of_mix, xe, **kw), expected)
+    r = distjac.estimates.sketch_matrix((5,), 3, seed=0)
+    assert_close(distjac.sketch(_tanh_of_mix, xe, 3, seed=0), expected @ r.double())
+    spectral = distjac.estimate(_tanh_of_mix, xe, "spectral", iters=50)
+    assert_close(spectral.value, torch.linalg.matrix_norm(expected, ord=2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("x", "error", "match"), [
+    (torch.ones(3, 2, dtype=torch.int32), distjac.DtypeError, r"choose_strategy\(fn, x\): x \(the source\) has dtype"),
+    (torch.ones(3), distjac.ShapeError, r"choose_strategy\(fn, x\): x \(the source\) has shape \(3,\), rank 1"),
+])
+def test_choose_strategy_checks_x_as_batch_jacobian_does(x, error, match):
+    with pytest.raises(error, match=match):
+        choose_strategy(torch.tanh, x)
