@@ -38,6 +38,17 @@ with the contexts around it, as any ``with`` block does.
 Tensors that already required grad when first seen (``torch.nn.Parameter`` and friends)
 play the part of TF's trainable variables: with ``watch_accessed_variables=True`` (the
 default) they can be differentiated without an explicit ``watch``.
+
+NOTE [intermediate sources]
+TF differentiates with respect to any tensor its tape computed (``h = a * 3`` inside the
+block, then ``tape.gradient(y, h)``: the features of Grad-CAM). A tensor made in the
+block from watched tensors has an autograd node, and autograd numbers its nodes in the
+order they are made (per thread). The tape takes a node's number when it starts and
+stops recording (``_mark``), and a source whose node falls inside one of its recording
+spans was computed by it: admitted like a watched tensor. A tensor computed before the
+block or after it is not. (A target computed after the block from a parameter is still
+differentiated, as PyTorch records it; TF would answer None. Where autograd's numbers are
+not available, intermediate sources are not admitted.)
 """
 
 from __future__ import annotations
@@ -61,6 +72,15 @@ from .options import (
 )
 
 __all__ = ["GradientTape"]
+
+
+def _mark() -> int | None:
+    """The number autograd gives the next node made on this thread (NOTE [intermediate
+    sources]), or None where this torch has no such number."""
+    with torch.inference_mode(False), torch.enable_grad():
+        node = (torch.zeros((), requires_grad=True) * 1).grad_fn
+    number = getattr(node, "_sequence_nr", None)
+    return number() if number is not None else None
 
 class GradientTape:
     """Records operations on watched tensors so they can be differentiated, as TF's tape.
@@ -92,6 +112,7 @@ class GradientTape:
         self._watched: dict[int, torch.Tensor] = {}  # id -> tensor
         self._switched_on: dict[int, torch.Tensor] = {}  # tensors whose requires_grad we set
         self._modes: contextlib.ExitStack | None = None  # NOTE [recording whatever surrounds it]
+        self._spans: list[list] = []  # [first, last) autograd node numbers recorded: NOTE [intermediate sources]
 
     # -- context ------------------------------------------------------------------------
 
@@ -108,6 +129,7 @@ class GradientTape:
             self._modes.enter_context(torch.enable_grad())
         for t in self._switched_on.values():  # re-entered persistent tape: watch again
             t.requires_grad_(True)
+        self._spans.append([_mark(), None])
         recording_stack().append(self)
         return self
 
@@ -116,6 +138,8 @@ class GradientTape:
         if self in stack:
             stack.remove(self)
         self._recording = False
+        if self._spans and self._spans[-1][1] is None:
+            self._spans[-1][1] = _mark()
         if self._modes is not None:
             self._modes.close()
             self._modes = None
@@ -179,6 +203,7 @@ class GradientTape:
                 t.requires_grad_(False)
         self._watched.clear()
         self._switched_on.clear()
+        self._spans = [[_mark(), None]] if self._recording else []
         self._used = False
 
     # -- shared machinery ---------------------------------------------------------------
@@ -195,15 +220,32 @@ class GradientTape:
         return torch.is_grad_enabled() and bool(recording_stack())
 
     def _user_tracked(self, sources: list[torch.Tensor]) -> bool:
-        """Whether a source required grad before this tape watched it (NOTE [graphs])."""
+        """Whether a source required grad before this tape watched it (NOTE [graphs]); a
+        tensor the tape computed itself does not count (NOTE [intermediate sources])."""
         return torch.is_grad_enabled() and any(
-            s.requires_grad and id(s) not in self._switched_on for s in sources if self._admitted(s)
+            s.requires_grad and id(s) not in self._switched_on and not self._intermediate(s)
+            for s in sources if self._admitted(s)
         )
 
+    def _watched_here(self, source: torch.Tensor) -> bool:
+        return id(source) in self._watched and self._watched[id(source)] is source
+
+    def _intermediate(self, source: torch.Tensor) -> bool:
+        """Whether ``source`` was computed while this tape recorded (NOTE [intermediate sources])."""
+        if self._watched_here(source) or source.grad_fn is None:
+            return False
+        number = getattr(source.grad_fn, "_sequence_nr", None)
+        if number is None:
+            return False
+        n = number()
+        return any(first is not None and first < n and (last is None or n < last) for first, last in self._spans)
+
     def _admitted(self, source: torch.Tensor) -> bool:
-        if id(source) in self._watched and self._watched[id(source)] is source:
+        if self._watched_here(source):
             return True
-        return self._watch_accessed_variables and source.requires_grad and source.is_leaf
+        if self._watch_accessed_variables and source.requires_grad and source.is_leaf:
+            return True
+        return self._intermediate(source)
 
     class _Reenabled:
         """Switch requires_grad back on for watched sources during one call (NOTE [watching])."""
@@ -243,7 +285,6 @@ class GradientTape:
         """
         call = "GradientTape.gradient(target, sources)"
         unconnected = parse_unconnected(unconnected_gradients, call)
-        create_graph = self._start_call(call)
         targets = pytree.tree_leaves(target)
         flat_sources, spec = pytree.tree_flatten(sources)
         for t in targets:
@@ -251,14 +292,21 @@ class GradientTape:
         for s in flat_sources:
             check_tensor(s, "each source", call)
         if output_gradients is None:
-            weights = [torch.ones_like(t) for t in targets]
+            weights = [None] * len(targets)
         else:
-            weights = pytree.tree_leaves(output_gradients)
+            # None entries are leaves to pytree: one weight per target, None meaning ones (TF's).
+            weights = pytree.tree_leaves(output_gradients, is_leaf=lambda v: v is None)
             if len(weights) != len(targets):
                 raise ValueError(f"{call}: got {len(weights)} output_gradients for {len(targets)} targets.")
-        pairs = [(t, w) for t, w in zip(targets, weights) if t.requires_grad]
+            for w in weights:
+                if w is not None:
+                    check_tensor(w, "each output gradient", call)
+        weights = [torch.ones_like(t) if w is None else w for t, w in zip(targets, weights)]
+        create_graph = self._start_call(call)  # after the checks: a refused call does not spend the tape
         results: list = [None] * len(flat_sources)
-        with GradientTape._Reenabled(self, flat_sources):
+        with GradientTape._Reenabled(self, flat_sources + targets):
+            # Inside: a watched target (tape.gradient(x, x)) requires grad again here.
+            pairs = [(t, w) for t, w in zip(targets, weights) if t.requires_grad]
             idx = [i for i, s in enumerate(flat_sources) if self._admitted(s) and s.requires_grad]
             if pairs and idx:
                 grads = torch.autograd.grad(
@@ -288,13 +336,12 @@ class GradientTape:
         unconnected = parse_unconnected(unconnected_gradients, call)
         check_positive_int(parallel_iterations, "parallel_iterations", call)
         target = check_tensor(target, "target", call)
-        create_graph = self._start_call(call)
         flat_sources, spec = pytree.tree_flatten(sources)
         for s in flat_sources:
             check_tensor(s, "each source", call)
-        create_graph = create_graph or self._user_tracked(flat_sources)
+        create_graph = self._start_call(call) or self._user_tracked(flat_sources)
         results: list = [None] * len(flat_sources)
-        with GradientTape._Reenabled(self, flat_sources):
+        with GradientTape._Reenabled(self, flat_sources + [target]):
             idx = [i for i, s in enumerate(flat_sources) if self._admitted(s) and s.requires_grad]
             if idx:
                 jacs = graph_jacobian(
@@ -344,7 +391,7 @@ class GradientTape:
         check_positive_int(parallel_iterations, "parallel_iterations", call)
         create_graph = self._start_call(call) or self._user_tracked([source])
         jac = None
-        with GradientTape._Reenabled(self, [source]):
+        with GradientTape._Reenabled(self, [source, target]):
             if self._admitted(source) and source.requires_grad:
                 jac = graph_batch_jacobian(
                     target, source, chunk=parallel_iterations,

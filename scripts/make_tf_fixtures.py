@@ -591,6 +591,74 @@ def case_errors() -> None:
     record("errors/int_source_result", int_source)
 
 
+def case_tape_sources() -> None:
+    """tape/*: what a tape differentiates besides watched tensors: a tensor it computed
+    (an intermediate), a target that is its own source, output_gradients with None in
+    it, a tensor computed before the block. Fixed values, no random draws."""
+    a0 = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    w1 = np.array([[0.5, -1.0, 0.25], [1.5, 0.75, -0.5]], dtype=np.float32)  # (2, 3)
+    w2 = np.array([[0.2], [-0.4], [0.6]], dtype=np.float32)  # (3, 1)
+    put("tape/a", a0)
+    put("tape/w1", w1)
+    put("tape/w2", w2)
+
+    def recorded():
+        a = tf.constant(a0)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(a)
+            h = a * 3.0
+            y = tf.sin(h)
+        return tape, a, h, y
+
+    def intermediate(method):
+        def fn():
+            tape, _, h, y = recorded()
+            return getattr(tape, method)(y, h)
+        return fn
+
+    for method in ("gradient", "jacobian", "batch_jacobian"):
+        record(f"tape/intermediate_{method}", intermediate(method))
+
+    def features():  # Grad-CAM's shape: the gradient w.r.t. a layer's activations
+        v1, v2 = tf.Variable(w1), tf.Variable(w2)
+        with tf.GradientTape() as tape:
+            feat = tf.tanh(tf.constant(a0) @ v1)
+            out = feat @ v2
+        return tape.gradient(out, feat)
+
+    record("tape/features_gradient", features)
+
+    def itself(method):
+        def fn():
+            tape, a, _, _ = recorded()
+            return getattr(tape, method)(a, a)
+        return fn
+
+    for method in ("gradient", "jacobian", "batch_jacobian"):
+        record(f"tape/self_{method}", itself(method))
+
+    def none_weight():
+        a = tf.constant(a0)
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            y1, y2 = a * a, a * 3.0
+        return tape.gradient([y1, y2], a, output_gradients=[None, tf.eye(2)])
+
+    record("tape/output_gradients_none", none_weight)
+
+    def before_block():
+        a = tf.constant(a0)
+        with tf.GradientTape(persistent=True) as outer:
+            outer.watch(a)
+            pre = a * 2.0
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            z = pre * 5.0
+        return tape.gradient(z, pre)
+
+    record("tape/before_block_gradient", before_block)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(
@@ -620,6 +688,7 @@ def main(argv=None) -> int:
     case_degenerate()
     case_tf_tests()
     case_errors()
+    case_tape_sources()
 
     out = os.path.normpath(args.out)
     save_npz(out, OUT)

@@ -414,6 +414,82 @@ def test_integer_source_where_tf_returns_int_zeros():
         distjac.batch_jacobian(lambda z: z * z, x)
 
 
+
+# -- what a tape differentiates besides watched tensors (NOTE [intermediate sources]) --
+
+
+def _recorded_sin():
+    a = fx("tape/a").clone()
+    with distjac.GradientTape(persistent=True) as tape:
+        tape.watch(a)
+        h = a * 3.0
+        y = torch.sin(h)
+    return tape, a, h, y
+
+
+@pytest.mark.parametrize("method", ["gradient", "jacobian", "batch_jacobian"])
+def test_tape_differentiates_a_tensor_it_computed_as_tf(method):
+    tape, _, h, y = _recorded_sin()
+    assert not fx_flag(f"tape/intermediate_{method}_is_none")
+    _assert_tf_close(getattr(tape, method)(y, h), fx(f"tape/intermediate_{method}"))
+
+
+def test_tape_gradient_wrt_a_layers_activations_as_tf():
+    """Grad-CAM's question: parameters accessed in the block, the features computed there."""
+    lin1, lin2 = torch.nn.Linear(2, 3, bias=False), torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        lin1.weight.copy_(fx("tape/w1").T)
+        lin2.weight.copy_(fx("tape/w2").T)
+    with distjac.GradientTape() as tape:
+        feat = torch.tanh(lin1(fx("tape/a")))
+        out = lin2(feat)
+    _assert_tf_close(tape.gradient(out, feat), fx("tape/features_gradient"))
+
+
+@pytest.mark.parametrize("method", ["gradient", "jacobian", "batch_jacobian"])
+def test_tape_target_that_is_its_own_source_as_tf(method):
+    tape, a, _, _ = _recorded_sin()
+    assert not fx_flag(f"tape/self_{method}_is_none")
+    _assert_tf_close(getattr(tape, method)(a, a), fx(f"tape/self_{method}"))
+
+
+def test_tape_a_tensor_computed_before_the_block_is_not_a_source_as_tf():
+    a = fx("tape/a").clone()
+    with distjac.GradientTape(persistent=True) as outer:
+        outer.watch(a)
+        pre = a * 2.0
+    with distjac.GradientTape() as tape:
+        tape.watch(a)
+        z = pre * 5.0
+    assert fx_flag("tape/before_block_gradient_is_none")
+    assert tape.gradient(z, pre) is None
+    assert torch.equal(outer.gradient(pre, a), torch.full((2, 2), 2.0))  # its own tape: a source
+
+
+def test_tape_output_gradients_with_none_means_ones():
+    """TF 2.21 raises on a None among output_gradients (fixture); distjac reads it as
+    ones, as it reads output_gradients=None for every target."""
+    assert fx_str("tape/output_gradients_none_error_type") == "ValueError"
+    a = fx("tape/a").clone()
+    with distjac.GradientTape() as tape:
+        tape.watch(a)
+        y1, y2 = a * a, a * 3.0
+    got = tape.gradient([y1, y2], a, output_gradients=[None, torch.eye(2)])
+    assert torch.equal(got, 2 * a + 3 * torch.eye(2))
+
+
+def test_tape_a_refused_call_does_not_spend_a_non_persistent_tape():
+    a = fx("tape/a").clone()
+    for refused in (lambda t, y: t.gradient("nope", a), lambda t, y: t.jacobian(y, "nope"),
+                    lambda t, y: t.gradient(y, a, output_gradients=["nope"])):
+        with distjac.GradientTape() as tape:
+            tape.watch(a)
+            y = a * a
+        with pytest.raises(TypeError):
+            refused(tape, y)
+        assert torch.equal(tape.gradient(y, a), 2 * a)
+
+
 # ======================================================================================
 # Part 2: TF's own test cases, ported (docs/tf_tests_inventory.md)
 # ======================================================================================
