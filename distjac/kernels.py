@@ -109,7 +109,6 @@ from .options import (
     check_positive_int,
     check_same_batch,
     env_int,
-    parse_mode,
 )
 from .plan import format_bytes
 
@@ -768,7 +767,8 @@ def _module_fingerprint(module: torch.nn.Module) -> tuple:
     string, dtype, device or tuple of them in its ``__dict__``: the training flag,
     a conv's padding, Dropout's p, LayerNorm's eps, a user's own flags), its hooks, and
     the callables set on the instance (a replaced ``forward``); then the names, shapes,
-    dtypes and devices of its parameters and buffers; and the global module hooks. So
+    dtypes and devices of its parameters and buffers (a one-element buffer, a switch as
+    often as not, by value too); and the global module hooks. So
     a module whose layers were swapped, resized, reconfigured, hooked, moved or switched
     to eval mode is probed and measured afresh.
 
@@ -796,6 +796,12 @@ def _module_fingerprint(module: torch.nn.Module) -> tuple:
                 if t is not None:
                     # A lazy module's parameters have no shape until its first forward pass.
                     parts.append((key, "uninitialized" if is_lazy(t) else t.shape, t.dtype, t.device))
+                    if (kind is m._buffers and not is_lazy(t) and t.numel() == 1 and t.device.type != "meta"
+                            and key != "num_batches_tracked"):
+                        # A one-element buffer is as often a switch (`if self.flip:`) as a
+                        # value: by value. BatchNorm's step counter, which torch advances
+                        # itself in training mode, is not one.
+                        parts.append((key, "value", t.item()))
         stack.extend((f"{name}.{key}", c) for key, c in reversed(m._modules.items()) if c is not None)
     return tuple(parts)
 
@@ -981,7 +987,8 @@ def _settings(m: torch.nn.Module) -> tuple:
     method).
     Lists are left out: a module's list is as often a log it appends to (and it would
     change the key on every call) as a setting; a dict of plain values (options kept as
-    ``{"mix": True}``) is in. A plain attribute that changes on every
+    ``{"mix": True}``) is in, and so is a list or tuple of modules (layers kept in a plain
+    list: which objects, in which mode). A plain attribute that changes on every
     call (a step counter) does change the key, as torch.compile's guards do: such a
     module is probed, and its choice made, afresh on each call."""
     out: list = []
@@ -1001,6 +1008,10 @@ def _settings(m: torch.nn.Module) -> tuple:
             out.append((key, "dict", tuple(v.items())))  # options kept in a dict: {"mix": True}
         elif callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor)):
             out.append((key, "callable", _token(v)))
+        elif (t in (list, tuple) and 0 < len(v) <= _SEEN_MAX_ITEMS
+              and all(isinstance(e, torch.nn.Module) for e in v)):
+            # Layers kept in a plain list (not a ModuleList): which objects, in which mode.
+            out.append((key, "modules", tuple((_token(type(e)), _token(e), e.training) for e in v)))
     return tuple(out)
 
 

@@ -724,6 +724,30 @@ def _forward_replaced(m):
     m.forward = lambda z: torch.tanh(z).flip(-1)
 
 
+class _BufferSwitch(nn.Module):
+    """A switch kept in a one-element buffer (it follows .to() and the state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("flip", torch.tensor(False))
+
+    def forward(self, x):
+        return torch.tanh(x).flip(-1) if self.flip else torch.tanh(x)
+
+
+class _PlainListOfLayers(nn.Module):
+    """Layers kept in a plain Python list (not a ModuleList), as users sometimes do."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Tanh()]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 # what a user edits in place -> (model, input shape); every edit keeps the parameters'
 # names and shapes, so the caches must see it some other way (the fingerprint did not:
 # a stale chain plan or elementwise proof answered with the old function's Jacobian)
@@ -743,6 +767,8 @@ EDITS = {
                                                                      nn.Linear(5, 3)), (9, 4)),
     "user flag": (_flag, _Switchable, (6, 4)),
     "forward replaced": (_forward_replaced, _Switchable, (6, 4)),
+    "switch buffer flipped": (lambda m: m.flip.fill_(True), _BufferSwitch, (6, 4)),
+    "layer in a plain list swapped": (lambda m: m.layers.__setitem__(0, nn.Softmax(-1)), _PlainListOfLayers, (6, 4)),
 }
 
 
@@ -765,7 +791,8 @@ def test_a_module_edited_in_place_is_probed_afresh(edit):
     ref = reference_batch_jacobian(model, x)
     for mode in ("auto", "fwd", "rev"):
         assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)
-    if edit in ("elementwise layer swapped", "user flag", "forward replaced"):
+    if edit in ("elementwise layer swapped", "user flag", "forward replaced", "switch buffer flipped",
+                "layer in a plain list swapped"):
         with pytest.raises(distjac.OptionError, match="not provably elementwise"):
             distjac.batch_jacobian(model, x, structure="diagonal")
 
