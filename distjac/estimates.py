@@ -39,7 +39,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from .errors import ConfigError, OptionError, ShapeError
-from .kernels import _check_output, _probe, _raw_memory_error
+from .kernels import _captured_mutation_error, _check_output, _probe, _raw_memory_error
 from .options import check_functional_call, check_int, check_positive_int, is_int
 
 __all__ = [
@@ -252,12 +252,13 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @contextlib.contextmanager
 def _plain_tensors_needed(call: str, what: str):
-    """NOTE [fn reading raw memory] in distjac.kernels: its clear error, for estimates and
-    sketches (their products run fn under torch.func in every mode)."""
+    """NOTE [fn reading raw memory] in distjac.kernels, and fn updating a tensor it holds:
+    their clear errors, for estimates and sketches (their products run fn under torch.func
+    in every mode)."""
     try:
         yield
     except RuntimeError as err:
-        clear = _raw_memory_error(err, call, what)
+        clear = _raw_memory_error(err, call, what) or _captured_mutation_error(err, call, what)
         if clear is None:
             raise
         raise clear from err

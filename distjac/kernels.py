@@ -626,9 +626,27 @@ def _raw_memory_error(err: BaseException, call: str, what: str, instead: str = "
     )
 
 
+def _captured_mutation_error(err: BaseException, call: str, what: str, instead: str = "") -> RuntimeError | None:
+    """A clear error for fn updating a tensor it holds, in place, under a torch.func
+    transform (None when ``err`` is something else): BatchNorm's running statistics in
+    training mode, a counter buffer. torch.func cannot transform such a function; reverse
+    mode runs fn on plain tensors and can."""
+    text = str(err)
+    if "mutate a captured Tensor" not in text:
+        return None
+    return RuntimeError(
+        f"{call}: fn updates a tensor it holds in place while it runs (BatchNorm's running statistics in "
+        f"training mode, a counter buffer; {type(err).__name__}: {text.splitlines()[0] if text else ''}), and "
+        f"{what} runs fn under torch.func transforms, which cannot do that. Put the model in eval mode "
+        f"(model.eval()){instead}."
+    )
+
+
 def _forward_failed(err: Exception, call: str, *, vectorized: bool) -> Exception:
     text = str(err)
-    raw = _raw_memory_error(err, call, "forward mode", "; or use mode='rev' (mode='auto' falls back to it)")
+    raw = (_raw_memory_error(err, call, "forward mode", "; or use mode='rev' (mode='auto' falls back to it)")
+           or _captured_mutation_error(err, call, "forward mode", ", or use mode='rev' (mode='auto' falls back to "
+                                       "it); in training mode BatchNorm also couples the examples of the batch"))
     if raw is not None:
         return raw
     if "requires_grad_()" in text or "autograd.grad" in text or "torch.autograd.functional" in text:

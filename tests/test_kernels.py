@@ -1379,3 +1379,17 @@ def test_an_expanded_x_gives_the_dense_copys_jacobian(kw):
 def test_choose_strategy_checks_x_as_batch_jacobian_does(x, error, match):
     with pytest.raises(error, match=match):
         choose_strategy(torch.tanh, x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x: distjac.batch_jacobian(m, x, mode="fwd"),
+    lambda m, x: distjac.batch_jacobian(m, x, mode="fwd", experimental_use_pfor=False),
+    lambda m, x: distjac.estimate(m, x, "frobenius"),
+    lambda m, x: distjac.sketch(m, x, 2),
+])
+def test_batchnorm_in_training_mode_under_torch_func_says_what_to_do(call):
+    """Its running statistics are updated in place, which torch.func cannot transform."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    with pytest.raises(RuntimeError, match=r"updates a tensor it holds in place.*model\.eval\(\)"):
+        call(model, randn(6, 3, seed=1))
