@@ -246,6 +246,9 @@ class Decision:
             nothing is cached.
         times: (candidate, seconds per example) for every candidate timed, in order.
         notes: candidates left out and why (e.g. "chain: not applicable: ...").
+        provisional: for a measurement that stopped early, (rows served when it was made,
+            seconds the full measurement is predicted to take, seconds per example of the
+            best candidate); None otherwise (NOTE [provisional choices]).
     """
 
     strategy: str
@@ -253,6 +256,7 @@ class Decision:
     key: tuple | None = None
     times: tuple[tuple[str, float], ...] = ()
     notes: tuple[str, ...] = ()
+    provisional: tuple | None = None
 
     def __str__(self) -> str:
         lines = [f"{self.strategy} ({self.how})"]
@@ -721,6 +725,13 @@ class _FnCache:
                 self._data.clear()
             self._data[(ident, key)] = (ref, value)
 
+    def pop(self, fn: Callable, key: tuple) -> None:
+        ident, ref = self._fn_ref(fn)
+        if ref is None:
+            return
+        with self._lock:
+            self._data.pop((ident, key), None)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
@@ -736,6 +747,7 @@ _VMAP_FAILED = _FnCache()  # (fn, key, differentiable) whose vectorized reverse 
 _ELEMENTWISE = _FnCache()  # ("yes",) or ("no", why): NOTE [elementwise functions]
 _COMPILED = _FnCache()  # compiled.Compiled per (fn, shape, mode, chunk)
 _SEEN = _FnCache()  # rows asked for by calls too small to measure: NOTE [repeated small calls]
+_PROVISIONAL = _FnCache()  # [rows served, seconds to measure fully, s/row]: NOTE [provisional choices]
 
 
 def clear_caches() -> None:
@@ -750,6 +762,7 @@ def clear_caches() -> None:
     _ELEMENTWISE.clear()
     _COMPILED.clear()
     _SEEN.clear()
+    _PROVISIONAL.clear()
 
 
 def _shape_key(fn: Callable, x: torch.Tensor) -> tuple:
@@ -1534,7 +1547,7 @@ def _choose(fn, x, probe, mode, parallel_iterations, use_pfor, max_memory, call,
                 why = (f"measured once calls like this one had asked for {seen:,} rows in all (NOTE [repeated "
                        f"small calls])")
             s = _measured_choice(fn, x, probe, modes, m, n, call, max_memory, compiled=compiled, work_rows=seen,
-                                 why=why)
+                                 why=why, count=count)
             record = s.record
             if structure:
                 record = replace(record, notes=record.notes + (f"diag: not applicable: {structure}",))
@@ -1683,11 +1696,45 @@ def _from_tuning_cache(fn, x, key) -> tuple[Strategy | None, tuple | None]:
     times = tuple((str(a), float(t)) for a, t in entry.get("times", ()) if isinstance(t, (int, float)))
     notes = (f"from the tuning cache {_tuning.cache_path()} (measured {time.ctime(entry.get('stored', 0))})",)
     notes += tuple(str(n) for n in entry.get("notes", ()))
-    return replace(s, record=Decision(str(s), "tuning cache", key, times, notes)), disk_key
+    provisional = None
+    stored = entry.get("provisional")
+    if (isinstance(stored, list) and len(stored) == 3 and all(isinstance(v, (int, float)) for v in stored)
+            and stored[1] > 0 and stored[2] > 0):
+        provisional = (int(stored[0]), float(stored[1]), float(stored[2]))
+    return replace(s, record=Decision(str(s), "tuning cache", key, times, notes, provisional)), disk_key
+
+
+def _provisional_due(fn, key, rows: int, count: bool) -> str | None:
+    """Count ``rows`` towards a provisional choice; why to measure it again, once it is due.
+
+    NOTE [provisional choices]
+    Measuring is bounded by AUTO_MEASURE_SHARE of the work a choice serves, so on one call
+    it may stop after the pilot race (stage one) or before the whole-batch pass (stage
+    three), and what it then picks was never timed at the call's size: a row loop's
+    speed per row, for one, grows with its block in a way a 256-row pilot cannot show (a
+    LayerNorm MLP at 4,096 rows: the chain won the pilot, the whole-batch loop the call).
+    Such a choice is provisional: the calls it serves are counted (calls that run, not
+    choose_strategy's queries), and once they have done work enough to pay for the
+    measuring that was left out (its cost, predicted from the pilot, within
+    AUTO_MEASURE_SHARE of that work), the next call measures afresh, budgeted by all the
+    rows served, and its choice replaces the old one, in memory and in the tuning cache.
+    A single call pays no more than before; a loop of calls (a training step's, a
+    benchmark's) gets the full measurement once, after a bounded number of calls."""
+    entry = _PROVISIONAL.get(fn, key)
+    if entry is None:
+        return None
+    served, needed_s, per_row_s = entry
+    if count:
+        served += rows
+        _PROVISIONAL.put(fn, key, (served, needed_s, per_row_s))
+    if AUTO_MEASURE_SHARE * per_row_s * served < needed_s:
+        return None
+    return (f"measured again once calls like this one had served {served:,} rows: the first measuring stopped "
+            "early (NOTE [provisional choices])")
 
 
 def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = None, *, compiled=None,
-                     work_rows: int | None = None, why: str | None = None) -> Strategy:
+                     work_rows: int | None = None, why: str | None = None, count: bool = False) -> Strategy:
     """Measure, once per (function, shape, batch bucket, max_memory), how to compute
     this batch Jacobian fastest; the result's ``record`` lists what was timed.
 
@@ -1709,12 +1756,28 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
     differentiable = result_is_differentiable(x)
     key = probe.key + (tuple(modes), _rows_bucket(b), compiled, differentiable, max_memory)
     cached = _CHOICES.get(fn, key)
+    if cached is None:
+        cached, disk_key = _from_tuning_cache(fn, x, key)
+        if cached is not None:
+            _CHOICES.put(fn, key, cached)
+            if cached.record.provisional is not None and _PROVISIONAL.get(fn, key) is None:
+                _PROVISIONAL.put(fn, key, cached.record.provisional)
+            if count:
+                _provisional_due(fn, key, b, count)  # this call's rows count
+            return cached
+    else:
+        disk_key = None
     if cached is not None:
-        return replace(cached, record=replace(cached.record, how="cached"))
-    from_disk, disk_key = _from_tuning_cache(fn, x, key)
-    if from_disk is not None:
-        _CHOICES.put(fn, key, from_disk)
-        return from_disk
+        again = _provisional_due(fn, key, b, count)
+        if again is None:
+            return replace(cached, record=replace(cached.record, how="cached"))
+        served = _PROVISIONAL.get(fn, key)[0]
+        _PROVISIONAL.pop(fn, key)
+        _CHOICES.pop(fn, key)
+        why = again if why is None else f"{why}; {again}"
+        work_rows = max(work_rows or b, served)
+        if disk_key is None:
+            disk_key = _from_tuning_cache(fn, x, key)[1]
     work_rows = max(b, work_rows or b)
     per_row = max(1, m * n)
     rows_cap = min(b, AUTO_SAMPLE_ROWS.get(x.device.type, 2048))
@@ -1767,6 +1830,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         hows.append(Strategy("chain", vectorize=False, block=cap))
     stage1 = race.run(hows, xs[:pilot])
     best_t = min(stage1.values()) if stage1 else math.inf
+    provisional = None  # NOTE [provisional choices]: (rows served, seconds to measure fully, s/row)
     if not stage1:
         best = Strategy(modes[0], vectorize=False)
     else:
@@ -1780,6 +1844,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         if race.spent + predicted > budget and sample > pilot:
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
                          f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
+            provisional = (work_rows, race.spent + predicted + 2 * best_t * b, best_t)
             lead = keep[0][2]
             if lead.vectorize:  # the size it was timed at
                 best = replace(lead, block=None if heavy else min(blocks, key=lambda k: abs(k - pilot)))
@@ -1814,15 +1879,23 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
                 race.spent += time.perf_counter() - t0
             else:
                 notes.append("whole-batch pass not timed: it would pass the measuring budget")
+                provisional = provisional or (work_rows, race.spent + 2 * best_t * b, best_t)
         if compiled is not False:
             best = _maybe_compiled(fn, xs, probe, best, best_t, work_rows, race, notes)
     notes.append(f"measuring took {race.spent:.2g} s")
-    best = replace(best, record=Decision(str(best), "measured", key, tuple(log), tuple(notes)))
+    if provisional is not None:
+        notes.append(f"provisional: measured in full once calls like this one have served "
+                     f"~{provisional[1] / (AUTO_MEASURE_SHARE * provisional[2]):,.0f} rows (NOTE [provisional choices])")
+        _PROVISIONAL.put(fn, key, provisional)
+    best = replace(best, record=Decision(str(best), "measured", key, tuple(log), tuple(notes), provisional))
     _CHOICES.put(fn, key, best)
     if disk_key is not None:
-        _tuning.store(disk_key, {"strategy": best.to_dict(), "times": [list(t) for t in log], "notes": notes,
-                                 "describe": f"{getattr(fn, '__qualname__', type(fn).__qualname__)} on "
-                                             f"{tuple(x.shape[1:])} {x.dtype} {x.device.type}"})
+        entry = {"strategy": best.to_dict(), "times": [list(t) for t in log], "notes": notes,
+                 "describe": f"{getattr(fn, '__qualname__', type(fn).__qualname__)} on "
+                             f"{tuple(x.shape[1:])} {x.dtype} {x.device.type}"}
+        if provisional is not None:
+            entry["provisional"] = list(provisional)
+        _tuning.store(disk_key, entry)
     return best
 
 

@@ -131,6 +131,46 @@ def test_choice_comes_back_from_the_tuning_cache(cache):
     assert choose_strategy(fn.double(), x.double(), mode="auto").record.how == "measured"
 
 
+def test_a_choice_whose_measuring_stopped_early_is_measured_in_full_once_calls_pay(cache, monkeypatch):
+    """NOTE [provisional choices]: a first call whose measuring budget stopped it after the
+    pilot race leaves a provisional choice (in memory and on disk); the calls it serves are
+    counted, and once they have paid for the rest the next call measures in full."""
+    fn, x = models.mlp([6, 10, 6], seed=1), randn(600, 6, seed=2)  # pilot 75 rows, sample 600
+
+    def entry():
+        (value,) = json.loads(cache.read_text())["entries"].values()
+        return value
+
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e-9)  # no budget beyond the pilot race
+    jac = distjac.batch_jacobian(fn, x)
+    first = choose_strategy(fn, x).record
+    assert any(n.startswith("measuring stopped after stage one") for n in first.notes), first
+    assert first.provisional is not None and first.provisional[0] == 600
+    assert "provisional" in entry()
+    distjac.batch_jacobian(fn, x)  # counted, far from due at this budget
+    assert choose_strategy(fn, x).record.provisional is not None
+
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e9)  # now the rows served pay for anything
+    assert_close(distjac.batch_jacobian(fn, x), reference_batch_jacobian(fn, x))  # measures in full
+    again = choose_strategy(fn, x).record
+    assert any("measured again once calls like this one had served 1,800 rows" in n for n in again.notes), again
+    assert again.provisional is None and not any(n.startswith("measuring stopped") for n in again.notes)
+    assert "provisional" not in entry()
+    assert_close(jac, reference_batch_jacobian(fn, x))
+
+    # In another process (memory cleared) the provisional mark comes back from the disk.
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e-9)
+    clear_caches()
+    tuning.clear()
+    distjac.batch_jacobian(fn, x)
+    clear_caches()
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e9)
+    loaded = choose_strategy(fn, x).record
+    assert loaded.how == "tuning cache" and loaded.provisional is not None and loaded.provisional[0] == 600
+    again = choose_strategy(fn, x).record  # due on the rows served before: measured in full
+    assert again.how == "measured" and any("measured again" in n for n in again.notes), again
+
+
 def test_a_chosen_strategy_pickles_and_is_reused_as_given():
     fn, x = make_mlp((5, 7, 3), seed=2, dtype=torch.float64), randn(9, 5, seed=1, dtype=torch.float64)
     for s in (Strategy("fwd", block=4), Strategy("rev", vectorize=False), Strategy("chain", block=2),
