@@ -1884,8 +1884,9 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             best = _maybe_compiled(fn, xs, probe, best, best_t, work_rows, race, notes)
     notes.append(f"measuring took {race.spent:.2g} s")
     if provisional is not None:
-        notes.append(f"provisional: measured in full once calls like this one have served "
-                     f"~{provisional[1] / (AUTO_MEASURE_SHARE * provisional[2]):,.0f} rows (NOTE [provisional choices])")
+        due = provisional[1] / (AUTO_MEASURE_SHARE * provisional[2])
+        notes.append(f"provisional: measured in full once calls like this one have served ~{due:,.0f} rows "
+                     "(NOTE [provisional choices])")
         _PROVISIONAL.put(fn, key, provisional)
     best = replace(best, record=Decision(str(best), "measured", key, tuple(log), tuple(notes), provisional))
     _CHOICES.put(fn, key, best)
