@@ -86,6 +86,9 @@ MAX_CALLS_PER_SAMPLE = 10_000
 # pools and auto's choice for repeated small calls (NOTE [repeated small calls] in
 # kernels.py) settle there, not in a timed sample. The peers warm up the same way.
 DEFAULT_WARMUP_S = 0.5
+# Auto's warm-up goes on until a provisional choice was measured in full (NOTE [provisional
+# choices] in distjac.kernels), for at most this long.
+AUTO_SETTLE_S = 120.0
 # Fraction of MemAvailable one call may grow the peak RSS by (estimated from the pilot):
 # the reference result and the other developers' processes need the rest.
 MEMORY_FRACTION = 0.6
@@ -486,6 +489,16 @@ def bench_workload(w: Workload, methods: Sequence[Method], *, quick: bool, repea
         if r["status"] in ("ok", "mismatch") and t_call <= max_call_s and t_first < warmup_s:
             _, r["warmup_calls"], fastest = _timed_sample(lambda mt=mt: mt.run(model, x), device,
                                                           warmup_s - t_first)
+            if mt.name == "distjac auto":
+                # A choice whose first measuring stopped early is measured in full once the
+                # calls it serves pay for it (NOTE [provisional choices]): the steady state
+                # is after that, as in a loop of calls; warmed up until then, within a bound.
+                settle_end, settled = time.perf_counter() + AUTO_SETTLE_S, 0
+                while (choose_strategy(model, x, mode="auto").record.provisional is not None
+                       and time.perf_counter() < settle_end):
+                    mt.run(model, x)
+                    settled += 1
+                r["settle_calls"] = settled
             steady = str(choose_strategy(model, x, mode="auto")) if mt.name == "distjac auto" else None
             if steady is not None and steady != r["auto_strategy"]:
                 # Repeated calls measured a new choice (NOTE [repeated small calls]): it is
