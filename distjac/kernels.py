@@ -2214,10 +2214,10 @@ def _run(
             )
             if jac is None:  # NOTE [connected somewhere]: this block's rows are zeros
                 unconnected_blocks += 1
-                jac = torch.zeros((xb.shape[0], *y_shape, *in_shape), dtype=x.dtype, device=x.device)
                 if out is not None:
                     out[b0:b0 + block].zero_()
-            jac = jac.flatten(1 + len(y_shape)).flatten(1, len(y_shape))  # (Bb, M, N), a view
+            else:
+                jac = jac.flatten(1 + len(y_shape)).flatten(1, len(y_shape))  # (Bb, M, N), a view
         else:
             assert out_shape is not None, "forward mode needs the probed output shape"
             y_shape = out_shape
@@ -2231,14 +2231,15 @@ def _run(
                 out = _alloc.empty((b, m, n), dtype=x.dtype, device=x.device)
             if out is not None:
                 out[b0:b0 + block].copy_(jac)
-        if out is None:
-            pieces.append(jac)
+        if out is None:  # an unconnected block's zeros are made only if another block is connected
+            pieces.append(xb.shape[0] if jac is None else jac)
         if meter is not None:
             meter(1.0)
     if unconnected_blocks == blocks:
         return None
     if out is not None:
         return out.view(b, *y_shape, *in_shape)
+    pieces = [torch.zeros((p, m, n), dtype=x.dtype, device=x.device) if isinstance(p, int) else p for p in pieces]
     jac = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
     # x's dtype in every mode: reverse mode's gradients have it; forward mode's tangents
     # and a compiled graph's results have fn's output dtype (the blocked paths write

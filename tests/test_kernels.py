@@ -1351,6 +1351,11 @@ def test_a_block_whose_rows_do_not_reach_the_output_is_zeros_and_the_rest_are_co
     expected[:8] = 0
     assert torch.equal(jac, expected)
     assert run_strategy(_positive_batch_doubles, -x.abs(), Strategy("rev", block=8)) is None
+    # A result that must be differentiable is stacked from its blocks (no preallocated output).
+    xg = x.clone().requires_grad_(True)
+    jac = run_strategy(_positive_batch_doubles, xg, Strategy("rev", block=8))
+    assert torch.equal(jac.detach(), expected)
+    assert run_strategy(_positive_batch_doubles, -xg.abs(), Strategy("rev", block=8)) is None
 
 
 def _tanh_of_mix(t):
