@@ -406,17 +406,25 @@ def test_engine_runs_a_model_file(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ waiting on the runner's wiring
 
 
-def test_keep_columns_reach_the_output(tmp_path):
-    import pandas as pd
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_keep_columns_reach_the_output(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.feather as feather
 
     from distjac.jobs import run_job
 
     x = np.random.default_rng(0).standard_normal((30, 3))
-    pd.DataFrame({"id": [f"e{i}" for i in range(30)], "label": np.arange(30) % 2, "x": list(x)}).to_parquet(
-        tmp_path / "d.parquet")
+    table = pa.table({"id": [f"e{i}" for i in range(30)], "label": np.arange(30) % 2, "x": list(x)})
+    path = tmp_path / f"d.{kind}"
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path, row_group_size=7)
+    else:  # an Arrow IPC file of several record batches
+        feather.write_feather(table, path, compression="uncompressed", chunksize=7)
     spec = JobSpec.from_dict({
         "model": {"factory": "distjac.models:mlp", "kwargs": {"sizes": [3, 5, 2]}},
-        "data": {"kind": "parquet", "path": str(tmp_path / "d.parquet"), "column": "x"},
+        "data": {"kind": kind, "path": str(path), "column": "x"},
         "engine": {"num_workers": 0, "shard_size": 10, "progress": False},
         "output": {"path": str(tmp_path / "out"), "keep_columns": ["id", "label"]},
     })

@@ -500,8 +500,8 @@ class ArrowSource(_FileTable):
                 continue
             batch = reader.get_batch(b).select(names)
             batches.append(batch.slice(max(lo, b_lo) - b_lo, min(hi, b_hi) - max(lo, b_lo)))
-        return pa.Table.from_batches(batches, schema=reader.schema.select(names)) if batches else \
-            reader.schema.select(names).empty_table()
+        schema = pa.schema([reader.schema.field(name) for name in names])  # (a Schema has no select)
+        return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
 
     @staticmethod
     def _check_nulls(path: str, column: str, base: int, rows: int) -> None:
