@@ -104,6 +104,7 @@ import torch
 from . import _alloc, arrow
 from ._compat import gcs_cluster_id, ray_address_file, ray_cluster_mode_off, running_gcs_addresses
 from .errors import DistjacError, OptionError, ShardError
+from .kernels import Decision, Strategy
 from .options import DEVICES, UnconnectedGradients, check_functional_call, check_int, check_positive_int, is_device
 from .plan import (
     DEFAULT_CPUS_PER_WORKER,
@@ -665,6 +666,7 @@ class Engine:
         self._ran_job = False
         self._retries = self._duplicates = 0  # of the call in progress
         self.replacements = 0  # workers replaced since the engine started
+        self._optional_failure = ""  # why the last optional call on worker 0 gave nothing
 
         self._lease = _Lease()
         self._finalizer = weakref.finalize(self, self._lease.release)
@@ -798,14 +800,18 @@ class Engine:
 
     # -- planning ----------------------------------------------------------------------
 
-    def _on_first_worker(self, submit: Callable, call: str, what: str, start: int, stop: int):
+    def _on_first_worker(self, submit: Callable, call: str, what: str, start: int, stop: int, *,
+                         limit: float | None = None, optional: bool = False):
         """``ray.get(submit(actor))`` on worker 0, bounded like a shard (NOTE [stalled
-        shards]): a worker that dies or stalls is replaced and the call made again,
-        max_retries times. A worker's own error is raised as the caller should see it."""
+        shards]): ``limit`` (a job's shard_timeout_s), else the Engine's, else
+        FIRST_SHARD_TIMEOUT_S. A worker that dies or stalls is replaced and the call made
+        again, max_retries times; an ``optional`` call (one the caller can do without) is
+        made once and gives None instead. A worker's own error is raised as the caller
+        should see it."""
         import ray
 
-        limit = self.shard_timeout_s or FIRST_SHARD_TIMEOUT_S
-        for _ in range(self.max_retries + 1):
+        limit = limit or self.shard_timeout_s or FIRST_SHARD_TIMEOUT_S
+        for _ in range(1 if optional else self.max_retries + 1):
             actor = self._workers[0]
             ref = submit(actor)
             try:
@@ -820,6 +826,9 @@ class Engine:
             if self._replace_worker(0, actor, reason):
                 with contextlib.suppress(Exception):  # its start is not the probe's time
                     ray.get(self._workers[0].info.remote(), timeout=self.startup_timeout)
+            if optional:
+                self._optional_failure = f"{what} on rows [{start}, {stop}): {reason}"
+                return None
         raise ShardError(
             f"{call}: {what} on rows [{start}, {stop}) failed {self.max_retries + 1} times ({reason}); "
             f"max_retries={self.max_retries}. Check the model or fn on these rows and the workers' logs, "
@@ -827,28 +836,43 @@ class Engine:
             shard=0, start=start, stop=stop, node=None,
         ) from last
 
-    def _choose_for_job(self, shipment: _Shipment, job, tasks: list) -> list:
+    def _choose_for_job(self, shipment: _Shipment, job, tasks: list, limit: float | None = None) -> list:
         """NOTE [one choice per job]: with ``jacobian.mode: auto``, worker 0 chooses the
         kernel's strategy once, on the first shard's rows and weighed against the job's
         rows; every task then carries it, so no other worker measures. The choice and
-        its record are ``self.last_decision``; the report's ``strategies`` counts the shards that ran it."""
+        its record are ``self.last_decision``; the report's ``strategies`` counts the shards that ran it.
+        Choosing is bounded like a shard (``limit``: the job's shard timeout); where it
+        does not finish, its worker is replaced and the shards run the choice by sizes
+        (reverse mode where the output is no larger than the input, else forward mode),
+        so a model that stalls on the first shard's rows stalls a shard, which is retried
+        and reported as any shard is."""
         self.last_decision = None
         if not tasks or job.options.mode != "auto" or job.spec.estimates or job.options.structure is not None:
             return tasks  # nothing to choose: explicit, matrix-free, or the diagonal
         first = tasks[0]
-        strategy, where = self._on_first_worker(
+        chosen = self._on_first_worker(
             lambda actor: actor.choose.remote(shipment.key, shipment.box, first, job.plan.rows),
-            "Engine.run(spec)", "choosing the kernel's strategy", first.start, first.stop)
+            "Engine.run(spec)", "choosing the kernel's strategy", first.start, first.stop, limit=limit,
+            optional=True)
+        if chosen is None:
+            m, n = math.prod(job.plan.out_shape), math.prod(job.plan.in_shape)
+            note = (f"not measured: {self._optional_failure}; the choice by sizes (M={m:,}, N={n:,}) instead, "
+                    "and the worker replaced")
+            log.warning("distjac: %s", note)
+            mode = "rev" if m <= n else "fwd"
+            chosen = (Strategy(mode, record=Decision(mode, "sizes", notes=(note,))), {"pid": None, "node": None})
+        strategy, where = chosen
         self.last_decision = {"strategy": str(strategy), "how": getattr(strategy.record, "how", None),
                               "chosen_on": {"pid": where["pid"], "node": where["node"]},
                               "record": str(strategy.record) if strategy.record is not None else None}
         return [replace(t, options=replace(t.options, strategy=strategy)) for t in tasks]
 
-    def _probe_job(self, shipment: _Shipment, source, rows: int) -> dict:
-        """A job's model built and probed on a worker: its output shape and compute dtype."""
+    def _probe_job(self, shipment: _Shipment, source, rows: int, limit: float | None = None) -> dict:
+        """A job's model built and probed on a worker: its output shape and compute dtype
+        (bounded by ``limit``, the job's shard timeout, like a shard)."""
         return self._on_first_worker(
             lambda actor: actor.probe_model.remote(shipment.key, shipment.box, source, rows),
-            "Engine.run(spec)", "building and probing the model", 0, min(rows, source.num_rows))
+            "Engine.run(spec)", "building and probing the model", 0, min(rows, source.num_rows), limit=limit)
 
     def plan(self, rows: int, in_shape, out_shape, *, itemsize: int = 4, gather: bool = True,
              parallel_iterations: int | None = None) -> ShardPlan:
@@ -998,20 +1022,22 @@ class Engine:
         # here, never called; the recipe goes to the workers once, and each builds the
         # model on its own device once per process. The probe runs on a worker.
         shipment: list[_Shipment] = []
+        # The Engine's shard timeout where it was given one, else the job's: for the probe,
+        # the choice and every shard (NOTE [the Engine's settings and the job's]).
+        timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
         def probe(recipe_, source_) -> dict:
             self._ready()
             shipment.append(_ship(self, recipe_))
             if source_.kind == "tensor":  # ship the probe's rows, not the whole tensor
                 source_ = type(source_)(source_.tensor[:JOB_PROBE_ROWS].clone())
-            return self._probe_job(shipment[0], source_, JOB_PROBE_ROWS)
+            return self._probe_job(shipment[0], source_, JOB_PROBE_ROWS, limit=timeout)
 
         # NOTE [the Engine's settings and the job's]
         job = prepare_job(spec, num_workers=self.num_workers, shard_size=self.shard_size,
                           parallel_iterations=self.parallel_iterations, chunk_size=self.chunk_size,
                           shard_bytes=self.shard_bytes, probe=probe, source=source)
         in_flight = job.plan.in_flight
-        timeout = self.shard_timeout_s if self.shard_timeout_s is not None else spec.engine.shard_timeout_s
 
         def executor(job_, tasks, on_progress=None):
             if not tasks:
@@ -1025,7 +1051,7 @@ class Engine:
                 # batch_jacobian); the driver keeps the tensor alive until the job ends.
                 wire = to_wire(job_.source.read(0, job_.source.num_rows).to(getattr(torch, job_.compute_dtype)))
                 tasks = [job_.task(t.shard, t.start, t.stop, rows=wire[t.start:t.stop]) for t in tasks]
-            tasks = self._choose_for_job(shipment[0], job_, tasks)
+            tasks = self._choose_for_job(shipment[0], job_, tasks, limit=timeout)
             for _task, result, done in _map_shards(self, shipment[0], tasks, in_flight=in_flight, call=call,
                                                    shard_timeout_s=timeout, on_progress=on_progress,
                                                    settle_s=FAILED_JOB_SETTLE_S):

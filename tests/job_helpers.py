@@ -112,6 +112,32 @@ class Slow(nn.Module):
         return self.inner(x)
 
 
+class StallsOnce(nn.Module):
+    """An MLP that, the first time anywhere it is called on more than ``rows`` rows while
+    the file ``marker`` exists, removes the marker and sleeps an hour: a stall in whatever
+    step calls it first (the job's probe, the choice of strategy, a shard)."""
+
+    def __init__(self, inner: nn.Module, marker: str, rows: int):
+        super().__init__()
+        self.inner, self.marker, self.rows = inner, marker, rows
+
+    def forward(self, x):
+        if x.shape[0] > self.rows:
+            try:
+                os.remove(self.marker)
+            except FileNotFoundError:
+                pass
+            else:
+                import time
+
+                time.sleep(3600)
+        return self.inner(x)
+
+
+def stalls_once(marker: str, rows: int, sizes=(3, 5, 2), seed=0) -> nn.Module:
+    return StallsOnce(mlp(list(sizes), seed=seed), marker, rows)
+
+
 def slow_mlp(sizes=(3, 5, 2), delay=0.05, seed=0) -> nn.Module:
     return Slow(mlp(list(sizes), seed=seed), delay)
 

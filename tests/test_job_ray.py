@@ -518,6 +518,31 @@ def settings(engine):
     engine.shard_size, engine.parallel_iterations = saved
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("rows", "step"), [(1, "probe"), (8, "choice")])
+def test_the_jobs_shard_timeout_bounds_its_probe_and_its_choice(engine, tmp_path, rows, step):
+    """A model that stalls in the job's probe (2 rows) or in auto's choice on the first
+    shard (more than the kernel's 8-row probe) is bounded by the spec's shard_timeout_s,
+    not only its shards: the worker is replaced; a stalled probe is made again, a stalled
+    choice gives way to the choice by sizes; the job finishes."""
+    assert engine.shard_timeout_s is None  # the spec's value is the one that applies
+    marker = tmp_path / "stall"
+    marker.write_text("")
+    spec = job_spec(tmp_path / "out", model={"factory": "job_helpers:stalls_once",
+                                             "kwargs": {"marker": str(marker), "rows": rows, "sizes": [64, 64, 64]}},
+                    data={"rows": 1200, "shape": [64]}, jacobian={"mode": "auto"},
+                    engine={"shard_timeout_s": 3, "shard_size": 300})
+    before = engine.replacements
+    report = engine.run(spec)
+    assert not marker.exists() and engine.replacements - before == 1  # it stalled once, and was replaced
+    assert report["shards"] == 4
+    decision = engine.last_decision
+    if step == "choice":
+        assert decision["how"] == "sizes" and "did not finish within 3 s" in decision["record"], decision
+        assert report["strategies"] == {decision["strategy"]: 4}
+    np.testing.assert_allclose(distjac.read_result(spec.output.path), reference(spec), rtol=1e-5, atol=1e-6)
+
+
 def _small_job(out, **engine_keys) -> distjac.JobSpec:
     return job_spec(out, data={"rows": 200}, engine=engine_keys)
 
