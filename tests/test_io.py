@@ -17,7 +17,7 @@ from job_helpers import write_arrow, write_parquet
 import distjac
 from distjac import arrow as arrow_mod
 from distjac.config import DataSpec
-from distjac.errors import OutputExistsError, ResultError, SourceError
+from distjac.errors import OutputExistsError, ResultError, SourceError, SourceNotFoundError
 from distjac.io import sources as src_mod
 from distjac.io.sink import (
     MANIFEST_NAME,
@@ -87,6 +87,27 @@ def test_npy(tmp_path):
     np.save(tmp_path / "x.npy", values)
     _check_ranges(NpySource.open(str(tmp_path / "x.npy")), values)
     assert NpySource.open(str(tmp_path / "x.npy"), rows=10).num_rows == 10
+
+
+def test_npy_directory_reads_its_files_in_name_order(tmp_path):
+    """data.path may be a directory of .npy files (jobs.md): one array, files in name order."""
+    values = _values(shape=(2, 3), dtype=np.float32)
+    (tmp_path / "d").mkdir()
+    for name, (lo, hi) in (("b.npy", (15, 29)), ("a.npy", (0, 15)), ("c.npy", (29, len(values)))):
+        np.save(tmp_path / "d" / name, values[lo:hi])
+    (tmp_path / "d" / "notes.txt").write_text("not data")
+    (tmp_path / "d" / ".hidden.npy").write_bytes(b"")  # hidden files are not sources
+    source = NpySource.open(str(tmp_path / "d"))
+    assert source.num_rows == len(values) and len(source.files) == 3
+    _check_ranges(source, values)
+    limited = NpySource.open(str(tmp_path / "d"), rows=20)
+    assert limited.num_rows == 20 and torch.equal(limited.read(10, 20), torch.from_numpy(values[10:20]))
+    np.save(tmp_path / "d" / "z.npy", values[:3, :1])  # rows of another shape
+    with pytest.raises(SourceError, match=r"z\.npy.* holds rows of shape \(1, 3\).*all files of a source must agree"):
+        NpySource.open(str(tmp_path / "d"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceNotFoundError, match="holds no npy files"):
+        NpySource.open(str(tmp_path / "empty"))
 
 
 def test_npy_needs_rank_two(tmp_path):

@@ -406,6 +406,25 @@ def test_engine_runs_a_model_file(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ waiting on the runner's wiring
 
 
+def test_a_job_reads_a_directory_of_npy_files(tmp_path):
+    from distjac.jobs import run_job
+
+    x = np.random.default_rng(1).standard_normal((23, 3)).astype(np.float32)
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "part-0.npy", x[:10])
+    np.save(tmp_path / "d" / "part-1.npy", x[10:])
+    spec = JobSpec.from_dict({
+        "model": {"factory": "distjac.models:mlp", "kwargs": {"sizes": [3, 5, 2]}},
+        "data": {"kind": "npy", "path": str(tmp_path / "d")},
+        "engine": {"num_workers": 0, "shard_size": 7, "progress": False},
+        "output": {"path": str(tmp_path / "out")},
+    })
+    run_job(spec)
+    model = distjac.models.mlp([3, 5, 2])
+    np.testing.assert_allclose(distjac.read_result(str(tmp_path / "out")),
+                               distjac.batch_jacobian(model, torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["parquet", "arrow"])
 def test_keep_columns_reach_the_output(tmp_path, kind):
     import pyarrow as pa

@@ -73,7 +73,7 @@ __all__ = [
     "read_columns",
 ]
 
-EXTENSIONS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc")}
+EXTENSIONS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc"), "npy": (".npy",)}
 # Rows per synthetic block: large enough to amortise the generator, small enough that
 # reading a small shard does not generate much more than it needs.
 SYNTHETIC_BLOCK_ROWS = 1024
@@ -177,12 +177,15 @@ class SyntheticSource(Source):
 
 @dataclass(frozen=True)
 class NpySource(Source):
-    """A ``.npy`` file of shape (N, *shape), memory-mapped; ``rows`` limits it to its first rows."""
+    """A ``.npy`` file of shape (N, *shape), memory-mapped, or a directory of them read in
+    name order as one array (every file (n_i, *shape), the same shape and dtype); ``rows``
+    limits it to its first rows."""
 
     path: str
     rows: int
     shape: tuple[int, ...]
     dtype: str
+    files: tuple[tuple[str, int], ...] = ()  # (file, rows) in order; () where path is the one file
     kind = "npy"
 
     @property
@@ -191,7 +194,28 @@ class NpySource(Source):
 
     @classmethod
     def open(cls, path: str, rows: int | None = None) -> NpySource:
-        path = _existing(path)
+        files = _list_files(path, "npy")
+        found: tuple | None = None
+        counts = []
+        for f in files:
+            shape, dtype = cls._header(f)
+            if found is None:
+                found = (tuple(shape[1:]), dtype)
+            elif (tuple(shape[1:]), dtype) != found:
+                raise SourceError(
+                    f"data: {f!r} holds rows of shape {tuple(shape[1:])} and dtype {dtype}, but {files[0]!r} "
+                    f"holds {found[0]} and {found[1]}; all files of a source must agree."
+                )
+            counts.append(int(shape[0]))
+        assert found is not None
+        limit = _limit(rows, sum(counts), path)
+        parts = tuple(zip(files, counts)) if len(files) > 1 or files[0] != _existing(path) else ()
+        return cls(path=files[0] if not parts else _existing(path), rows=limit, shape=found[0],
+                   dtype=found[1].name, files=parts)
+
+    @staticmethod
+    def _header(path: str) -> tuple[tuple[int, ...], np.dtype]:
+        """One file's (shape, dtype), checked: a .npy array, floating, rank >= 2."""
         _sniff_npy(path)
         if _fs.is_remote(path):
             shape, dtype, _ = _npy_header(path)
@@ -210,16 +234,30 @@ class NpySource(Source):
                 f"data: {path!r} has shape {shape}; distjac needs (rows, *example_shape) with rank >= 2. "
                 f"Reshape to {tuple(shape) + (1,)} and save again."
             )
-        return cls(path=path, rows=_limit(rows, shape[0], path), shape=tuple(shape[1:]), dtype=dtype.name)
+        return tuple(shape), dtype
 
     def _read(self, start: int, stop: int) -> torch.Tensor:
-        if _fs.is_remote(self.path):
-            shape, dtype, offset = _npy_header(self.path)
+        if not self.files:
+            return self._read_file(self.path, start, stop)
+        pieces, base = [], 0
+        for f, n in self.files:
+            lo, hi = max(start, base), min(stop, base + n)
+            if lo < hi:
+                pieces.append(self._read_file(f, lo - base, hi - base))
+            base += n
+            if base >= stop:
+                break
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def _read_file(path: str, start: int, stop: int) -> torch.Tensor:
+        if _fs.is_remote(path):
+            shape, dtype, offset = _npy_header(path)
             row_bytes = dtype.itemsize * math.prod(shape[1:])
-            with _fs.open_input(self.path) as f:
+            with _fs.open_input(path) as f:
                 buf = f.read_at(row_bytes * (stop - start), offset + row_bytes * start)
             return torch.from_numpy(np.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:]).copy())
-        arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
         return _to_tensor(arr[start:stop])
 
 
