@@ -930,7 +930,7 @@ def _part_values(manifest: Manifest, shard: int, columns: Sequence[str], verify:
     part = manifest.parts[shard]
     path = _part_path(manifest.out_dir, part.file)
     again = (f"run `distjac inspect {manifest.out_dir}` to check the output, and the job again to "
-             f"recompute the part (or read_result(..., verify=False) to read it as it is)")
+             f"recompute the part" + ("" if not verify else " (or read_result(..., verify=False) to read it as it is)"))
     try:
         buf = _fs.read_buffer(path)  # local: memory-mapped, the mapping stays alive with the buffer
     except (pa.ArrowException, OSError) as e:
