@@ -331,11 +331,15 @@ class ShardRunError(Exception):
                  "load": " loading the function or building the model",
                  "write": " writing its part", "to_host": " copying it to the host",
                  "arrow": " converting it to Arrow"}.get(self.stage, "")
+        advice = {
+            "read": "check the data source (the file or column these rows come from)",
+            "write": "check the output directory (space, permissions, the file system)",
+            "load": "check the model's factory, its weights and what it imports on the workers",
+        }.get(self.stage, "fix fn for these rows (it is called on blocks of rows, never on one example)")
         err = ShardError(
             f"{call}: shard {self.shard} (rows [{self.start}, {self.stop})) failed on node "
             f"{self.node} (pid {self.pid}){where}: {type(original).__name__}: {original}. "
-            "The original exception is chained below with the worker's traceback; fix fn for "
-            "these rows (it is called on blocks of rows, never on one example) and run again.",
+            f"The original exception is chained below with the worker's traceback; {advice} and run again.",
             shard=self.shard, start=self.start, stop=self.stop, node=self.node,
         )
         err.remote_traceback = self.tb
