@@ -1841,7 +1841,17 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         blocks = [sample] if heavy else sorted({blk for blk in AUTO_BLOCKS if blk < sample} | {sample})
         cands = [replace(h, block=blk) for _, _, h in keep for blk in _blocks_for(h, blocks, cap)]
         predicted = sum(stage1[h] for _, _, h in keep) * len(blocks) * sample * 2
-        if race.spent + predicted > budget and sample > pilot:
+        if sample <= pilot:
+            # The pilot was the whole sample: stage two would time the same candidates on
+            # the same rows again, and a load spike there could overturn what stage one
+            # measured (W1 at 64 rows: the chain ran 47 us/example in stage one and 117 in
+            # a re-timing, and lost to a 92). Stage one's times decide, with stage two's
+            # rule for vectorized passes.
+            notes.append("stage two not needed: the pilot was the whole sample")
+            lead = min((h for _, _, h in keep),
+                       key=lambda c: stage1[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
+            best, best_t = replace(lead, block=None), stage1[lead]
+        elif race.spent + predicted > budget and sample > pilot:
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
                          f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
             provisional = (work_rows, race.spent + predicted + 2 * best_t * b, best_t)

@@ -251,3 +251,26 @@ def test_vectorized_reverse_mode_is_a_cpu_candidate_only_where_the_pilot_is_the_
     else:
         assert not vmap_rev and not (s.mode == "rev" and s.vectorize), s.record
     assert_close(distjac.batch_jacobian(fn, x), reference_batch_jacobian(fn, x))
+
+
+def test_where_the_pilot_is_the_whole_sample_stage_one_decides(monkeypatch):
+    """A call no larger than the pilot is not timed twice on the same rows: a load spike in
+    a re-timing cannot overturn what the pilot race measured."""
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_MIN_ELEMENTS", 1)
+    clear_caches()
+    races = []
+    run = kernels._Race.run
+
+    def counted(self, *args, **kwargs):
+        races.append(1)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernels._Race, "run", counted)
+    # The vectorized reverse pass leads the pilot race; any later race sees it 10x slower.
+    _table_clock(monkeypatch, lambda s: (1.0 if len(races) == 1 else 10.0) if (s.mode, s.vectorize) == ("rev", True)
+                 else 2.0)
+    fn, x = _mixing(), randn(40, 6, seed=4)
+    s = choose_strategy(fn, x, compiled=False)
+    assert (s.mode, s.vectorize) == ("rev", True) and len(races) == 1, s.record
+    assert "stage two not needed: the pilot was the whole sample" in s.record.notes
+    assert_close(distjac.batch_jacobian(fn, x), reference_batch_jacobian(fn, x))
