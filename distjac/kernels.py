@@ -1845,12 +1845,13 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             # The pilot was the whole sample: stage two would time the same candidates on
             # the same rows again, and a load spike there could overturn what stage one
             # measured (W1 at 64 rows: the chain ran 47 us/example in stage one and 117 in
-            # a re-timing, and lost to a 92). Stage one's times decide, with stage two's
-            # rule for vectorized passes.
+            # a re-timing, and lost to a 92). Stage one's times decide, as they are: what
+            # was timed is what will run, so stage two's margin against vectorized passes
+            # (a sample flatters them) has nothing to correct (W4 at 64 rows: it kept the
+            # chain at 164 us/example over vmap at 155).
             notes.append("stage two not needed: the pilot was the whole sample")
-            lead = min((h for _, _, h in keep),
-                       key=lambda c: stage1[c] * (1.0 if c.vectorize else 1.0 / AUTO_VMAP_MARGIN))
-            best, best_t = replace(lead, block=None), stage1[lead]
+            best_t, _, lead = keep[0]
+            best = replace(lead, block=None)
         elif race.spent + predicted > budget and sample > pilot:
             notes.append(f"measuring stopped after stage one: stage two (~{predicted:.2g} s) would pass "
                          f"{AUTO_MEASURE_SHARE:.0%} of the work it serves (~{best_t * work_rows:.2g} s)")
