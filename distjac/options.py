@@ -140,9 +140,22 @@ def check_functional_call(fn: Any, x: Any, mode: Any, unconnected_gradients: Any
     check_batched(x, "x (the source)", call)
     check_floating(x, "x (the source)", call)
     mode, unconnected = parse_mode(mode, call), parse_unconnected(unconnected_gradients, call)
-    if x.layout == torch.strided and any(st == 0 and sz > 1 for st, sz in zip(x.stride(), x.shape)):
-        # An expanded x (a stride of 0) shares one element's memory between positions;
-        # forward mode's tangents cannot be laid out like it. A dense copy (differentiable,
-        # where x requires grad) computes the same Jacobian in every mode.
+    if x.layout == torch.strided and _may_overlap(x):
+        # An x whose positions share memory (expanded: a stride of 0; overlapping windows
+        # from unfold or as_strided) cannot be given tangents laid out like it: forward
+        # mode failed on the first and silently mixed columns on the second. A dense copy
+        # (differentiable, where x requires grad) computes the same Jacobian in every mode.
         x = x.contiguous()
     return x, mode, unconnected
+
+
+def _may_overlap(x: torch.Tensor) -> bool:
+    """Whether two positions of the strided tensor x may share memory: its dimensions,
+    by increasing stride, must each step past everything the smaller ones reach (True
+    for some layouts that do not overlap, which then cost a copy, never for one that does)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False

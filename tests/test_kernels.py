@@ -1363,12 +1363,21 @@ def _tanh_of_mix(t):
     return torch.tanh(t @ w)
 
 
+_SHARED_MEMORY_X = {
+    "expanded": lambda base: base[:4, :1].expand(4, 5),
+    "unfolded windows": lambda base: base.flatten()[:9].unfold(0, 5, 1)[:4],
+    "as_strided rows overlapping": lambda base: base.flatten().as_strided((4, 5), (2, 1)),
+}
+
+
+@pytest.mark.parametrize("layout", _SHARED_MEMORY_X, ids=list(_SHARED_MEMORY_X))
 @pytest.mark.parametrize("kw", [{"mode": "rev"}, {"mode": "fwd"}, {"mode": "auto"},
                                 {"mode": "fwd", "experimental_use_pfor": False}])
-def test_an_expanded_x_gives_the_dense_copys_jacobian(kw):
-    """A stride-0 x (torch.expand) shares memory between positions; forward mode's tangents
-    cannot be laid out like it, so distjac works on a dense copy."""
-    xe = torch.randn(4, 1, generator=torch.Generator().manual_seed(0)).expand(4, 5)
+def test_an_x_whose_positions_share_memory_gives_the_dense_copys_jacobian(kw, layout):
+    """Positions of x that share memory (expand, unfold, as_strided) cannot be given
+    tangents laid out like x: forward mode failed, or silently mixed columns; distjac
+    works on a dense copy."""
+    xe = _SHARED_MEMORY_X[layout](torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
     expected = reference_batch_jacobian(_tanh_of_mix, xe.contiguous())
     assert_close(distjac.batch_jacobian(_tanh_of_mix, xe, **kw), expected)
     r = distjac.estimates.sketch_matrix((5,), 3, seed=0)
