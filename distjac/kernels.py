@@ -798,8 +798,9 @@ def _module_fingerprint(module: torch.nn.Module) -> tuple:
     string, dtype, device or tuple of them in its ``__dict__``: the training flag,
     a conv's padding, Dropout's p, LayerNorm's eps, a user's own flags), its hooks, and
     the callables set on the instance (a replaced ``forward``); then the names, shapes,
-    dtypes and devices of its parameters and buffers (a one-element buffer, a switch as
-    often as not, by value too); and the global module hooks. So
+    dtypes and devices of its parameters and buffers (a one-element bool or integer buffer,
+    a switch as often as not, by value too); layers kept in a plain list or tuple walked as
+    submodules; and the global module hooks. So
     a module whose layers were swapped, resized, reconfigured, hooked, moved or switched
     to eval mode is probed and measured afresh.
 
@@ -827,14 +828,28 @@ def _module_fingerprint(module: torch.nn.Module) -> tuple:
                 if t is not None:
                     # A lazy module's parameters have no shape until its first forward pass.
                     parts.append((key, "uninitialized" if is_lazy(t) else t.shape, t.dtype, t.device))
-                    if (kind is m._buffers and not is_lazy(t) and t.numel() == 1 and t.device.type != "meta"
+                    if (kind is m._buffers and not t.is_floating_point() and not is_lazy(t) and t.numel() == 1
                             and key != "num_batches_tracked"):
-                        # A one-element buffer is as often a switch (`if self.flip:`) as a
-                        # value: by value. BatchNorm's step counter, which torch advances
-                        # itself in training mode, is not one.
-                        parts.append((key, "value", t.item()))
+                        # A one-element bool or integer buffer is a switch as often as not
+                        # (`if self.flip:`): by value. BatchNorm's step counter, which torch
+                        # advances itself in training mode, is not one.
+                        parts.append((key, "value", _buffer_value(t)))
         stack.extend((f"{name}.{key}", c) for key, c in reversed(m._modules.items()) if c is not None)
+        # Layers kept in a plain list or tuple (not a ModuleList) are walked as submodules.
+        for key, v in m.__dict__.items():
+            if (type(v) in (list, tuple) and 0 < len(v) <= _SEEN_MAX_ITEMS
+                    and all(isinstance(e, torch.nn.Module) for e in v)):
+                stack.extend((f"{name}.{key}[{i}]", e) for i, e in reversed(list(enumerate(v))))
     return tuple(parts)
+
+
+def _buffer_value(t: torch.Tensor):
+    """A one-element buffer's value for a key, or "opaque" where it cannot be read (a
+    tensor wrapped by torch.func, a fake or meta tensor): a key never makes a call fail."""
+    try:
+        return t.item()
+    except Exception:  # noqa: BLE001 - NOTE [what a function sees]: whatever raises is opaque
+        return ("opaque", id(type(t)))
 
 
 _PLAIN = frozenset((bool, int, float, str, type(None), torch.dtype, torch.device))
@@ -1018,8 +1033,8 @@ def _settings(m: torch.nn.Module) -> tuple:
     method).
     Lists are left out: a module's list is as often a log it appends to (and it would
     change the key on every call) as a setting; a dict of plain values (options kept as
-    ``{"mix": True}``) is in, and so is a list or tuple of modules (layers kept in a plain
-    list: which objects, in which mode). A plain attribute that changes on every
+    ``{"mix": True}``) is in; a list or tuple of modules (layers kept in a plain list) is
+    walked as submodules by :func:`_module_fingerprint`. A plain attribute that changes on every
     call (a step counter) does change the key, as torch.compile's guards do: such a
     module is probed, and its choice made, afresh on each call."""
     out: list = []
@@ -1039,10 +1054,6 @@ def _settings(m: torch.nn.Module) -> tuple:
             out.append((key, "dict", tuple(v.items())))  # options kept in a dict: {"mix": True}
         elif callable(v) and not isinstance(v, (torch.nn.Module, torch.Tensor)):
             out.append((key, "callable", _token(v)))
-        elif (t in (list, tuple) and 0 < len(v) <= _SEEN_MAX_ITEMS
-              and all(isinstance(e, torch.nn.Module) for e in v)):
-            # Layers kept in a plain list (not a ModuleList): which objects, in which mode.
-            out.append((key, "modules", tuple((_token(type(e)), _token(e), e.training) for e in v)))
     return tuple(out)
 
 

@@ -740,7 +740,7 @@ class _PlainListOfLayers(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.layers = [nn.Tanh()]
+        self.layers = [nn.Sequential(nn.Tanh())]
 
     def forward(self, x):
         for layer in self.layers:
@@ -769,6 +769,8 @@ EDITS = {
     "forward replaced": (_forward_replaced, _Switchable, (6, 4)),
     "switch buffer flipped": (lambda m: m.flip.fill_(True), _BufferSwitch, (6, 4)),
     "layer in a plain list swapped": (lambda m: m.layers.__setitem__(0, nn.Softmax(-1)), _PlainListOfLayers, (6, 4)),
+    "layer inside a plain list's module swapped": (lambda m: m.layers[0].__setitem__(0, nn.Softmax(-1)),
+                                                   _PlainListOfLayers, (6, 4)),
 }
 
 
@@ -792,7 +794,7 @@ def test_a_module_edited_in_place_is_probed_afresh(edit):
     for mode in ("auto", "fwd", "rev"):
         assert_close(distjac.batch_jacobian(model, x, mode=mode), ref)
     if edit in ("elementwise layer swapped", "user flag", "forward replaced", "switch buffer flipped",
-                "layer in a plain list swapped"):
+                "layer in a plain list swapped", "layer inside a plain list's module swapped"):
         with pytest.raises(distjac.OptionError, match="not provably elementwise"):
             distjac.batch_jacobian(model, x, structure="diagonal")
 
@@ -1407,3 +1409,27 @@ def test_batchnorm_in_training_mode_under_torch_func_says_what_to_do(call):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
     with pytest.raises(RuntimeError, match=r"updates a tensor it holds in place.*model\.eval\(\)"):
         call(model, randn(6, 3, seed=1))
+
+
+def test_a_one_element_buffer_under_vmap_does_not_break_the_key():
+    """Model ensembles call distjac inside torch.func.vmap, where a buffer's value cannot
+    be read: the key says so instead of failing."""
+    class Scaled(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.register_buffer("k", torch.tensor(k))  # an integer one-element buffer
+
+        def forward(self, t):
+            return torch.tanh(t) * self.k
+
+    base = Scaled(1)
+    params, buffers = torch.func.stack_module_state([Scaled(2), Scaled(3)])
+    x = randn(4, 3, seed=2)
+
+    def one(p, b):
+        with torch.nn.utils.stateless._reparametrize_module(base, {**p, **b}):
+            return distjac.batch_jacobian(base, x, mode="rev")
+
+    jac = torch.func.vmap(one)(params, buffers)
+    assert jac.shape == (2, 4, 3, 3)
+    assert_close(jac[1], 3 * reference_batch_jacobian(torch.tanh, x))
