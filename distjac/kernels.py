@@ -1134,27 +1134,53 @@ def _probe(fn: Callable, x: torch.Tensor, call: str) -> _Probe:
 # the rest. So the probe's "unconnected" (fresh or cached) is only a hint: before a call
 # returns None or zeros for it, the whole batch is run forward in blocks of
 # CONNECTED_CHECK_ROWS (the cost of one forward pass, paid only where the answer is
-# None), and the first block whose output depends on its rows sends the call down the
-# usual path. There, reverse mode gives a block that does not depend on its rows zeros,
-# and the call is unconnected (None) only where no block was connected.
+# None; nothing is saved for a backward), and the first block whose output depends on
+# its rows sends the call down the usual path. There, reverse mode gives a block that
+# does not depend on its rows zeros, and the call is unconnected (None) only where no
+# block was connected. Forward mode cannot tell a row that does not reach the output
+# from one whose derivative is zero: where a cached probe said "connected" and no row of
+# this batch reaches the output, it gives zeros, not None.
 CONNECTED_CHECK_ROWS = 1024
 
 
 def _unconnected_everywhere(fn: Callable, x: torch.Tensor, call: str) -> bool:
-    """Whether no block of x's rows reaches fn's output (NOTE [connected somewhere])."""
+    """Whether no block of x's rows reaches fn's output (NOTE [connected somewhere]).
+
+    Each block's graph is walked from the output back to the input's node, not run
+    backward, so the forward pass saves nothing for a backward (its saved tensors are
+    dropped as they are made): the check costs the forward passes, not their memory."""
     if _in_transform():
         return False  # the probe counts as connected there; never reached
     for b0 in range(0, x.shape[0], CONNECTED_CHECK_ROWS):
         xd = x[b0:b0 + CONNECTED_CHECK_ROWS].detach().requires_grad_(True)
-        with torch.enable_grad(), _Differentiating():
-            y = _check_output(fn(xd), xd, call)
-        if y.requires_grad and y.numel() > 0:
-            (g,) = torch.autograd.grad(y, xd, torch.ones_like(y), allow_unused=True)
-            if g is not None:
-                return False
-        elif y.requires_grad:
+        try:
+            with torch.enable_grad(), _Differentiating(), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
+                y = fn(xd)
+        except RuntimeError as err:
+            if "hook" not in str(err).lower():
+                raise
+            # torch.func transforms inside fn refuse saved-tensor hooks: without them.
+            with torch.enable_grad(), _Differentiating():
+                y = fn(xd)
+        y = _check_output(y, xd, call)
+        if y.requires_grad and _reaches(y.grad_fn, xd):
             return False
     return True
+
+
+def _reaches(node, leaf: torch.Tensor) -> bool:
+    """Whether the autograd graph from ``node`` reaches the leaf tensor ``leaf``."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if getattr(n, "variable", None) is leaf:
+            return True
+        stack.extend(nxt for nxt, _ in n.next_functions)
+    return False
 
 
 def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple, key: tuple | None = None) -> _chain.ChainPlan | str:
