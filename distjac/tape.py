@@ -46,13 +46,18 @@ block from watched tensors has an autograd node, and autograd numbers its nodes 
 order they are made (per thread). The tape takes a node's number when it starts and
 stops recording (``_mark``), and a source whose node falls inside one of its recording
 spans was computed by it: admitted like a watched tensor. A tensor computed before the
-block or after it is not. (A target computed after the block from a parameter is still
-differentiated, as PyTorch records it; TF would answer None. Where autograd's numbers are
-not available, intermediate sources are not admitted.)
+block or after it is not; with ``watch_accessed_variables=False`` the source must also
+derive from a tensor the tape watches (its graph is walked back), as TF records only
+operations on watched tensors. (A target computed after the block from a parameter is
+still differentiated, as PyTorch records it; TF would answer None. Autograd numbers
+nodes per thread: a tensor computed on another thread while the tape records is judged
+by that thread's numbers. Where the numbers are not available, intermediate sources are
+not admitted.)
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from typing import Any
 
@@ -113,6 +118,7 @@ class GradientTape:
         self._switched_on: dict[int, torch.Tensor] = {}  # tensors whose requires_grad we set
         self._modes: contextlib.ExitStack | None = None  # NOTE [recording whatever surrounds it]
         self._spans: list[list] = []  # [first, last) autograd node numbers recorded: NOTE [intermediate sources]
+        self._span_starts: list[int] = []  # their firsts, for bisect (a persistent tape re-entered often)
 
     # -- context ------------------------------------------------------------------------
 
@@ -129,7 +135,7 @@ class GradientTape:
             self._modes.enter_context(torch.enable_grad())
         for t in self._switched_on.values():  # re-entered persistent tape: watch again
             t.requires_grad_(True)
-        self._spans.append([_mark(), None])
+        self._open_span()
         recording_stack().append(self)
         return self
 
@@ -203,8 +209,16 @@ class GradientTape:
                 t.requires_grad_(False)
         self._watched.clear()
         self._switched_on.clear()
-        self._spans = [[_mark(), None]] if self._recording else []
+        self._spans, self._span_starts = [], []
+        if self._recording:
+            self._open_span()
         self._used = False
+
+    def _open_span(self) -> None:
+        first = _mark()
+        if first is not None:
+            self._spans.append([first, None])
+            self._span_starts.append(first)
 
     # -- shared machinery ---------------------------------------------------------------
 
@@ -231,14 +245,37 @@ class GradientTape:
         return id(source) in self._watched and self._watched[id(source)] is source
 
     def _intermediate(self, source: torch.Tensor) -> bool:
-        """Whether ``source`` was computed while this tape recorded (NOTE [intermediate sources])."""
+        """Whether ``source`` was computed while this tape recorded, from what it watches
+        (NOTE [intermediate sources])."""
         if self._watched_here(source) or source.grad_fn is None:
             return False
         number = getattr(source.grad_fn, "_sequence_nr", None)
         if number is None:
             return False
         n = number()
-        return any(first is not None and first < n and (last is None or n < last) for first, last in self._spans)
+        # Spans are recorded in order of their node numbers: the one starting last before n.
+        i = bisect.bisect_right(self._span_starts, n) - 1
+        if i < 0 or not (self._spans[i][1] is None or n < self._spans[i][1]):
+            return False
+        # With every accessed variable watched, anything recorded derives from something
+        # watched; otherwise the source's graph must reach a tensor this tape watches.
+        return self._watch_accessed_variables or self._derives_from_watched(source.grad_fn)
+
+    def _derives_from_watched(self, node) -> bool:
+        watched_nodes = {id(t.grad_fn) for t in self._watched.values() if t.grad_fn is not None}
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if id(n) in watched_nodes:
+                return True
+            variable = getattr(n, "variable", None)
+            if variable is not None and self._watched_here(variable):
+                return True
+            stack.extend(nxt for nxt, _ in n.next_functions)
+        return False
 
     def _admitted(self, source: torch.Tensor) -> bool:
         if self._watched_here(source):

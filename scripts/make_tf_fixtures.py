@@ -658,6 +658,15 @@ def case_tape_sources() -> None:
 
     record("tape/before_block_gradient", before_block)
 
+    def unwatched_variable():  # watch_accessed_variables=False: h = v * 3 is not recorded
+        v = tf.Variable(a0)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            h = v * 3.0
+            y = tf.reduce_sum(h * h)
+        return tape.gradient(y, h)
+
+    record("tape/unwatched_variable_intermediate_gradient", unwatched_variable)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -466,6 +466,20 @@ def test_tape_a_tensor_computed_before_the_block_is_not_a_source_as_tf():
     assert torch.equal(outer.gradient(pre, a), torch.full((2, 2), 2.0))  # its own tape: a source
 
 
+def test_tape_with_accessed_variables_unwatched_an_intermediate_of_a_variable_is_no_source_as_tf():
+    v = torch.nn.Parameter(fx("tape/a").clone())
+    x = fx("tape/a").clone()
+    with distjac.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+        tape.watch(x)
+        h = v * 3.0
+        y = (h * h).sum()
+        hx = x * 3.0
+        yx = (hx * hx).sum()
+    assert fx_flag("tape/unwatched_variable_intermediate_gradient_is_none")
+    assert tape.gradient(y, h) is None and tape.gradient(y, v) is None
+    assert torch.equal(tape.gradient(yx, hx), 2 * hx.detach())  # derived from a watched tensor
+
+
 def test_tape_output_gradients_with_none_means_ones():
     """TF 2.21 raises on a None among output_gradients (fixture); distjac reads it as
     ones, as it reads output_gradients=None for every target."""
