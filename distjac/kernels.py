@@ -1755,8 +1755,10 @@ def _provisional_due(fn, key, rows: int, count: bool) -> str | None:
     measuring that was left out (its cost, predicted from the pilot, within
     AUTO_MEASURE_SHARE of that work), the next call measures afresh, budgeted by all the
     rows served, and its choice replaces the old one, in memory and in the tuning cache.
-    A single call pays no more than before; a loop of calls (a training step's, a
-    benchmark's) gets the full measurement once, after a bounded number of calls."""
+    That measurement is final: were its budget still short of a stage, its choice is not
+    provisional again. A single call pays no more than before; a loop of calls (a
+    training step's, a benchmark's) gets the full measurement once, after a bounded
+    number of calls."""
     entry = _PROVISIONAL.get(fn, key)
     if entry is None:
         return None
@@ -1804,6 +1806,7 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
             return cached
     else:
         disk_key = None
+    again = None
     if cached is not None:
         again = _provisional_due(fn, key, b, count)
         if again is None:
@@ -1931,6 +1934,11 @@ def _measured_choice(fn, x, probe, modes, m, n, call, max_memory: int | None = N
         if compiled is not False:
             best = _maybe_compiled(fn, xs, probe, best, best_t, work_rows, race, notes)
     notes.append(f"measuring took {race.spent:.2g} s")
+    if provisional is not None and again is not None:
+        # Measured again once already: never provisional twice (the pilot's and the
+        # sample's speeds differ, and a due check by one could fall due on every call).
+        notes.append("not provisional again: this was the measurement in full it was waiting for")
+        provisional = None
     if provisional is not None:
         due = provisional[1] / (AUTO_MEASURE_SHARE * provisional[2])
         notes.append(f"provisional: measured in full once calls like this one have served ~{due:,.0f} rows "

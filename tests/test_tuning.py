@@ -170,6 +170,19 @@ def test_a_choice_whose_measuring_stopped_early_is_measured_in_full_once_calls_p
     again = choose_strategy(fn, x).record  # due on the rows served before: measured in full
     assert again.how == "measured" and any("measured again" in n for n in again.notes), again
 
+    # The measurement in full is final, even where its own budget fell short again.
+    clear_caches()
+    tuning.clear()
+    monkeypatch.setattr(kernels, "AUTO_MEASURE_SHARE", 1e-9)
+    distjac.batch_jacobian(fn, x)
+    served, _, per_row = kernels._PROVISIONAL.get(fn, choose_strategy(fn, x).record.key)
+    kernels._PROVISIONAL.put(fn, choose_strategy(fn, x).record.key, (served, 0.0, per_row))  # due now
+    distjac.batch_jacobian(fn, x)  # measures again, and stops after stage one again
+    final = choose_strategy(fn, x).record
+    assert any("measured again" in n for n in final.notes) and final.provisional is None, final
+    assert any(n.startswith("not provisional again") for n in final.notes)
+    assert "provisional" not in entry()
+
 
 def test_a_chosen_strategy_pickles_and_is_reused_as_given():
     fn, x = make_mlp((5, 7, 3), seed=2, dtype=torch.float64), randn(9, 5, seed=1, dtype=torch.float64)
