@@ -38,7 +38,7 @@ not yet reported), 2.8-12.9 GB/s with 4 s between calls and 1.5-5.2 GB/s for a
 process's first or after a plain result; plain 4 KiB pages, carved from smaller blocks
 that are never reported, ran 3.4-7.7 GB/s either way. So where the host takes free pages
 back, a result is advised only if large results at least its size were freed in the
-last ``RECENT_S`` (1 s, inside the kernel's 2 s): a loop of calls or a worker's shards
+last ``RECENT_S`` (1 s, inside the kernel's 2 s) and not yet taken by another result: a loop of calls or a worker's shards
 run on plain pages for one call, on slow huge pages for the next, then at the fast rate;
 spaced calls and a process's first stay on plain pages. Freed means the storage's memory
 was given back (a finalizer on the storage, which views keep alive).
@@ -105,20 +105,31 @@ class _Freed:
     """Large results' memory given back lately: (monotonic time, bytes), oldest first."""
 
     def __init__(self):
-        self._lock = threading.RLock()  # a finalizer may run inside recent() (a GC pass)
+        self._lock = threading.RLock()  # a finalizer may run inside take() (a GC pass)
         self._log: collections.deque = collections.deque()
 
     def add(self, nbytes: int) -> None:
         with self._lock:
             self._log.append((time.monotonic(), nbytes))
 
-    def recent(self) -> int:
-        """Bytes freed in the last RECENT_S seconds."""
+    def take(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` were freed in the last RECENT_S seconds and not yet taken by
+        another result; if so they are taken (the pages one free gave back serve one
+        new result)."""
         with self._lock:
             cut = time.monotonic() - RECENT_S
             while self._log and self._log[0][0] < cut:
                 self._log.popleft()
-            return sum(n for _, n in self._log)
+            entries = list(self._log)  # a snapshot: a finalizer may append during a GC pass here
+            if sum(n for _, n in entries) < nbytes:
+                return False
+            need = nbytes
+            while need > 0 and self._log:  # the most recent frees first
+                when, n = self._log.pop()
+                if n > need:
+                    self._log.append((when, n - need))
+                need -= n
+            return True
 
 
 _freed = _Freed()
@@ -175,7 +186,7 @@ def advise(t: torch.Tensor) -> torch.Tensor:
         return t
     if _setting() == "auto" and _free_page_reporting():
         # NOTE [huge pages]: only where pages freed a moment ago can back these.
-        hot = _freed.recent() >= nbytes
+        hot = _freed.take(nbytes)
         weakref.finalize(storage, _freed.add, nbytes)
         if not hot:
             return t

@@ -164,3 +164,9 @@ def test_where_the_host_takes_free_pages_back_only_results_after_a_recent_free_a
     del big
     time.sleep(0.7)
     assert not result()[1]  # after a pause the freed pages count as reported
+    # One free serves one new result: the pages it gave back cannot back two.
+    time.sleep(0.7)
+    _, _ = result()  # freed at once
+    first, a1 = result()
+    second, a2 = result()
+    assert a1 and not a2
