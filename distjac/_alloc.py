@@ -38,8 +38,9 @@ not yet reported), 2.8-12.9 GB/s with 4 s between calls and 1.5-5.2 GB/s for a
 process's first or after a plain result; plain 4 KiB pages, carved from smaller blocks
 that are never reported, ran 3.4-7.7 GB/s either way. So where the host takes free pages
 back, a result is advised only if large results at least its size were freed in the
-last ``RECENT_S`` (1 s, inside the kernel's 2 s) and not yet taken by another result: a loop of calls or a worker's shards
-run on plain pages for one call, on slow huge pages for the next, then at the fast rate;
+last ``RECENT_S`` (1 s, inside the kernel's 2 s) and not yet taken by another result
+(one free's pages back one new result): a loop of calls or a worker's shards run on
+plain pages for one call, on slow huge pages for the next, then at the fast rate;
 spaced calls and a process's first stay on plain pages. Freed means the storage's memory
 was given back (a finalizer on the storage, which views keep alive).
 

@@ -859,8 +859,9 @@ class Engine:
             note = (f"not measured: {self._optional_failure}; the choice by sizes (M={m:,}, N={n:,}) instead, "
                     "and the worker replaced")
             log.warning("distjac: %s", note)
-            mode = "rev" if m <= n else "fwd"
-            chosen = (Strategy(mode, record=Decision(mode, "sizes", notes=(note,))), {"pid": None, "node": None})
+            mode, chunk = ("rev" if m <= n else "fwd"), job.options.chunk_size  # the job's own chunk, if it set one
+            chosen = (Strategy(mode, chunk=chunk, record=Decision(mode, "sizes", notes=(note,))),
+                      {"pid": None, "node": None})
         strategy, where = chosen
         self.last_decision = {"strategy": str(strategy), "how": getattr(strategy.record, "how", None),
                               "chosen_on": {"pid": where["pid"], "node": where["node"]},

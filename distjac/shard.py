@@ -574,6 +574,15 @@ class ShardRunner:
             unconnected_gradients=unconnected, max_memory=budget,
         )
 
+    @staticmethod
+    def _zeros(fn: Callable, x: torch.Tensor, o: KernelOptions) -> torch.Tensor:
+        """The Jacobian of a shard none of whose rows reaches fn's output: zeros of the
+        result's shape (the probe's output shape, cached), made without running fn again."""
+        if o.structure is not None:  # the diagonal alone
+            return torch.zeros_like(x)
+        out_shape = kernels._probe(fn, x, o.call).out_shape
+        return torch.zeros((x.shape[0], *out_shape, *x.shape[1:]), dtype=x.dtype, device=x.device)
+
     def choose(self, fn: Callable, task: ShardTask, work_rows: int | None = None):
         """The kernel's strategy for ``fn`` on the task's rows (a whole shard), weighed
         against ``work_rows`` (a job's rows): ``kernels.choose_strategy``, under the
@@ -656,7 +665,7 @@ class ShardRunner:
                     jac = self._kernel(fn, x, task.options, unconnected="none")
                     if jac is None:
                         connected = False
-                        jac = self._kernel(fn, x, task.options, unconnected="zero")
+                        jac = self._zeros(fn, x, task.options)
                     values = self._stored(jac, target)
                     del jac
                 del x
