@@ -1333,6 +1333,23 @@ def test_a_batch_connected_beyond_the_probes_rows_is_not_called_unconnected(kw):
     assert torch.equal(jac, 2 * torch.eye(4).expand(20, 4, 4))
 
 
+def _forces_where_positive(t):
+    """A fn that differentiates inside its own forward pass (forces from an energy),
+    constant where the rows given sum to 0 or less."""
+    if t.sum() <= 0:
+        return torch.zeros_like(t)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad((t ** 3).sum(), t, create_graph=True)
+    return g
+
+
+def test_the_whole_batch_check_runs_a_fn_that_differentiates_inside_itself():
+    distjac.kernels.clear_caches()
+    x = torch.cat([-torch.ones(kernels.PROBE_ROWS, 3), 2 * torch.ones(8, 3)])
+    jac = distjac.batch_jacobian(_forces_where_positive, x, mode="rev")
+    assert jac is not None and torch.equal(jac, torch.diag_embed(6 * x))
+
+
 def test_an_unconnected_verdict_is_not_reused_for_another_batch():
     distjac.kernels.clear_caches()
     assert distjac.batch_jacobian(_positive_batch_doubles, -torch.ones(3, 4)) is None
