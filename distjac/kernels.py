@@ -1169,18 +1169,21 @@ def _unconnected_everywhere(fn: Callable, x: torch.Tensor, call: str) -> bool:
     return True
 
 
-def _reaches(node, leaf: torch.Tensor) -> bool:
-    """Whether the autograd graph from ``node`` reaches the leaf tensor ``leaf``."""
+def graph_nodes(node):
+    """Every autograd node reachable from ``node`` (itself included), each once."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
         if n is None or id(n) in seen:
             continue
         seen.add(id(n))
-        if getattr(n, "variable", None) is leaf:
-            return True
+        yield n
         stack.extend(nxt for nxt, _ in n.next_functions)
-    return False
+
+
+def _reaches(node, leaf: torch.Tensor) -> bool:
+    """Whether the autograd graph from ``node`` reaches the leaf tensor ``leaf``."""
+    return any(getattr(n, "variable", None) is leaf for n in graph_nodes(node))
 
 
 def chain_plan(fn: Callable, x: torch.Tensor, out_shape: tuple, key: tuple | None = None) -> _chain.ChainPlan | str:

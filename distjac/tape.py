@@ -65,7 +65,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .errors import TapeError
-from .kernels import graph_batch_jacobian, graph_jacobian, recording_stack
+from .kernels import graph_batch_jacobian, graph_jacobian, graph_nodes, recording_stack
 from .options import (
     UnconnectedGradients,
     check_batched,
@@ -263,18 +263,10 @@ class GradientTape:
 
     def _derives_from_watched(self, node) -> bool:
         watched_nodes = {id(t.grad_fn) for t in self._watched.values() if t.grad_fn is not None}
-        stack, seen = [node], set()
-        while stack:
-            n = stack.pop()
-            if n is None or id(n) in seen:
-                continue
-            seen.add(id(n))
-            if id(n) in watched_nodes:
-                return True
+        for n in graph_nodes(node):
             variable = getattr(n, "variable", None)
-            if variable is not None and self._watched_here(variable):
+            if id(n) in watched_nodes or (variable is not None and self._watched_here(variable)):
                 return True
-            stack.extend(nxt for nxt, _ in n.next_functions)
         return False
 
     def _admitted(self, source: torch.Tensor) -> bool:
